@@ -1,0 +1,45 @@
+// SPDX-License-Identifier: Apache-2.0
+// banaserve_ext._core: thin bindings over cpp/transfer and cpp/kvpool. Every function here
+// converts arguments, releases the GIL around I/O, and converts Status in errors.cc; no logic.
+#include <pybind11/pybind11.h>
+
+#include "errors.h"
+
+namespace pyb = pybind11;
+
+namespace banaserve::py {
+void bind_transfer(pyb::module_& m);
+#ifdef BANASERVE_HAVE_KVPOOL
+void bind_kvpool(pyb::module_& m);
+#endif
+}  // namespace banaserve::py
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "banaserve_ext compiled core (transfer engine, KV pool)";
+  banaserve::py::init_error_table();
+  m.def("build_info", []() {
+    pyb::dict info;
+    info["version"] = BANASERVE_VERSION;
+#ifdef BANASERVE_WITH_CUDA
+    info["cuda"] = true;
+#else
+    info["cuda"] = false;
+#endif
+#ifdef __SANITIZE_ADDRESS__
+    info["sanitizers"] = true;
+#else
+    info["sanitizers"] = false;
+#endif
+    info["kvpool"] =
+#ifdef BANASERVE_HAVE_KVPOOL
+        true;
+#else
+        false;
+#endif
+    return info;
+  });
+  banaserve::py::bind_transfer(m);
+#ifdef BANASERVE_HAVE_KVPOOL
+  banaserve::py::bind_kvpool(m);
+#endif
+}

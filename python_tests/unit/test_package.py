@@ -1,0 +1,51 @@
+# SPDX-License-Identifier: Apache-2.0
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import banaserve_ext
+from banaserve_ext import _env, errors
+
+
+def test_import_does_not_pull_torch_or_sglang() -> None:
+    code = (
+        "import sys, banaserve_ext, banaserve_ext.errors;"
+        "bad=[m for m in ('torch','sglang') if m in sys.modules];"
+        "print(','.join(bad)); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, f"importing banaserve_ext pulled in: {proc.stdout}{proc.stderr}"
+
+
+def test_error_codes_are_unique_and_complete() -> None:
+    codes = [cls.code for cls in errors.STATUS_CODE_TO_ERROR.values()]
+    assert len(codes) == len(set(codes))
+    assert set(errors.STATUS_CODE_TO_ERROR) == set(range(1, 13))
+    for code, cls in errors.STATUS_CODE_TO_ERROR.items():
+        assert issubclass(cls, banaserve_ext.BanaserveError)
+        assert cls.code == code
+
+
+def test_builtin_bases_let_callers_catch_naturally() -> None:
+    assert issubclass(errors.InvalidArgumentError, ValueError)
+    assert issubclass(errors.TransferTimeoutError, TimeoutError)
+    assert issubclass(errors.UnavailableError, ConnectionError)
+    assert str(errors.NotFoundError("peer x")) == "peer x"
+
+
+def test_env_malformed_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BANASERVE_TCP_LANES", "many")
+    with pytest.raises(errors.InvalidArgumentError, match="BANASERVE_TCP_LANES"):
+        _env.get(_env.TRANSFER_TCP_LANES)
+    monkeypatch.setenv("BANASERVE_TCP_LANES", "4")
+    assert _env.get(_env.TRANSFER_TCP_LANES) == 4
+    monkeypatch.delenv("BANASERVE_TCP_LANES")
+    assert _env.get(_env.TRANSFER_TCP_LANES) == 2
+
+
+def test_env_variables_are_all_banaserve_prefixed() -> None:
+    assert _env.VARIABLES
+    assert all(name.startswith("BANASERVE_") for name in _env.VARIABLES)

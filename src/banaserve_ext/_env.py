@@ -1,0 +1,73 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The only module that reads ``BANASERVE_*`` environment variables.
+
+Every variable is declared here once, with its type, default and meaning; CONTRIBUTING.md lists
+them. Other modules call :func:`get` (or read the typed helpers) and never touch ``os.environ``
+for a ``BANASERVE_*`` name.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Generic, TypeVar
+
+from .errors import InvalidArgumentError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class EnvVar(Generic[T]):
+    name: str
+    parse: Callable[[str], T]
+    default: T
+    doc: str
+
+
+def _bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected a boolean (1/0/true/false), got {text!r}")
+
+
+VARIABLES: dict[str, EnvVar] = {}
+
+
+def _declare(name: str, parse: Callable[[str], T], default: T, doc: str) -> EnvVar[T]:
+    var = EnvVar(name, parse, default, doc)
+    VARIABLES[name] = var
+    return var
+
+
+LOG_LEVEL = _declare("BANASERVE_LOG_LEVEL", str, "WARNING", "log level of banaserve_ext loggers")
+TRANSFER_BACKEND = _declare(
+    "BANASERVE_TRANSFER_BACKEND",
+    str,
+    "auto",
+    "force a transfer backend for every peer (auto|shm|tcp|local); auto picks shm on one host",
+)
+TRANSFER_TCP_LANES = _declare(
+    "BANASERVE_TCP_LANES", int, 2, "persistent TCP connections (lanes) per peer"
+)
+TRANSFER_THREADS = _declare(
+    "BANASERVE_TRANSFER_THREADS", int, 2, "copy worker threads of the shm backend"
+)
+TRANSFER_TIMEOUT_S = _declare(
+    "BANASERVE_TRANSFER_TIMEOUT_S", float, 30.0, "default deadline of one transfer, seconds"
+)
+
+
+def get(var: EnvVar[T]) -> T:
+    """Value of ``var`` from the environment, or its default; a malformed value raises
+    :class:`InvalidArgumentError` naming the variable."""
+    raw = os.environ.get(var.name)
+    if raw is None:
+        return var.default
+    try:
+        return var.parse(raw)
+    except ValueError as exc:
+        raise InvalidArgumentError(f"environment variable {var.name}={raw!r}: {exc}") from None
