@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <functional>
 #include <mutex>
 #include <random>
 #include <string>
@@ -28,8 +29,7 @@
 namespace banaserve::transfer {
 namespace {
 
-constexpr uint64_t kMappedBytes = 8 << 20;
-constexpr uint64_t kPlainBytes = 8 << 20;
+constexpr uint64_t kRegionBytes = 8 << 20;  // each of the child's two regions (default)
 
 uint64_t addr_of(const void* p) { return reinterpret_cast<uint64_t>(p); }
 
@@ -67,9 +67,12 @@ struct Node {
   std::vector<std::string> lost;  // guarded by mu
   ShmTransport transport;
 
-  Status start(const std::string& id) {
+  Node() {
     config.copy_threads = 2;
     config.peer_check_interval_ms = 20;
+  }
+
+  Status start(const std::string& id) {
     self.engine_id = id;
     self.pid = static_cast<int32_t>(getpid());
     TransportContext ctx;
@@ -140,7 +143,8 @@ bool read_all(int fd, void* p, size_t n) {
 enum class ChildMode { kServe, kNoConsumer };
 
 [[noreturn]] void child_main(int in_fd, int out_fd, const std::string& id, const std::string& parent,
-                             ChildMode mode) {
+                             ChildMode mode, uint64_t region_bytes) {
+  const uint64_t kMappedBytes = region_bytes, kPlainBytes = region_bytes;
   // memfd region, like Engine::allocate.
   int mfd = static_cast<int>(syscall(SYS_memfd_create, "test-region", 0));
   CHECK(mfd >= 0);
@@ -245,7 +249,9 @@ struct Child {
 };
 
 /// Forks a peer. Call before the parent's transport starts threads.
-Child spawn(const std::string& id, const std::string& parent, ChildMode mode = ChildMode::kServe) {
+Child spawn(const std::string& id, const std::string& parent, ChildMode mode = ChildMode::kServe,
+            uint64_t region_bytes = kRegionBytes) {
+  const uint64_t kMappedBytes = region_bytes, kPlainBytes = region_bytes;
   int down[2], up[2];
   CHECK(pipe(down) == 0 && pipe(up) == 0);
   pid_t pid = fork();
@@ -253,7 +259,7 @@ Child spawn(const std::string& id, const std::string& parent, ChildMode mode = C
   if (pid == 0) {
     close(down[1]);
     close(up[0]);
-    child_main(down[0], up[1], id, parent, mode);
+    child_main(down[0], up[1], id, parent, mode, region_bytes);
   }
   close(down[0]);
   close(up[1]);
@@ -355,7 +361,7 @@ void round_trips_on_region(int r) {
   // Odd sizes, zero length, page crossing, a lone byte at the very end of the region.
   write_verify_read(node, c, r, src, dst, {{L + 1, R + 4090, 20}});
   write_verify_read(node, c, r, src, dst, {{L, R, 1}, {L + 9, R + 4095, 4097}, {L + 5000, R + 20000, 0}});
-  write_verify_read(node, c, r, src, dst, {{L + 3, R + kMappedBytes - 1, 1}});
+  write_verify_read(node, c, r, src, dst, {{L + 3, R + kRegionBytes - 1, 1}});
   write_verify_read(node, c, r, src, dst, {{L + 77, R + 12345, 16384 + 3}});
   CHECK_OK(post(node, c, Op::kWrite, {})->wait(20000));  // an empty batch completes DONE
   // 500 random 16 KiB pages (8 MB > threshold: split over the workers, many chunks).
@@ -386,7 +392,9 @@ SHM_TEST(mixed_batch_touches_both_paths) {
   }
   CHECK_OK(post(node, c, Op::kWrite, runs)->wait(20000));
   for (const CopyRun& run : runs) {
-    int r = run.remote_addr >= c.region_addr(0) && run.remote_addr < c.region_addr(0) + kMappedBytes ? 0 : 1;
+    int r = run.remote_addr >= c.region_addr(0) && run.remote_addr < c.region_addr(0) + kRegionBytes
+                ? 0
+                : 1;
     std::memcpy(c.mirror[r].data() + (run.remote_addr - c.region_addr(r)),
                 reinterpret_cast<void*>(run.local_addr), run.nbytes);
   }
@@ -551,10 +559,100 @@ SHM_TEST(connect_rejects_unusable_peers) {
   c.quit();
 }
 
+// ---- benchmark (not a ctest entry): shm_transport_test --bench [pages] [page_kib] ------------
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+double seconds_of(const std::function<void()>& fn) {
+  auto t0 = std::chrono::steady_clock::now();
+  fn();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+int run_bench(size_t pages, uint64_t page, int threads) {
+  const uint64_t region = std::max<uint64_t>(pages * page * 2, 8 << 20);
+  Child c = spawn("bench-peer", "bench", ChildMode::kServe, region);
+  Node node;
+  node.config.copy_threads = threads;
+  CHECK_OK(node.start("bench"));
+  Local src(node, region, 21), scratch(node, region, 22);
+  CHECK_OK(node.transport.connect(c.record));
+  const uint64_t slots = region / page;
+  constexpr int kReps = 15;
+  std::printf("{\"pages\": %zu, \"page_kib\": %llu, \"copy_threads\": %d", pages,
+              static_cast<unsigned long long>(page >> 10), threads);
+  // Same-run peer: one thread gathering the same random pages with memcpy, in-process.
+  auto local_runs = random_pages(addr_of(src.p), addr_of(scratch.p), slots, page, pages, 3);
+  std::vector<double> gbps;
+  for (int i = 0; i < kReps; ++i) {
+    double t = seconds_of([&] {
+      for (const CopyRun& r : local_runs) {
+        std::memcpy(reinterpret_cast<void*>(r.remote_addr), reinterpret_cast<void*>(r.local_addr),
+                    r.nbytes);
+      }
+    });
+    gbps.push_back(static_cast<double>(pages * page) / t / 1e9);
+  }
+  const double memcpy_gbps = median(gbps);
+  std::printf(", \"memcpy_gather_1thread_gbps\": %.2f", memcpy_gbps);
+  gbps.clear();
+  for (int i = 0; i < kReps; ++i) {
+    double t = seconds_of([&] {
+      auto half = [&](size_t b, size_t e) {
+        for (size_t k = b; k < e; ++k) {
+          const CopyRun& r = local_runs[k];
+          std::memcpy(reinterpret_cast<void*>(r.remote_addr),
+                      reinterpret_cast<void*>(r.local_addr), r.nbytes);
+        }
+      };
+      std::thread other(half, pages / 2, pages);
+      half(0, pages / 2);
+      other.join();
+    });
+    gbps.push_back(static_cast<double>(pages * page) / t / 1e9);
+  }
+  std::printf(", \"memcpy_gather_2thread_gbps\": %.2f", median(gbps));
+  const char* names[2] = {"mapped", "cma"};
+  for (int r = 0; r < 2; ++r) {
+    auto runs = random_pages(addr_of(src.p), c.region_addr(r), slots, page, pages, 4 + r);
+    for (Op op : {Op::kWrite, Op::kRead}) {
+      gbps.clear();
+      for (int i = 0; i < kReps + 2; ++i) {
+        double t = seconds_of([&] { CHECK_OK(post(node, c, op, runs)->wait(20000)); });
+        if (i >= 2) gbps.push_back(static_cast<double>(pages * page) / t / 1e9);  // 2 warm-ups
+      }
+      double g = median(gbps);
+      std::printf(", \"%s_%s_gbps\": %.2f, \"%s_%s_ratio_vs_memcpy\": %.2f", names[r],
+                  op == Op::kWrite ? "write" : "read", g, names[r],
+                  op == Op::kWrite ? "write" : "read", g / memcpy_gbps);
+    }
+    std::vector<double> us;
+    std::vector<CopyRun> one = {{addr_of(src.p), c.region_addr(r), page}};
+    for (int i = 0; i < 400; ++i) {
+      double t = seconds_of([&] { CHECK_OK(post(node, c, Op::kWrite, one)->wait(20000)); });
+      if (i >= 20) us.push_back(t * 1e6);
+    }
+    std::printf(", \"%s_single_op_us\": %.2f", names[r], median(us));
+  }
+  std::printf("}\n");
+  node.transport.stop();
+  c.quit();
+  return 0;
+}
+
 }  // namespace
 }  // namespace banaserve::transfer
 
 int main(int argc, char** argv) {
   signal(SIGPIPE, SIG_IGN);
+  if (argc > 1 && std::strcmp(argv[1], "--bench") == 0) {
+    size_t pages = argc > 2 ? std::strtoull(argv[2], nullptr, 10) : 1000;
+    uint64_t kib = argc > 3 ? std::strtoull(argv[3], nullptr, 10) : 16;
+    int threads = argc > 4 ? std::atoi(argv[4]) : 2;
+    return banaserve::transfer::run_bench(pages, kib << 10, threads);
+  }
   return banaserve::transfer::shm::testing::run_tests(argc, argv);
 }
