@@ -559,6 +559,43 @@ SHM_TEST(connect_rejects_unusable_peers) {
   c.quit();
 }
 
+SHM_TEST(cma_denied_is_reported_not_hidden) {
+  if (geteuid() != 0) {
+    std::printf("not root: cannot drop privileges to provoke EPERM; nothing to check\n");
+    return;
+  }
+  Child c = spawn("peer-eperm", "initiator");  // a root-owned target
+  // The initiator runs in a process of its own: it connects as root, then drops to nobody.
+  pid_t pid = fork();
+  CHECK(pid >= 0);
+  if (pid == 0) {
+    Node node;
+    if (!node.start("initiator").ok()) _exit(10);
+    Local src(node, 1 << 20, 12);
+    if (!node.transport.connect(c.record).ok()) _exit(11);
+    if (setresgid(65534, 65534, 65534) != 0 || setresuid(65534, 65534, 65534) != 0) _exit(12);
+    // The memfd mapping made at connect() keeps working ...
+    if (!post(node, c, Op::kWrite, {{addr_of(src.p), c.region_addr(0), 4096}})->wait(10000).ok()) {
+      _exit(13);
+    }
+    // ... while cross-memory attach is now denied, and says so.
+    Status st = post(node, c, Op::kWrite, {{addr_of(src.p), c.region_addr(1), 4096}})->wait(10000);
+    if (st.code() != StatusCode::kUnavailable) _exit(14);
+    if (st.message().find("denied") == std::string::npos ||
+        st.message().find("ptrace") == std::string::npos) {
+      _exit(15);
+    }
+    node.transport.stop();
+    _exit(0);
+  }
+  int status = 0;
+  CHECK_EQ(waitpid(pid, &status, 0), pid);
+  CHECK(WIFEXITED(status));
+  CHECK_EQ(WEXITSTATUS(status), 0);
+  c.check_region(1);
+  c.quit();
+}
+
 // ---- benchmark (not a ctest entry): shm_transport_test --bench [pages] [page_kib] ------------
 
 double median(std::vector<double> v) {
