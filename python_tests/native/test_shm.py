@@ -96,13 +96,12 @@ def test_notifications_reach_the_receiver_once_per_layer() -> None:
             reg, pool, _, local, remote = connect(eng, peer)
             peer.add_peer(eng.metadata())  # the receiver knows the sender (liveness, from=)
             per = POOL_PAGES // layers
-            handles = [
-                eng.submit(
-                    Op.WRITE, local, range(i * per, (i + 1) * per), remote,
-                    range(i * per, (i + 1) * per), notify=(77, i, layers),
-                )  # fmt: skip
-                for i in range(layers)
-            ]
+            handles = []
+            for i in range(layers):
+                idx = range(i * per, (i + 1) * per)
+                handles.append(
+                    eng.submit(Op.WRITE, local, idx, remote, idx, notify=(77, i, layers))
+                )
             for h in handles:
                 assert h.wait(10)
             got = peer.wait_stream(77, layers, timeout_s=10)
