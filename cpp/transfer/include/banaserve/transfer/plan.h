@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "banaserve/common/status.h"
@@ -57,6 +58,10 @@ struct PreparedList {
   std::vector<uint64_t> nbytes;  // kDescs only
   uint64_t item_nbytes = 0;      // kLayout only
   uint64_t num_items = 0;        // kLayout only
+  // Engine bookkeeping: whose registrations validated this list ("" = this engine) and at which
+  // generation of that table; a later change of the table triggers re-validation at submit.
+  std::string owner;
+  uint64_t generation = 0;
 
   size_t num_entries() const { return kind == Kind::kDescs ? addrs.size() : num_items; }
   size_t num_buffers() const { return kind == Kind::kDescs ? 1 : addrs.size(); }
