@@ -193,12 +193,6 @@ IoResult recv_exact(int fd, void* buf, size_t n, const std::atomic<bool>& stop) 
   return recv_list(fd, list, stop, nullptr);
 }
 
-IoResult send_exact(int fd, const void* buf, size_t n, const std::atomic<bool>& stop) {
-  IovList list;
-  list.add(buf, n);
-  return send_list(fd, list, stop, nullptr);
-}
-
 /// Reads and throws away n bytes.
 IoResult drain(int fd, uint64_t n, uint8_t* scratch, const std::atomic<bool>& stop) {
   IoResult total;
@@ -416,8 +410,7 @@ struct TcpTransport::Impl {
     return ctx.self != nullptr && !ctx.self->engine_id.empty() ? ctx.self->engine_id : kNone;
   }
   void peer_lost(const std::string& peer_id, const Status& why) {
-    if (stopping.load()) return;
-    ctx.counters->peers_lost.fetch_add(1, std::memory_order_relaxed);
+    if (stopping.load()) return;  // the engine counts peers_lost itself
     if (ctx.peer_lost != nullptr) ctx.peer_lost(ctx.engine, peer_id, why);
   }
   void drop_connection() { ctx.counters->connections_dropped.fetch_add(1, std::memory_order_relaxed); }
