@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "../transfer/baseline/raw_tcp.h"
 #include "banaserve/transfer/engine.h"
 #include "errors.h"
 
@@ -121,6 +122,17 @@ void bind_transfer(pyb::module_& m) {
       .def_readwrite("drop", &transfer::FaultSpec::drop);
 
   m.def("available_backends", &transfer::available_transports);
+  m.def(
+      "baseline_tcp_round_trips_us",
+      [](uint64_t nbytes, int iterations) {
+        StatusOr<std::vector<double>> r = [&] {
+          pyb::gil_scoped_release release;
+          return transfer::baseline::tcp_round_trips_us(nbytes, iterations);
+        }();
+        return value_or_throw(std::move(r), "baseline_tcp_round_trips_us");
+      },
+      "nbytes"_a, "iterations"_a,
+      "Round trips (us) of an nbytes request + 8-byte reply over loopback TCP (benchmark baseline).");
 
   pyb::class_<PreparedList, std::shared_ptr<PreparedList>>(m, "PreparedList")
       .def_property_readonly("num_entries", &PreparedList::num_entries)

@@ -33,7 +33,9 @@ class BufferView:
 
 def as_buffer_view(obj: Any, nbytes: int | None = None) -> BufferView:
     if isinstance(obj, bool):
-        raise InvalidArgumentError("expected memory (buffer, DLPack object or int address), got bool")
+        raise InvalidArgumentError(
+            "expected memory (buffer, DLPack object or int address), got bool"
+        )
     if isinstance(obj, int):
         if nbytes is None:
             raise InvalidArgumentError("an int address needs an explicit nbytes")

@@ -4,10 +4,10 @@
 Prepare once, post many::
 
     with TransferEngine() as eng:                      # start(): backends, listener, watchdog
-        reg = eng.register(kv_buffer)                  # or eng.allocate(nbytes) for the fastest shm path
+        reg = eng.register(kv_buffer)                  # or eng.allocate(n): the fastest shm path
         peer = eng.add_peer(other_metadata_bytes)      # never blocks; returns the peer id
         local = eng.prepare(np.array([[addr, len], ...], np.uint64))
-        remote = eng.prepare(remote_table, peer=peer)  # validated against the peer's registrations
+        remote = eng.prepare(remote_table, peer=peer)  # checked against the peer's regions
         with eng.submit(Op.WRITE, local, idx, remote, idx) as h:
             h.wait(timeout_s=5)
 
@@ -19,7 +19,8 @@ within one engine). Errors are :mod:`banaserve_ext.errors` classes, converted fr
 from __future__ import annotations
 
 import enum
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -449,7 +450,9 @@ class TransferEngine:
         or, with ``peer``, against that peer's."""
         table = np.ascontiguousarray(descs, dtype=np.uint64)
         if table.ndim != 2 or table.shape[1] != 2:
-            raise InvalidArgumentError(f"descriptor table must have shape (N, 2), got {table.shape}")
+            raise InvalidArgumentError(
+                f"descriptor table must have shape (N, 2), got {table.shape}"
+            )
         return PreparedList(self._eng().prepare_descs(peer or "", table))
 
     def prepare_layout(
@@ -524,7 +527,9 @@ class TransferEngine:
     ) -> RecvStream:
         """Receiving side of a notified transfer. With ``peer``, the stream fails as soon as that
         peer is found dead; in any case it fails at its deadline."""
-        s = self._eng().expect(int(transfer_id), int(num_layers), peer or "", _timeout_ms(timeout_s))
+        s = self._eng().expect(
+            int(transfer_id), int(num_layers), peer or "", _timeout_ms(timeout_s)
+        )
         return RecvStream(self, s)
 
     def stats(self) -> dict[str, int]:

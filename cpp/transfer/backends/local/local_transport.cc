@@ -33,7 +33,7 @@ class LocalTransport final : public Transport {
   void post(const PeerRecord& peer, std::shared_ptr<Batch> batch,
             std::vector<CopyRun> runs) override {
     Status status;
-    uint64_t since_check = 0;
+    uint64_t since_check = kChunkNbytes;  // check the cancel flag before the first byte too
     {
       IoSection io(batch->io());
       if (!io.open()) return;  // aborted before we started: the engine already finished it
