@@ -521,8 +521,10 @@ void Lane::fail_connection(uint64_t gen, const Status& why, bool peer_gone) {
     }
     queue_.clear();
   }
-  for (auto& p : done) p->batch->complete_part(p->status);
+  // The engine hears of the loss first, so by the time a batch reports kUnavailable the loss is
+  // already recorded (and the peer's other batches and streams are being failed).
   if (peer_gone) owner_->peer_lost(peer_id_, why);
+  for (auto& p : done) p->batch->complete_part(p->status);
 }
 
 void Lane::finish_sending(const std::shared_ptr<Part>& part, const Status& status) {
@@ -763,9 +765,9 @@ void Lane::send_part(const std::shared_ptr<Part>& part) {
         }
         queue_.clear();
       }
+      if (!stop_flag_.load()) owner_->peer_lost(peer_id_, c);
       for (auto& p : failed) p->batch->complete_part(p->status);
       finish_sending(part, c);
-      if (!stop_flag_.load()) owner_->peer_lost(peer_id_, c);
       return;
     }
     // One frame per lock hold, so small posts from other threads can slip in between.
@@ -813,7 +815,8 @@ Status Lane::serve_replies(int fd, uint64_t gen) {
   std::string message;
   IovList in;
   for (;;) {
-    if (!wait_readable(fd, stop_flag_)) return BANASERVE_STATUS(StatusCode::kUnavailable, "tcp: stopping");
+    // Blocking read (bounded per call by SO_RCVTIMEO, re-armed until stop): one syscall per
+    // reply on the hot path, no poll first.
     uint8_t hb[w::kHeaderSize];
     IoResult r = recv_exact(fd, hb, sizeof(hb), stop_flag_);
     if (r.end != IoEnd::kOk) return io_status(r, "tcp: receive reply");
@@ -1036,7 +1039,6 @@ Status TcpTransport::Impl::serve_frames(int fd, const std::string& from, bool* c
   uint8_t trailer[w::kTrailerSize];
   for (;;) {
     *counted = false;
-    if (!wait_readable(fd, stopping)) return BANASERVE_STATUS(StatusCode::kUnavailable, "stopping");
     IoResult r = recv_exact(fd, hb, sizeof(hb), stopping);
     if (r.end == IoEnd::kEof && r.done == 0) return Status();  // clean close
     if (r.end != IoEnd::kOk) {
@@ -1084,16 +1086,20 @@ Status TcpTransport::Impl::serve_frames(int fd, const std::string& from, bool* c
     Status st = valid;
     std::shared_ptr<RecvStream> stream;
     IoGate* gate = nullptr;
-    uint64_t discard = h.payload_nbytes;
+    uint64_t payload_left = h.payload_nbytes;  // still to drain
+    uint64_t trailer_got = 0;
     if (valid.ok()) {
       if (h.transfer_id != 0) {
         stream = ctx.inbox->stream_for(h.transfer_id, from, early_deadline());
         gate = &stream->io();
       }
+      // Payload straight into place, and the trailer, in as few readv calls as possible.
       io.clear();
       for (const w::WireRun& run : runs) io.add(reinterpret_cast<void*>(run.addr), run.nbytes);
+      io.add(trailer, sizeof(trailer));
       r = recv_list(fd, io, stopping, gate);
-      discard = io.remaining();
+      payload_left = r.done >= h.payload_nbytes ? 0 : h.payload_nbytes - r.done;
+      trailer_got = r.done > h.payload_nbytes ? r.done - h.payload_nbytes : 0;
       if (r.end == IoEnd::kGateClosed) {
         Status ss = stream->status();
         st = ss.ok() ? BANASERVE_STATUS(StatusCode::kCancelled, "receive stream closed") : ss;
@@ -1102,11 +1108,15 @@ Status TcpTransport::Impl::serve_frames(int fd, const std::string& from, bool* c
                                     : io_status(r, "receive payload");
       }
     }
-    r = drain(fd, discard, scratch.data(), stopping);
-    if (r.end == IoEnd::kOk) r = recv_exact(fd, trailer, sizeof(trailer), stopping);
-    if (r.end != IoEnd::kOk) {
-      return r.end == IoEnd::kEof ? BANASERVE_STATUS(StatusCode::kProtocolError, "EOF inside a frame payload")
-                                  : io_status(r, "receive payload");
+    if (payload_left > 0 || trailer_got < sizeof(trailer)) {
+      r = drain(fd, payload_left, scratch.data(), stopping);
+      if (r.end == IoEnd::kOk) {
+        r = recv_exact(fd, trailer + trailer_got, sizeof(trailer) - trailer_got, stopping);
+      }
+      if (r.end != IoEnd::kOk) {
+        return r.end == IoEnd::kEof ? BANASERVE_STATUS(StatusCode::kProtocolError, "EOF inside a frame payload")
+                                    : io_status(r, "receive payload");
+      }
     }
     uint32_t tstatus = 0;
     Status ts = w::decode_trailer(trailer, &tstatus);
