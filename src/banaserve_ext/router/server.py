@@ -114,11 +114,19 @@ class _RequestState:
 class _Retry(Exception):
     """An attempt failed in a way that another pair may fix."""
 
-    def __init__(self, status: int, message: str, body: bytes | None = None, ctype: str = ""):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        body: bytes | None = None,
+        ctype: str = "",
+        culprits: tuple[str, ...] = (),
+    ):
         super().__init__(message)
         self.status = status
         self.body = body
         self.ctype = ctype
+        self.culprits = culprits
 
 
 class ClientConnection(asyncio.Protocol):
@@ -567,9 +575,19 @@ class Router:
         return int(len(text) / self.cfg.chars_per_token) + 1
 
     def _pick(
-        self, workers: list[Worker], policy: PolicyBase, info: RequestInfo, now: float, role: str
+        self,
+        workers: list[Worker],
+        policy: PolicyBase,
+        info: RequestInfo,
+        now: float,
+        role: str,
+        avoid: set[str] | None = None,
     ) -> Worker:
         cands = [w for w in workers if w.usable(now)]
+        if avoid and len(cands) > 1:
+            # a retry steers away from the workers that just failed this request, if it can
+            kept = [w for w in cands if w.url not in avoid]
+            cands = kept or cands
         if not cands:
             if not workers:
                 raise UnavailableError(f"no {role} worker is registered")
@@ -604,19 +622,32 @@ class Router:
         max_new = _max_new_tokens(obj)
         retries = 0 if self.cfg.disable_retries else max(0, self.cfg.retry_max_retries)
         last: _Retry | None = None
+        avoid: set[str] = set()
         for attempt in range(retries + 1):
             if attempt:
                 self.metrics.inc("retries_total")
                 await asyncio.sleep(self._backoff(attempt - 1))
             try:
                 return await self._pd_attempt(
-                    req, conn, route, obj, state, stream, want_lp, batch, tokens, text, max_new
+                    req,
+                    conn,
+                    route,
+                    obj,
+                    state,
+                    stream,
+                    want_lp,
+                    batch,
+                    tokens,
+                    text,
+                    max_new,
+                    avoid,
                 )
             except _Final as f:
                 conn.respond(req, f.status, f.body, f.ctype)
                 return f.status
             except _Retry as r:
                 last = r
+                avoid.update(r.culprits)
                 state.legs = []
                 if isinstance(r, _NoWorker):
                     break  # nothing to retry on: fail fast
@@ -640,13 +671,14 @@ class Router:
         tokens: int,
         text: str | None,
         max_new: int,
+        avoid: set[str],
     ) -> int:
         now = time.monotonic()
         room = self._rng.getrandbits(63)
         info = RequestInfo(f"{room:x}", tokens, text=text, max_new_tokens=max_new)
         try:
-            pw = self._pick(self.prefill, self.prefill_policy, info, now, "prefill")
-            dw = self._pick(self.decode, self.decode_policy, info, now, "decode")
+            pw = self._pick(self.prefill, self.prefill_policy, info, now, "prefill", avoid)
+            dw = self._pick(self.decode, self.decode_policy, info, now, "decode", avoid)
         except (UnavailableError, ResourceExhaustedError) as exc:
             raise _NoWorker(503, str(exc)) from None
         if batch > 1:
@@ -659,15 +691,24 @@ class Router:
             obj["bootstrap_room"] = room
         body = _json_encode(obj)
         # both connections first: never write one leg if the other cannot be sent
+        # count the legs now, before any await: a burst must see its own earlier picks
+        self.prefill_policy.on_dispatch(info, pw.load, now)
+        self.decode_policy.on_dispatch(info, dw.load, now)
         pc = pw.pool.idle_connection()
         dc = dw.pool.idle_connection()
         if pc is None or dc is None:
-            pc, dc = await self._connect_pair(pw, pc, dw, dc)
+            try:
+                pc, dc = await self._connect_pair(pw, pc, dw, dc)
+            except BaseException:
+                t = time.monotonic()
+                self.prefill_policy.on_complete(info, pw.load, t)
+                self.decode_policy.on_complete(info, dw.load, t)
+                raise
         pex = pc.start(build_request("POST", pw.pool.host_header, route, body, "application/json"))
         dex = dc.start(build_request("POST", dw.pool.host_header, route, body, "application/json"))
         state.legs = [pex, dex]
-        self._track_leg(pw, self.prefill_policy, info, pex, now, partner=dex)
-        self._track_leg(dw, self.decode_policy, info, dex, now, partner=None)
+        self._track_leg(pw, self.prefill_policy, info, pex, partner=dex)
+        self._track_leg(dw, self.decode_policy, info, dex, partner=None)
         m = self.metrics
         m.inc("worker_selection_total", (("worker", pw.url), ("role", "prefill")))
         m.inc("worker_selection_total", (("worker", dw.url), ("role", "decode")))
@@ -678,7 +719,9 @@ class Router:
                 await pex.done
             except UnavailableError as exc:
                 dex.abort()
-                raise _Retry(502, f"prefill server error ({pw.url}): {exc}") from None
+                raise _Retry(
+                    502, f"prefill server error ({pw.url}): {exc}", culprits=(pw.url,)
+                ) from None
             phead = pex.head.result()
             if phead.status >= 400:
                 dex.abort()
@@ -686,22 +729,24 @@ class Router:
                 pctype = phead.headers.get("content-type", "application/json")
                 if phead.status in RETRYABLE_STATUS:
                     msg = f"prefill worker {pw.url} answered {phead.status}"
-                    raise _Retry(phead.status, msg, pbody, pctype)
+                    raise _Retry(phead.status, msg, pbody, pctype, (pw.url,))
                 raise _Final(phead.status, pbody, pctype)
         try:
             dhead = await dex.head
         except UnavailableError as exc:
             pex.abort()
             if pex.done.done() and (pex.done.exception() or pex.head.result().status >= 500):
-                raise _Retry(502, f"prefill server error ({pw.url})") from None
-            raise _Retry(502, f"decode server error ({dw.url}): {exc}") from None
+                raise _Retry(502, f"prefill server error ({pw.url})", culprits=(pw.url,)) from None
+            msg = f"decode server error ({dw.url}): {exc}"
+            raise _Retry(502, msg, culprits=(dw.url,)) from None
         ctype = dhead.headers.get("content-type", "application/json")
         if dhead.status >= 400 or not stream:
             try:
                 await dex.done
             except UnavailableError as exc:
                 pex.abort()
-                raise _Retry(502, f"decode server error ({dw.url}): {exc}") from None
+                msg = f"decode server error ({dw.url}): {exc}"
+                raise _Retry(502, msg, culprits=(dw.url,)) from None
             if dhead.status in RETRYABLE_STATUS:
                 pex.abort()
                 raise _Retry(
@@ -709,6 +754,7 @@ class Router:
                     f"decode worker {dw.url} answered {dhead.status}",
                     dex.body(),
                     ctype,
+                    (dw.url,),
                 )
             out = dex.body()
             if want_lp and dhead.status < 300:
@@ -749,13 +795,16 @@ class Router:
         pr, dr = results
         now = time.monotonic()
         errors = []
+        culprits = []
         if isinstance(pr, BaseException):
+            culprits.append(pw.url)
             pw.breaker.record(False, now)
             self.metrics.inc("worker_errors_total", (("worker", pw.url),))
             errors.append(str(pr))
         elif pr is not None:
             pc = pr
         if isinstance(dr, BaseException):
+            culprits.append(dw.url)
             dw.breaker.record(False, now)
             self.metrics.inc("worker_errors_total", (("worker", dw.url),))
             errors.append(str(dr))
@@ -767,7 +816,7 @@ class Router:
                 pw.pool.release(pc)
             if dc is not None:
                 dw.pool.release(dc)
-            raise _Retry(502, "; ".join(errors))
+            raise _Retry(502, "; ".join(errors), culprits=tuple(culprits))
         assert pc is not None and dc is not None
         return pc, dc
 
@@ -777,10 +826,9 @@ class Router:
         policy: PolicyBase,
         info: RequestInfo,
         ex: Exchange,
-        now: float,
         partner: Exchange | None,
     ) -> None:
-        policy.on_dispatch(info, w.load, now)
+        """Finish the leg's accounting (dispatched already) when its exchange ends."""
 
         def _done(fut: asyncio.Future) -> None:
             t = time.monotonic()
@@ -835,7 +883,8 @@ class Router:
                 build_request("POST", w.pool.host_header, route, req.body, "application/json")
             )
             state.legs = [ex]
-            self._track_leg(w, self.prefill_policy, info, ex, now, None)
+            self.prefill_policy.on_dispatch(info, w.load, now)
+            self._track_leg(w, self.prefill_policy, info, ex, None)
             try:
                 head = await ex.head
                 ctype = head.headers.get("content-type", "application/json")

@@ -222,6 +222,8 @@ class FakeWorker:
             delay = cfg.prefill_ms / 1e3 + cfg.prefill_us_per_token * prompt_tokens / 1e6
             if delay > 0:
                 await asyncio.sleep(delay)
+            if conn.lost:
+                return  # the client (router) went away or this worker was killed
             if role == "prefill":
                 for r in rooms:
                     self.fleet.room_done(r)
@@ -446,6 +448,7 @@ class FakeFleet:
         self.workers: dict[int, FakeWorker] = {}
         self.conns: set[_FakeConn] = set()
         self._servers: list[asyncio.AbstractServer] = []
+        self._by_port: dict[int, list[asyncio.AbstractServer]] = {}
         self._rooms: dict[int, asyncio.Future[None]] = {}
 
     def room_future(self, room: int) -> asyncio.Future[None]:
@@ -463,21 +466,32 @@ class FakeFleet:
                 del self._rooms[k]
 
     async def start(self) -> None:
+        for spec in list(self.specs):
+            await self._listen(spec)
+
+    async def add(self, spec: FakeSpec) -> FakeWorker:
+        """Start one more worker in this fleet (same room registry)."""
+        self.specs.append(spec)
+        return await self._listen(spec)
+
+    async def _listen(self, spec: FakeSpec) -> FakeWorker:
         loop = asyncio.get_running_loop()
-        for spec in self.specs:
-            w = FakeWorker(spec, self.cfg, self)
-            server = await loop.create_server(
-                lambda w=w: _FakeConn(w), spec.host, spec.port, reuse_address=True, backlog=1024
+        w = FakeWorker(spec, self.cfg, self)
+        server = await loop.create_server(
+            lambda: _FakeConn(w), spec.host, spec.port, reuse_address=True, backlog=1024
+        )
+        spec.port = server.sockets[0].getsockname()[1]
+        self.workers[spec.port] = w
+        self._servers.append(server)
+        self._by_port[spec.port] = [server]
+        if spec.bootstrap_port is not None:
+            bs = await loop.create_server(
+                _BootstrapConn, spec.host, spec.bootstrap_port, reuse_address=True
             )
-            spec.port = server.sockets[0].getsockname()[1]
-            self.workers[spec.port] = w
-            self._servers.append(server)
-            if spec.bootstrap_port is not None:
-                bs = await loop.create_server(
-                    _BootstrapConn, spec.host, spec.bootstrap_port, reuse_address=True
-                )
-                spec.bootstrap_port = bs.sockets[0].getsockname()[1]
-                self._servers.append(bs)
+            spec.bootstrap_port = bs.sockets[0].getsockname()[1]
+            self._servers.append(bs)
+            self._by_port[spec.port].append(bs)
+        return w
 
     async def stop(self) -> None:
         for s in self._servers:
@@ -487,6 +501,15 @@ class FakeFleet:
         for s in self._servers:
             await s.wait_closed()
         self._servers.clear()
+
+    def kill(self, port: int) -> None:
+        """Crash one worker: stop listening and reset every connection it has (as a killed
+        process would); its in-flight requests never answer."""
+        w = self.workers[port]
+        for server in self._by_port.pop(port, []):
+            server.close()
+        for c in [c for c in self.conns if c.worker is w]:
+            c.drop()
 
     def worker(self, port: int) -> FakeWorker:
         return self.workers[port]

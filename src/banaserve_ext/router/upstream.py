@@ -31,7 +31,18 @@ def set_nodelay(transport: asyncio.BaseTransport) -> None:
 class Exchange:
     """One request/response on one upstream connection."""
 
-    __slots__ = ("conn", "head", "done", "parts", "sink", "nbytes", "reused", "got_head", "aborted")
+    __slots__ = (
+        "conn",
+        "head",
+        "done",
+        "parts",
+        "sink",
+        "nbytes",
+        "reused",
+        "got_head",
+        "aborted",
+        "finished",
+    )
 
     def __init__(self, conn: UpstreamConnection, loop: asyncio.AbstractEventLoop) -> None:
         self.conn = conn
@@ -43,6 +54,7 @@ class Exchange:
         self.reused = conn.uses > 0
         self.got_head = False
         self.aborted = False
+        self.finished = False  # the response completed or failed (futures may be cancelled)
 
     def set_sink(self, sink: Callable[[bytes], None]) -> None:
         """Send body pieces to ``sink`` from now on (pieces already received go first)."""
@@ -56,8 +68,9 @@ class Exchange:
 
     def abort(self) -> None:
         """Give up on this exchange: the connection is closed, never reused."""
-        if not self.done.done():
+        if not self.finished:
             self.aborted = True
+            self.finished = True
             self.conn.abort()
 
     # parser callbacks
@@ -74,10 +87,12 @@ class Exchange:
             self.parts.append(piece)
 
     def _on_end(self) -> None:
+        self.finished = True
         if not self.done.done():
             self.done.set_result(None)
 
     def _fail(self, exc: BaseException) -> None:
+        self.finished = True
         for fut in (self.head, self.done):
             if not fut.done():
                 fut.set_exception(exc)
