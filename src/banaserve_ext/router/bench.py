@@ -38,6 +38,7 @@ import msgspec
 from .http11 import build_request
 from .upstream import UpstreamPool
 
+JSON = "application/json"
 _enc = msgspec.json.encode
 _dec = msgspec.json.decode
 
@@ -184,14 +185,16 @@ async def _wait_ready(port: int, timeout: float = 60.0) -> None:
     while loop.time() < end:
         pool = UpstreamPool("r", "127.0.0.1", port, loop)
         try:
-            data = build_request("POST", f"127.0.0.1:{port}", "/generate", _body(0, "w", False))
+            data = build_request(
+                "POST", f"127.0.0.1:{port}", "/generate", _body(0, "w", False), "application/json"
+            )
             head, _ = await pool.fetch(data, 5.0)
             if head.status == 200:
                 # peers register workers asynchronously: wait until several calls succeed
                 ok = 0
                 for k in range(20):
                     h, _ = await pool.fetch(
-                        build_request("POST", "r", "/generate", _body(k, "w", False)), 5.0
+                        build_request("POST", "r", "/generate", _body(k, "w", False), JSON), 5.0
                     )
                     ok += h.status == 200
                 if ok == 20:
@@ -421,13 +424,15 @@ def render(res: Results, names: list[str]) -> str:
     if pnames:
         lines += [
             "",
-            "| router (Poisson, hot prefix) | p50 ms | p99 ms | busiest prefill share / fair | busiest decode share / fair | errors |",
+            "| router (Poisson, hot prefix) | p50 ms | p99 ms | busiest prefill share / fair"
+            " | busiest decode share / fair | errors |",
             "|---|---|---|---|---|---|",
-        ]  # noqa: E501
+        ]
         for name in pnames:
+            m = res.med
             lines.append(
-                f"| {name} | {res.med(name, 'poisson_p50'):.1f} | {res.med(name, 'poisson_p99'):.1f}"
-                f" | {res.med(name, 'poisson_share'):.2f} | {res.med(name, 'poisson_dshare'):.2f}"
+                f"| {name} | {m(name, 'poisson_p50'):.1f} | {m(name, 'poisson_p99'):.1f}"
+                f" | {m(name, 'poisson_share'):.2f} | {m(name, 'poisson_dshare'):.2f}"
                 f" | {sum(res.rows[name]['poisson_errors']):.0f} |"
             )
     return "\n".join(lines)
