@@ -237,13 +237,12 @@ class ClientConnection(asyncio.Protocol):
         if not keep:
             self.close_after = True
 
-    def start_stream(self, req: Request, status: int, ctype: str) -> None:
-        if self.lost or self.transport is None:
-            return
+    def stream_head(self, req: Request, status: int, ctype: str) -> bytes:
+        """The head of a chunked answer (written by the caller, with the first chunks)."""
         keep = req.keep_alive and not self.router.draining
-        self.transport.write(build_stream_head(status, ctype, keep))
         if not keep:
             self.close_after = True
+        return build_stream_head(status, ctype, keep)
 
     def write(self, data: bytes) -> None:
         if not self.lost and self.transport is not None:
@@ -763,13 +762,12 @@ class Router:
             return dhead.status
         # streaming passthrough, chunk by chunk
         state.started = True
-        conn.start_stream(req, dhead.status, ctype)
+        head = conn.stream_head(req, dhead.status, ctype)
+        transform = None
         if want_lp:
-            merger = _StreamLogprobMerger(_prefill_input_logprobs(pex.body()))
-            sink = _make_sink(conn, dc, merger.feed)
-        else:
-            sink = _make_sink(conn, dc, None)
-        dex.set_sink(sink)
+            transform = _StreamLogprobMerger(_prefill_input_logprobs(pex.body())).feed
+        fw = _StreamForwarder(conn, dc, dex, head, transform)
+        dex.set_sink(fw.piece, fw.flush)
         try:
             await dex.done
         except UnavailableError:
@@ -778,7 +776,7 @@ class Router:
             if conn.transport is not None:
                 conn.transport.abort()
             return 502
-        conn.write(LAST_CHUNK)
+        fw.flush()
         return dhead.status
 
     async def _connect_pair(
@@ -899,8 +897,8 @@ class Router:
                 last = _Retry(502, str(exc))
                 continue
             state.started = True
-            conn.start_stream(req, head.status, ctype)
-            ex.set_sink(_make_sink(conn, c, None))
+            fw = _StreamForwarder(conn, c, ex, conn.stream_head(req, head.status, ctype), None)
+            ex.set_sink(fw.piece, fw.flush)
             try:
                 await ex.done
             except UnavailableError:
@@ -908,7 +906,7 @@ class Router:
                 if conn.transport is not None:
                     conn.transport.abort()
                 return 502
-            conn.write(LAST_CHUNK)
+            fw.flush()
             return head.status
         assert last is not None
         conn.respond(
@@ -1143,21 +1141,49 @@ class _NoWorker(_Retry):
     """No usable worker for one of the legs: 503 at once."""
 
 
-def _make_sink(
-    conn: ClientConnection, upstream: UpstreamConnection, transform: Callable[[bytes], bytes] | None
-) -> Callable[[bytes], None]:
-    """Forward upstream body pieces to the client as chunks; apply backpressure both ways."""
+class _StreamForwarder:
+    """Forwards upstream body pieces to the client as HTTP chunks, one write per upstream read
+    (the response head and the last chunk ride along when they can); backpressure both ways."""
 
-    def sink(piece: bytes) -> None:
-        if transform is not None:
-            piece = transform(piece)
-        if piece and not conn.lost and conn.transport is not None:
-            conn.transport.write(chunk(piece))
-            if conn.paused and upstream.transport is not None:
-                upstream.transport.pause_reading()
-                conn.on_resume.append(_resume(upstream))
+    __slots__ = ("conn", "upstream", "transform", "buf", "ex", "ended")
 
-    return sink
+    def __init__(
+        self,
+        conn: ClientConnection,
+        upstream: UpstreamConnection,
+        ex: Exchange,
+        head: bytes,
+        transform: Callable[[bytes], bytes] | None,
+    ) -> None:
+        self.conn = conn
+        self.upstream = upstream
+        self.ex = ex
+        self.transform = transform
+        self.buf: list[bytes] = [head]
+        self.ended = False
+
+    def piece(self, data: bytes) -> None:
+        if self.transform is not None:
+            data = self.transform(data)
+        if data:
+            self.buf.append(chunk(data))
+
+    def flush(self) -> None:
+        if self.ex.completed and not self.ended:
+            self.ended = True
+            self.buf.append(LAST_CHUNK)
+        if not self.buf:
+            return
+        conn = self.conn
+        if conn.lost or conn.transport is None:
+            self.buf.clear()
+            return
+        data = self.buf[0] if len(self.buf) == 1 else b"".join(self.buf)
+        self.buf.clear()
+        conn.transport.write(data)
+        if conn.paused and self.upstream.transport is not None and not self.ended:
+            self.upstream.transport.pause_reading()
+            conn.on_resume.append(_resume(self.upstream))
 
 
 def _resume(upstream: UpstreamConnection) -> Callable[[], None]:

@@ -42,6 +42,8 @@ class Exchange:
         "got_head",
         "aborted",
         "finished",
+        "completed",
+        "flush",
     )
 
     def __init__(self, conn: UpstreamConnection, loop: asyncio.AbstractEventLoop) -> None:
@@ -55,13 +57,22 @@ class Exchange:
         self.got_head = False
         self.aborted = False
         self.finished = False  # the response completed or failed (futures may be cancelled)
+        self.completed = False  # the whole response arrived
+        #: called after each batch of received bytes has been parsed (coalesces sink writes)
+        self.flush: Callable[[], None] | None = None
 
-    def set_sink(self, sink: Callable[[bytes], None]) -> None:
-        """Send body pieces to ``sink`` from now on (pieces already received go first)."""
+    def set_sink(
+        self, sink: Callable[[bytes], None], flush: Callable[[], None] | None = None
+    ) -> None:
+        """Send body pieces to ``sink`` from now on (pieces already received go first), and
+        call ``flush`` after each read from the socket has been parsed."""
         parts, self.parts = self.parts, []
         for p in parts:
             sink(p)
         self.sink = sink
+        self.flush = flush
+        if flush is not None:
+            flush()
 
     def body(self) -> bytes:
         return b"".join(self.parts)
@@ -88,6 +99,7 @@ class Exchange:
 
     def _on_end(self) -> None:
         self.finished = True
+        self.completed = True
         if not self.done.done():
             self.done.set_result(None)
 
@@ -139,10 +151,12 @@ class UpstreamConnection(asyncio.Protocol):
         if parser is None:
             self.abort()  # bytes with no request pending: the connection is out of sync
             return
+        ex = self.exchange
         try:
             parser.feed(data)
+            if ex is not None and ex.flush is not None:
+                ex.flush()
         except ProtocolError as exc:
-            ex = self.exchange
             self.exchange = None
             self.parser = None
             self.abort()
