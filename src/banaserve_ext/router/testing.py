@@ -371,8 +371,7 @@ class _FakeConn(asyncio.Protocol):
         self.task: asyncio.Task | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
         set_nodelay(transport)
         self.worker.fleet.conns.add(self)
 

@@ -121,8 +121,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.uses = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
         set_nodelay(transport)
 
     def start(self, data: bytes, head_request: bool = False) -> Exchange:
