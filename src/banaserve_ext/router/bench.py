@@ -407,7 +407,7 @@ def render(res: Results, names: list[str]) -> str:
     lines = ["| router | " + " | ".join(c[0] for c in cols) + " |"]
     lines.append("|---" * (len(cols) + 1) + "|")
     for name in ["direct", *names]:
-        if name not in res.rows:
+        if "c1_p50" not in res.rows.get(name, {}):
             continue
         cells = []
         for title, key, fmt in cols:
@@ -449,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--n", type=int, default=300, help="measured requests at c=1")
-    p.add_argument("--rate", type=float, default=120.0, help="Poisson arrivals per second")
+    p.add_argument("--rate", type=float, default=200.0, help="Poisson arrivals per second")
     p.add_argument("--duration", type=float, default=8.0, help="Poisson run length, seconds")
     p.add_argument("--peer-policies", default="cache_aware,power_of_two")
     p.add_argument("--skip-overhead", action="store_true")
