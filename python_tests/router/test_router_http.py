@@ -389,3 +389,27 @@ def test_policies_selectable_per_side() -> None:
             assert [len(s.log(sp)) for sp in s.decode] == [10, 10]
 
     run(main())
+
+
+def test_health_checks_take_a_dead_worker_out_and_polls_reach_the_policy() -> None:
+    async def main() -> None:
+        async with pd_setup(
+            health_check_interval_secs=0.05,
+            health_failure_threshold=2,
+            health_check_timeout_secs=1.0,
+            load_monitor_interval=0.05,
+        ) as s:
+            victim = s.decode[1]
+            s.fleet.worker(victim.port).static_load = {"num_tokens": 777, "num_waiting_reqs": 3}
+            rw = next(w for w in s.router.decode if w.url == victim.url)
+            assert await eventually(lambda: rw.load.polled_load == 777.0)
+            assert rw.load.queued_requests == 3
+            s.fleet.kill(victim.port)
+            assert await eventually(lambda: not rw.health.healthy)
+            for k in range(20):
+                assert (await s.client.post("/generate", {"text": f"{k}"}))[0] == 200
+            st, body = await s.client.get("/workers")
+            states = {w["url"]: w["healthy"] for w in dec(body)["workers"]}
+            assert states[victim.url] is False
+
+    run(main())

@@ -353,7 +353,10 @@ async def run_overhead(routers: list[RouterProc], runs: int, n: int, res: Result
                     res.add(rp.name, "c1_p50", c1["p50_ms"])
                     res.add(rp.name, "c1_p99", c1["p99_ms"])
                     res.add(rp.name, "cpu_us", (cpu1 - cpu0) / (c1["n"] + 20) * 1e6)
+                    cpu0 = proc_tree_cpu_s(rp.proc.pid)
                     c16 = await closed_loop(rp.port, n * 4, 16, False)
+                    cpu1 = proc_tree_cpu_s(rp.proc.pid)
+                    res.add(rp.name, "cpu16_us", (cpu1 - cpu0) / (c16["n"] + 20) * 1e6)
                     res.add(rp.name, "c16_rps", c16["rps"])
                     res.add(rp.name, "c16_p50", c16["p50_ms"])
                     st = await closed_loop(rp.port, n, 1, True)
@@ -399,7 +402,8 @@ def render(res: Results, names: list[str]) -> str:
         ("c1 p50 ms", "c1_p50", "{:.3f}"),
         ("c1 p99 ms", "c1_p99", "{:.3f}"),
         ("added p50 ms", None, "{:.3f}"),
-        ("CPU µs/req", "cpu_us", "{:.0f}"),
+        ("CPU µs/req c1", "cpu_us", "{:.0f}"),
+        ("CPU µs/req c16", "cpu16_us", "{:.0f}"),
         ("c16 req/s", "c16_rps", "{:.0f}"),
         ("stream p50 ms", "stream_p50", "{:.3f}"),
         ("stream added ms", None, "{:.3f}"),
