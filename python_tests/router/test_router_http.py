@@ -413,3 +413,21 @@ def test_health_checks_take_a_dead_worker_out_and_polls_reach_the_policy() -> No
             assert states[victim.url] is False
 
     run(main())
+
+
+def test_expect_100_continue_is_answered() -> None:
+    async def main() -> None:
+        async with pd_setup() as s:
+            reader, writer = await asyncio.open_connection("127.0.0.1", s.router.bound_port)
+            body = enc({"text": "x" * 3000})
+            writer.write(
+                b"POST /generate HTTP/1.1\r\nHost: r\r\nContent-Type: application/json\r\n"
+                b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
+            )
+            assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(body)
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 ")
+            writer.close()
+
+    run(main())

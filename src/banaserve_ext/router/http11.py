@@ -145,6 +145,9 @@ class RequestParser:
         self._chunked: ChunkedDecoder | None = None
         self._parts: list[bytes] = []
         self._size = 0
+        #: a request head with ``Expect: 100-continue`` arrived and its body has not: the
+        #: server should answer ``100 Continue`` (then clear the flag)
+        self.expect_continue = False
 
     def feed(self, data: bytes) -> list[Request]:
         self._buf += data
@@ -206,6 +209,8 @@ class RequestParser:
         conn = headers.get("connection", "").lower()
         keep_alive = ("close" not in conn) if version == "HTTP/1.1" else ("keep-alive" in conn)
         req = Request(method, target, path, query, version, headers, b"", keep_alive)
+        if headers.get("expect", "").lower() == "100-continue" and version == "HTTP/1.1":
+            self.expect_continue = True
         if "chunked" in headers.get("transfer-encoding", "").lower():
             self._chunked = ChunkedDecoder()
             self._need = 0

@@ -159,6 +159,10 @@ class ClientConnection(asyncio.Protocol):
         except (ProtocolError, InvalidArgumentError) as exc:
             self._reject(400, str(exc))
             return
+        if self.parser.expect_continue:
+            self.parser.expect_continue = False
+            if self.transport is not None and not reqs:
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         for req in reqs:
             if self.task is None and not self.pending:
                 self._run(req)

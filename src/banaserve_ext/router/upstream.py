@@ -210,9 +210,10 @@ class UpstreamPool:
         self.host_header = f"{host}:{port}"
         self._idle: deque[UpstreamConnection] = deque()
         self.opened = 0
+        self.closed = False
 
     def release(self, conn: UpstreamConnection) -> None:
-        if len(self._idle) < self.max_idle:
+        if not self.closed and len(self._idle) < self.max_idle:
             self._idle.append(conn)
         else:
             conn.abort()
@@ -248,6 +249,8 @@ class UpstreamPool:
         return await self.connect()
 
     def close(self) -> None:
+        """Close idle connections; busy ones close when their exchange ends."""
+        self.closed = True
         while self._idle:
             self._idle.pop().abort()
 
