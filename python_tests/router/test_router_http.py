@@ -431,3 +431,18 @@ def test_expect_100_continue_is_answered() -> None:
             writer.close()
 
     run(main())
+
+
+def test_decode_worker_near_full_kv_is_avoided() -> None:
+    async def main() -> None:
+        async with pd_setup(load_monitor_interval=0.05) as s:
+            full = s.decode[0]
+            s.fleet.worker(full.port).static_load = {"num_tokens": 90_000, "num_waiting_reqs": 0}
+            rw = next(w for w in s.router.decode if w.url == full.url)
+            assert await eventually(lambda: rw.load.kv_used_tokens == 90_000)
+            assert rw.load.kv_capacity_tokens == 100_000  # from /get_server_info
+            for k in range(20):
+                assert (await s.client.post("/generate", {"text": f"{k}"}))[0] == 200
+            assert len(s.log(full)) == 0 and len(s.log(s.decode[1])) == 20
+
+    run(main())

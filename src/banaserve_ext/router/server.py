@@ -1127,7 +1127,27 @@ class Router:
                     tokens, waiting = _parse_load(_json_decode(r[1]))
                 except (msgspec.DecodeError, TypeError, ValueError):
                     continue
-                record_poll(w.load, now, tokens, queued_requests=waiting)
+                if w.role == "decode":
+                    # a decode worker's token load is its KV in use: headroom for the policy
+                    if "kv_capacity_probed" not in w.load.extra:
+                        w.load.extra["kv_capacity_probed"] = True
+                        await self._probe_kv_capacity(w)
+                    record_poll(
+                        w.load, now, tokens, queued_requests=waiting, kv_used_tokens=int(tokens)
+                    )
+                else:
+                    record_poll(w.load, now, tokens, queued_requests=waiting)
+
+    async def _probe_kv_capacity(self, w: Worker) -> None:
+        """Learn ``max_total_num_tokens`` from the worker's ``/get_server_info`` (once)."""
+        try:
+            head, body = await self._fetch(w, "GET", "/get_server_info")
+            info = _json_decode(body) if head.status == 200 else None
+        except (UnavailableError, msgspec.DecodeError):
+            return
+        cap = _find_kv_capacity(info)
+        if cap:
+            w.load.kv_capacity_tokens = cap
 
 
 class _Final(Exception):
@@ -1302,6 +1322,17 @@ def _parse_load(data: Any) -> tuple[float, int]:
             tokens += float(e.get("num_tokens", 0) or 0)
             waiting += int(e.get("num_waiting_reqs", 0) or 0)
     return tokens, waiting
+
+
+def _find_kv_capacity(info: Any) -> int:
+    """``max_total_num_tokens`` from SGLang server info (top level or ``internal_states``)."""
+    if not isinstance(info, dict):
+        return 0
+    v = info.get("max_total_num_tokens")
+    states = info.get("internal_states")
+    if v is None and isinstance(states, list) and states and isinstance(states[0], dict):
+        v = states[0].get("max_total_num_tokens")
+    return int(v) if isinstance(v, (int, float)) and v > 0 else 0
 
 
 def _input_logprobs_of(item: Any) -> Any:

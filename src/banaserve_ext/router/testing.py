@@ -70,6 +70,7 @@ class FakeConfig:
     decode_slots: int = 0
     kv_wait_s: float | None = None
     default_new_tokens: int = 8
+    kv_capacity_tokens: int = 100_000
     chars_per_token: float = 4.0
     log_requests: bool = True
 
@@ -113,6 +114,7 @@ class FakeWorker:
                 "disaggregation_mode": self.spec.role if self.spec.role != "regular" else "null",
                 "disaggregation_bootstrap_port": self.spec.bootstrap_port,
                 "port": self.spec.port,
+                "max_total_num_tokens": self.cfg.kv_capacity_tokens,
             }
             conn.send(req, 200, _encode(info))
         elif path in ("/get_model_info", "/model_info"):
