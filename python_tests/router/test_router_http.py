@@ -446,3 +446,21 @@ def test_decode_worker_near_full_kv_is_avoided() -> None:
             assert len(s.log(full)) == 0 and len(s.log(s.decode[1])) == 20
 
     run(main())
+
+
+def test_streaming_request_whose_prefill_fails_is_not_left_waiting() -> None:
+    async def main() -> None:
+        from banaserve_ext.router.testing import _Failure
+
+        # decode legs wait up to 5 s for their prefill; a failed prefill must end them at once
+        async with pd_setup(n_prefill=1, request_timeout_secs=3.0) as s:
+            s.fleet.worker(s.prefill[0].port).failure = _Failure(422, 1)
+            st, body = await s.client.post("/generate", {"text": "x", "stream": True}, timeout=10)
+            assert st == 422 and b"injected failure" in body
+            s.fleet.worker(s.prefill[0].port).failure = _Failure(503, 1)
+            st, body = await s.client.post("/generate", {"text": "y", "stream": True}, timeout=10)
+            assert st == 200 and body.endswith(b"data: [DONE]\n\n")  # retried on a new pair
+            workers = [s.fleet.worker(sp.port) for sp in s.decode]
+            assert await eventually(lambda: all(w.inflight == 0 for w in workers), 1.0)
+
+    run(main())

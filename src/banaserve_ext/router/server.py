@@ -736,8 +736,18 @@ class Router:
         try:
             dhead = await dex.head
         except UnavailableError as exc:
+            # the decode leg died; if that is because the prefill failed, report the prefill
+            p_completed = pex.completed
+            p_failed = pex.finished and not pex.completed and not pex.aborted
             pex.abort()
-            if pex.done.done() and (pex.done.exception() or pex.head.result().status >= 500):
+            pstatus = _head_status(pex)
+            if p_completed and pstatus is not None and pstatus >= 400:
+                pctype = pex.head.result().headers.get("content-type", "application/json")
+                if pstatus in RETRYABLE_STATUS:
+                    msg = f"prefill worker {pw.url} answered {pstatus}"
+                    raise _Retry(pstatus, msg, pex.body(), pctype, (pw.url,)) from None
+                raise _Final(pstatus, pex.body(), pctype) from None
+            if p_failed:
                 raise _Retry(502, f"prefill server error ({pw.url})", culprits=(pw.url,)) from None
             msg = f"decode server error ({dw.url}): {exc}"
             raise _Retry(502, msg, culprits=(dw.url,)) from None
@@ -834,9 +844,8 @@ class Router:
         def _done(fut: asyncio.Future) -> None:
             t = time.monotonic()
             ok = not fut.cancelled() and fut.exception() is None
-            head_ok = (
-                ok and ex.head.done() and not ex.head.exception() and ex.head.result().status < 500
-            )
+            status = _head_status(ex)
+            head_ok = ok and status is not None and status < 500
             policy.on_complete(info, w.load, t)
             if ok:
                 w.breaker.record(head_ok, t)
@@ -848,7 +857,7 @@ class Router:
                 # a stale keep-alive connection dying before the answer is not the worker's fault
                 w.breaker.record(False, t)
                 self.metrics.inc("worker_errors_total", (("worker", w.url),))
-            if partner is not None and not head_ok and not partner.done.done():
+            if partner is not None and not (ok and status is not None and status < 400):
                 partner.abort()  # the prefill failed: the decode leg would wait for KV forever
 
         ex.done.add_done_callback(_done)
@@ -1322,6 +1331,14 @@ def _parse_load(data: Any) -> tuple[float, int]:
             tokens += float(e.get("num_tokens", 0) or 0)
             waiting += int(e.get("num_waiting_reqs", 0) or 0)
     return tokens, waiting
+
+
+def _head_status(ex: Exchange) -> int | None:
+    """The status of the exchange's response head, if one arrived (and was not cancelled)."""
+    fut = ex.head
+    if not ex.got_head or not fut.done() or fut.cancelled() or fut.exception() is not None:
+        return None
+    return fut.result().status
 
 
 def _find_kv_capacity(info: Any) -> int:
