@@ -540,8 +540,10 @@ class Router:
                 conn.respond(req, 504, _error_body(msg, 504))
         finally:
             timer.cancel()
-            for ex in state.legs:
-                ex.abort()
+            if status >= 400:
+                # a leg still running after a failed request is of no use to anyone
+                for ex in state.legs:
+                    ex.abort()
             if self._slots is not None:
                 self._slots.release()
             self._inflight -= 1
