@@ -49,7 +49,7 @@ from .http11 import (
     chunk,
 )
 from .metrics import Metrics
-from .upstream import Exchange, UpstreamConnection, UpstreamPool, set_nodelay
+from .upstream import Exchange, UpstreamConnection, UpstreamPool, both_finished, set_nodelay
 
 log = logging.getLogger("banaserve_ext.router")
 
@@ -717,6 +717,8 @@ class Router:
         m.inc("worker_selection_total", (("worker", pw.url), ("role", "prefill")))
         m.inc("worker_selection_total", (("worker", dw.url), ("role", "decode")))
 
+        if not stream and not (pex.finished and dex.finished):
+            await both_finished(self.loop, pex, dex)  # type: ignore[arg-type]
         if not stream or want_lp:
             # the prefill answer first: if it fails, the decode leg is aborted and retried
             try:

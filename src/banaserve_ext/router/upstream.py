@@ -44,6 +44,7 @@ class Exchange:
         "finished",
         "completed",
         "flush",
+        "on_finish",
     )
 
     def __init__(self, conn: UpstreamConnection, loop: asyncio.AbstractEventLoop) -> None:
@@ -60,6 +61,8 @@ class Exchange:
         self.completed = False  # the whole response arrived
         #: called after each batch of received bytes has been parsed (coalesces sink writes)
         self.flush: Callable[[], None] | None = None
+        #: called once the exchange has finished, whichever way
+        self.on_finish: Callable[[], None] | None = None
 
     def set_sink(
         self, sink: Callable[[bytes], None], flush: Callable[[], None] | None = None
@@ -83,6 +86,8 @@ class Exchange:
             self.aborted = True
             self.finished = True
             self.conn.abort()
+            if self.on_finish is not None:
+                self.on_finish()
 
     # parser callbacks
     def _on_head(self, head: ResponseHead) -> None:
@@ -102,6 +107,8 @@ class Exchange:
         self.completed = True
         if not self.done.done():
             self.done.set_result(None)
+        if self.on_finish is not None:
+            self.on_finish()
 
     def _fail(self, exc: BaseException) -> None:
         self.finished = True
@@ -109,6 +116,24 @@ class Exchange:
             if not fut.done():
                 fut.set_exception(exc)
                 fut.exception()  # mark retrieved: the caller may await only one of them
+        if self.on_finish is not None:
+            self.on_finish()
+
+
+def both_finished(
+    loop: asyncio.AbstractEventLoop, a: Exchange, b: Exchange
+) -> asyncio.Future[None]:
+    """A future that resolves once both exchanges have finished (one task wake-up for two)."""
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def check() -> None:
+        if a.finished and b.finished and not fut.done():
+            fut.set_result(None)
+
+    a.on_finish = check
+    b.on_finish = check
+    check()
+    return fut
 
 
 class UpstreamConnection(asyncio.Protocol):
