@@ -159,7 +159,10 @@ class RouterProc:
 
 def _body(i: int, prefix: str, stream: bool, n_tokens: int = 8) -> bytes:
     text = prefix + f"{i:08d}" + "s" * 192
-    obj = {"text": text, "sampling_params": {"max_new_tokens": n_tokens, "temperature": 0}}
+    obj: dict[str, Any] = {
+        "text": text,
+        "sampling_params": {"max_new_tokens": n_tokens, "temperature": 0},
+    }
     if stream:
         obj["stream"] = True
     return _enc(obj)

@@ -1438,7 +1438,7 @@ class _StreamLogprobMerger:
         lp = _input_logprobs_of(obj)
         if not isinstance(lp, list):
             return event
-        obj["meta_info"]["input_token_logprobs"] = self.prefill_lp + lp
+        obj["meta_info"]["input_token_logprobs"] = (self.prefill_lp or []) + lp
         return b"data: " + _json_encode(obj) + b"\n\n"
 
 

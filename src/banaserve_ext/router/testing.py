@@ -351,6 +351,7 @@ def _final(
             meta["output_token_logprobs"] = [_lp(seed, k) for k in range(n)]
         # spaces after separators: a router that re-serializes would change these bytes
         return b'{ "text": ' + _encode(text) + b', "meta_info": ' + _encode(meta) + b" }"
+    body: dict[str, Any]
     if path == "/v1/chat/completions":
         msg = {"role": "assistant", "content": text}
         choice = {"index": 0, "message": msg, "finish_reason": "length"}
