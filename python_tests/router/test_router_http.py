@@ -198,25 +198,28 @@ def test_worker_killed_under_load_leaves_no_half_dispatched_request() -> None:
                 for k in range(n):
                     results.append((await c.post("/generate", {"text": f"{k} zz"}))[0])
 
+            killed_with_inflight = False
+
             async def killer() -> None:
-                await eventually(lambda: len(results) >= 40)
+                nonlocal killed_with_inflight
+                vw = s.fleet.worker(victim)
+                await eventually(lambda: len(results) >= 40 and vw.inflight > 0)
+                killed_with_inflight = vw.inflight > 0
                 s.fleet.kill(victim)
 
             await asyncio.gather(killer(), *(worker(c, 25) for c in clients))
             for c in clients:
                 c.close()
             assert results == [200] * 200
-            # no decode leg ever waited for a prefill that did not run
-            timeouts = [
-                sp.port
-                for sp in s.decode
-                for e in s.log(sp)
-                if e["bootstrap_room"] is not None
-                and not s.fleet.room_future(e["bootstrap_room"]).done()
-            ]
-            assert timeouts == []
-            survivors = [w for w in s.router.decode] + [w for w in s.router.prefill]
-            assert all(w.load.active_requests == 0 for w in survivors)
+            # every decode leg's prefill leg was sent (the victim's log survives its death) ...
+            prefill_rooms = {e["bootstrap_room"] for sp in s.prefill for e in s.log(sp)}
+            decode_rooms = [e["bootstrap_room"] for sp in s.decode for e in s.log(sp)]
+            assert all(r in prefill_rooms for r in decode_rooms)
+            # ... and none was left waiting for KV that never came: the router aborted them
+            assert [s.fleet.worker(sp.port).kv_timeouts for sp in s.decode] == [0, 0]
+            assert all(s.fleet.worker(sp.port).inflight == 0 for sp in s.decode)
+            assert all(w.load.active_requests == 0 for w in s.router._all())
+            assert killed_with_inflight
 
     run(main())
 

@@ -93,6 +93,10 @@ class FakeWorker:
     failure: _Failure | None = None
     slots: asyncio.Semaphore | None = None
     waiting: int = 0
+    #: killed with :meth:`FakeFleet.kill`: its work never completes a room
+    dead: bool = False
+    #: decode legs that gave up waiting for their prefill (a half-dispatched request)
+    kv_timeouts: int = 0
 
     def __post_init__(self) -> None:
         n = self.cfg.prefill_slots if self.spec.role == "prefill" else self.cfg.decode_slots
@@ -224,7 +228,7 @@ class FakeWorker:
             delay = cfg.prefill_ms / 1e3 + cfg.prefill_us_per_token * prompt_tokens / 1e6
             if delay > 0:
                 await asyncio.sleep(delay)
-            if conn.lost:
+            if conn.lost or self.dead:
                 return  # the client (router) went away or this worker was killed
             if role == "prefill":
                 for r in rooms:
@@ -234,6 +238,7 @@ class FakeWorker:
                 for r in rooms:
                     await asyncio.wait_for(self.fleet.room_future(r), cfg.kv_wait_s)
             except asyncio.TimeoutError:
+                self.kv_timeouts += 1
                 err = {
                     "error": {"message": "KV transfer timed out (prefill never ran)", "code": 500}
                 }
@@ -508,6 +513,7 @@ class FakeFleet:
         """Crash one worker: stop listening and reset every connection it has (as a killed
         process would); its in-flight requests never answer."""
         w = self.workers[port]
+        w.dead = True
         for server in self._by_port.pop(port, []):
             server.close()
         for c in [c for c in self.conns if c.worker is w]:
