@@ -161,7 +161,9 @@ class Instance:
         self.heap: list[tuple[int, int, SimRequest]] = []
         self.n_dec = 0
         self.dec_ctx = 0
+        self.finish_sum = 0  # sum of alive decodes' finish steps (remaining tokens in O(1))
         self.step_count = 0
+        self.boundary_ops: list[Callable[[float], None]] = []
         # the step in flight
         self.busy = False
         self.version = 0
@@ -173,6 +175,9 @@ class Instance:
         # knobs the controllers turn
         self.time_scale = 1.0  # semi-PD: 1 / SM share
         self.layer_frac = 1.0  # layers held / model layers (layer migration)
+        self.pipe_frac = 0.0  # share of layers running on another instance
+        self.remote_slow = 1.0  # slowdown of the instance holding our layers / attention
+        self.tail_s = 0.0  # pipeline tail of the last prefill step (layer migration)
         self.assist = 0.0  # busy share lent to another instance's layers / attention
         self.attn_frac = 1.0  # share of decode attention kept here (attention migration)
         self.step_extra_s = 0.0  # per-iteration sync cost of split layers / attention
@@ -199,7 +204,22 @@ class Instance:
         return self.time_scale / max(1e-6, 1.0 - self.assist)
 
     def iteration_s(self, chunks: Sequence[tuple[int, int]], n_dec: int, dec_ctx: int) -> float:
-        t = self.cost.iteration_s(chunks, n_dec, int(dec_ctx * self.attn_frac), self.layer_frac)
+        t = self.cost.iteration_s(chunks, n_dec, dec_ctx)
+        if self.attn_frac < 1.0 and n_dec:
+            # attention-level migration: the two KV parts are attended in parallel, then merged
+            bare = self.cost.iteration_s(chunks, n_dec, 0)
+            attn = t - bare
+            t = bare + max(attn * self.attn_frac, attn * (1.0 - self.attn_frac) * self.remote_slow)
+        if self.pipe_frac > 0.0:
+            # layer-level migration: the last pipe_frac of the layers run on another instance.
+            # Prefill chunks pipeline across the two (throughput = slower stage, one tail per
+            # request); a decode step cannot pipeline with itself.
+            if chunks and self.kind == "prefill":
+                remote = t * self.pipe_frac * self.remote_slow
+                self.tail_s = remote
+                t = max(t * (1.0 - self.pipe_frac), remote)
+            else:
+                t = t * (1.0 + self.pipe_frac * (self.remote_slow - 1.0))
         return (t + self.step_extra_s) * self._scale()
 
     # -- the step machine ----------------------------------------------------------------------
@@ -256,6 +276,7 @@ class Instance:
             left = 1
         r.finish_step = self.step_count + left
         r.alive = True
+        self.finish_sum += r.finish_step
         self.n_dec += 1
         self.dec_ctx += r.input_len + r.generated
         self.sim._seq += 1
@@ -265,10 +286,22 @@ class Instance:
         """Take a running decode out of this instance's batch (request migration)."""
         r.generated = r.tokens_at_join + (self.step_count - r.join_step)
         r.alive = False
+        self.finish_sum -= r.finish_step
         self.n_dec -= 1
         self.dec_ctx -= r.input_len + r.generated
         self.pool.used -= r.input_len + r.output_len
-        self.load.active_requests = max(0, self.load.active_requests)
+
+    def decode_remaining_tokens(self) -> int:
+        return self.finish_sum - self.n_dec * self.step_count
+
+    def at_boundary(self, now: float, op: Callable[[float], None]) -> None:
+        """Run ``op`` at the next iteration boundary (now, when idle)."""
+        if not self.busy:
+            op(now)
+            return
+        self.boundary_ops.append(op)
+        if self.step_k > 1:
+            self._truncate(now)
 
     def _start_step(self, now: float) -> None:
         self._admit_decodes()
@@ -375,6 +408,7 @@ class Instance:
                     continue
                 r = entry[2]
                 r.alive = False
+                self.finish_sum -= r.finish_step
                 r.generated = r.tokens_at_join + (self.step_count - r.join_step)
                 self.n_dec -= 1
                 self.dec_ctx -= r.input_len + r.generated
@@ -391,7 +425,12 @@ class Instance:
                 sim._on_prefill_done(self, r, now)
         self.step_chunks = []
         self.busy = False
-        self._start_step(now)
+        if self.boundary_ops:
+            ops, self.boundary_ops = self.boundary_ops, []
+            for op in ops:
+                op(now)
+        if not self.busy:
+            self._start_step(now)
 
 
 class Simulator:
@@ -547,16 +586,16 @@ class Simulator:
 
     # -- request lifecycle ---------------------------------------------------------------------
     def _route(self, r: SimRequest, now: float) -> None:
-        if self.splitter is not None:
-            self.splitter.plan(self, r, now)
         cands = self.front
         loads = [i.load for i in cands]
         for inst in cands:
             inst.load.queued_requests = len(inst.waiting)
             inst.load.kv_used_tokens = inst.pool.used
             inst.load.extra["queue_s"] = None
-        idx = self.policy.select(r.info, loads, now)
-        inst = cands[idx]
+        if self.splitter is not None:
+            inst = self.splitter.place(self, cands, r, now)
+        else:
+            inst = cands[self.policy.select(r.info, loads, now)]
         self.policy.on_dispatch(r.info, inst.load, now)
         r.pinst = inst
         self._prefix_lookup(inst, r, now)
@@ -594,6 +633,8 @@ class Simulator:
         r.t_prefill_start = now
 
     def _on_prefill_done(self, inst: Instance, r: SimRequest, now: float) -> None:
+        if inst.pipe_frac > 0.0:
+            now += inst.tail_s
         r.t_first = now
         r.generated = 1
         self.policy.on_prefill_done(r.info, inst.load, now)
@@ -656,14 +697,9 @@ class Simulator:
             dst = r.handover_to
             r.seg2 = True
             inst.pool.used -= r.input_len + r.output_len
-            inst.completed += 0
             self.policy.on_complete(r.info, inst.load, now)
             dst.load.active_requests += 1
-            src_kind = r.pinst
-            r.pinst = inst
             self._transfer(inst, dst, r, now, r.input_len + r.generated, 0.0)
-            r.pinst = src_kind
-            inst.kick(now)
             return
         self._finish(inst, r, now)
 
