@@ -78,6 +78,10 @@ def test_role_flip_when_tiers_diverge() -> None:
     assert c.plan(v, 0.0) == []
     acts = c.plan(v, 1.0)
     assert acts == [FlipRole(2, "prefill")]
+    # no flip when the donor tier would be overloaded after losing an instance
+    c2 = _ctrl(persist=1, cooldown_s=0)
+    v2 = _views([0.95, 0.95, 0.5, 0.5], ["prefill", "prefill", "decode", "decode"])
+    assert not any(isinstance(a, FlipRole) for a in c2.plan(v2, 0.0))
 
 
 def test_controller_config_validated() -> None:

@@ -6,9 +6,11 @@ actions; a runtime (the simulator's actuator, later the live controller) carries
 
 Decision per tick:
 
-1. **Role flip** when the prefill tier and the decode tier stay apart in mean utilisation by more
-   than ``flip_gap`` for ``persist`` windows: the idlest instance of the idle tier drains and
-   changes role (coarse, the Splitwise/TetriInfer move).
+1. **Role flip** when one tier's mean utilisation stays above ``flip_high`` for ``persist``
+   windows while the other tier, after losing one instance, would stay below ``flip_low``
+   (``U * n / (n - 1)``): the idlest instance of the idle tier drains and changes role
+   (coarse, the Splitwise/TetriInfer move). The gap between the two thresholds is the
+   hysteresis that keeps a flip from undoing itself.
 2. Otherwise, when the busiest and the idlest instance stay more than ``high`` apart for
    ``persist`` windows, solve ``min over plans of max_g U_g(plan)`` subject to
    ``migration_latency(plan) <= budget_s`` over
@@ -80,7 +82,8 @@ class Revert:
 class BanaServeConfig:
     high: float = 0.3
     low: float = 0.1
-    flip_gap: float = 0.45
+    flip_high: float = 0.9
+    flip_low: float = 0.7
     persist: int = 3
     cooldown_s: float = 10.0
     budget_s: float = 1.0
@@ -89,6 +92,8 @@ class BanaServeConfig:
     max_layer_frac: float = 0.5
     attn_fractions: tuple[float, ...] = (0.25, 0.5)
     min_gain: float = 0.05
+    #: no action before this time (the first windows are the warm-up transient)
+    warmup_s: float = 0.0
 
     def validate(self) -> None:
         if not 0 <= self.low < self.high:
@@ -139,7 +144,7 @@ class BanaServeController:
         live = [v for v in views if v.accepting]
         if len(live) < 2:
             return []
-        if now_s - self._last_action < c.cooldown_s:
+        if now_s - self._last_action < c.cooldown_s or now_s < c.warmup_s:
             return []
         acts = self._maybe_flip(live)
         if acts:
@@ -148,7 +153,13 @@ class BanaServeController:
         if acts:
             return self._commit(acts, now_s)
         hi = max(live, key=lambda v: v.util)
-        lo = min(live, key=lambda v: v.util)
+        # layers move within a tier (a prefill hot spot to the idlest prefill instance); a hot
+        # decode instance lends attention to the idlest instance of any role
+        peers = [v for v in live if v.idx != hi.idx and (v.role == hi.role or hi.role == "decode")]
+        if not peers:
+            self._imb_ticks = 0
+            return []
+        lo = min(peers, key=lambda v: v.util)
         if hi.util - lo.util > c.high:
             self._imb_ticks += 1
         else:
@@ -202,16 +213,20 @@ class BanaServeController:
         dec = [v for v in live if v.role == "decode"]
         if not pre or not dec:
             return []
+        c = self.config
         up = sum(v.util for v in pre) / len(pre)
         ud = sum(v.util for v in dec) / len(dec)
-        if abs(up - ud) <= self.config.flip_gap:
+        after_d = ud * len(dec) / (len(dec) - 1) if len(dec) > 1 else float("inf")
+        after_p = up * len(pre) / (len(pre) - 1) if len(pre) > 1 else float("inf")
+        if up > c.flip_high and after_d < c.flip_low:
+            donor_tier, role = dec, "prefill"
+        elif ud > c.flip_high and after_p < c.flip_low:
+            donor_tier, role = pre, "decode"
+        else:
             self._flip_ticks = 0
             return []
         self._flip_ticks += 1
-        if self._flip_ticks < self.config.persist:
-            return []
-        donor_tier, role = (dec, "prefill") if up > ud else (pre, "decode")
-        if len(donor_tier) < 2:
+        if self._flip_ticks < c.persist:
             return []
         busy = {a.action.src for a in self.active} | {a.action.dst for a in self.active}
         cands = [v for v in donor_tier if v.idx not in busy]

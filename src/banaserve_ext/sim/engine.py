@@ -558,7 +558,8 @@ class Simulator:
                 payload(t)
             elif kind == _EV_TICK:
                 self._tick(t)
-                if len(self.finished) < self.total:
+                stuck = not events and not any(i.busy for i in self.instances)
+                if len(self.finished) < self.total and not stuck:
                     self.push(t + self.tick_s, _EV_TICK, None)
             if self.progress is not None and len(self.finished) >= next_progress:
                 self.progress(len(self.finished) / max(1, self.total))
@@ -721,6 +722,8 @@ class Simulator:
             else:
                 inst.load.active_requests = max(0, inst.load.active_requests - 1)
         self.finished.append(r)
+        if inst.partner is not None:  # semi-PD: memory freed for the other half
+            inst.partner.kick(now)
 
 
 @dataclass

@@ -56,6 +56,23 @@ SYSTEMS = ("vllm", "distserve", "sglang-pd", "llumnix", "banaserve", "dynaserve"
 # ------------------------------------------------------------------------------------------------
 # actuators
 # ------------------------------------------------------------------------------------------------
+def load_utils(sim: Simulator, busy: Sequence[float], slo: Slo) -> list[float]:
+    """Utilisation as BanaServe balances it: prefill (compute-bound) = busy share plus the
+    queued prefill work relative to the TTFT SLO; decode (memory-bound, busy whenever it has a
+    batch) = the largest of KV use, batch occupancy and step time relative to the TPOT SLO."""
+    out = []
+    for inst, b in zip(sim.instances, busy):
+        if inst.kind == "decode":
+            step = inst.iteration_s((), inst.n_dec, inst.dec_ctx) if inst.n_dec else 0.0
+            u = max(inst.pool.frac, inst.n_dec / inst.max_num_seqs, step / slo.tpot_s)
+        else:
+            q = inst.queued_prefill_tokens()
+            backlog = inst.cost.prefill_s(q) * inst._scale() if q else 0.0
+            u = b + backlog / slo.ttft_s
+        out.append(min(2.0, u))
+    return out
+
+
 def _views(sim: Simulator, utils: Sequence[float]) -> list[InstanceView]:
     out = []
     L = sim.model.layers
@@ -73,8 +90,12 @@ def _views(sim: Simulator, utils: Sequence[float]) -> list[InstanceView]:
 class BanaServeActuator:
     """Applies :class:`BanaServeController` decisions inside the simulator."""
 
-    def __init__(self, ctrl: BanaServeController, hop_s: float = 0.0002) -> None:
+    def __init__(self, ctrl: BanaServeController, slo: Slo, hop_s: float = 0.0002,
+                 ema_alpha: float = 0.2) -> None:
         self.ctrl = ctrl
+        self.slo = slo
+        self.ema_alpha = ema_alpha
+        self._ema: list[float] | None = None
         self.hop_s = hop_s
         self.links: list[tuple[int, int, str, float]] = []  # (src, dst, kind, share)
         self.draining: dict[int, str] = {}
@@ -86,8 +107,6 @@ class BanaServeActuator:
             inst.assist = 0.0
         for src, dst, _kind, share in self.links:
             insts[dst].assist = min(0.8, insts[dst].assist + utils[src] * share)
-        for src, dst, _kind, _share in self.links:
-            insts[src].remote_slow = min(3.0, 1.0 / max(0.2, 1.0 - utils[dst]))
         for idx, role in list(self.draining.items()):
             inst = insts[idx]
             if not (inst.waiting or inst.prefilling or inst.pending or inst.n_dec or inst.busy
@@ -101,7 +120,16 @@ class BanaServeActuator:
                 inst.accepting = True
                 del self.draining[idx]
                 self._event(sim, now, f"flip {idx}->{role}")
-        for act in self.ctrl.plan(_views(sim, utils), now):
+        raw = load_utils(sim, utils, self.slo)
+        if self._ema is None or len(self._ema) != len(raw):
+            self._ema = raw
+        else:
+            a = self.ema_alpha
+            self._ema = [a * x + (1 - a) * e for x, e in zip(raw, self._ema)]
+        lu = self._ema
+        for src, dst, _kind, _share in self.links:
+            insts[src].remote_slow = min(3.0, 1.0 / max(0.2, 1.0 - min(lu[dst], 0.8)))
+        for act in self.ctrl.plan(_views(sim, lu), now):
             if isinstance(act, FlipRole):
                 insts[act.idx].accepting = False
                 self.draining[act.idx] = act.new_role
@@ -349,7 +377,8 @@ def build(system: str, s: Setup) -> Simulator:
         bw = (cfg.link_gbps or gpu.nic_gbps * s.tp) * 1e9
         controller = BanaServeActuator(BanaServeController(
             s.model.layers, s.model.weight_bytes_per_layer, s.model.kv_bytes_per_token_layer,
-            BanaServeConfig(bandwidth_Bps=bw)))
+            BanaServeConfig(bandwidth_Bps=bw, persist=5, cooldown_s=15.0,
+                                                 warmup_s=20.0)), s.slo)
     elif system == "dynaserve":
         cfg = replace(base, n_colocated=n, tbt_budget_s=s.slo.tpot_s)
         splitter = DynaServePlacer(DynaServeSplitter(), seed=s.seed)
