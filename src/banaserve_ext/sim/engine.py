@@ -268,7 +268,7 @@ class Instance:
         r.dinst = self
         r.join_step = self.step_count
         r.tokens_at_join = r.generated
-        if r.handover_to is not None and 0 < r.handover_after < r.output_len:
+        if r.handover_to is not None and not r.seg2 and 0 < r.handover_after < r.output_len:
             left = r.handover_after - r.generated
         else:
             left = r.output_len - r.generated
