@@ -147,7 +147,9 @@ def compare(out: Path, limit: int = 1500, plots: bool = False, quick: bool = Fal
             slo = workload_slo(base_trace, model_name, tp)
             has_hashes = any(r.hash_ids for r in base_trace[:100])
             guess = _capacity_guess(base_trace, model_name, tp, n)
-            setup = Setup(model, "h100", tp, n, slo, cost, has_hashes)
+            hint = (float(np.mean([r.input_len for r in base_trace])),
+                    float(np.mean([r.output_len for r in base_trace])))
+            setup = Setup(model, "h100", tp, n, slo, cost, has_hashes, workload_hint=hint)
             row: dict[str, float] = {}
             curves[key] = {}
             for system in systems:
@@ -235,7 +237,10 @@ def _plots(out: Path, curves: dict, setup_for_timeline: tuple, limit: int) -> No
     slo = workload_slo(trace0, model_name, tp)
     rate = 0.6 * _capacity_guess(trace0, model_name, tp, n)
     trace = load_workload(wl, limit, rate)
-    setup = Setup(model, "h100", tp, n, slo, cost, any(r.hash_ids for r in trace[:100]))
+    hint = (float(np.mean([r.input_len for r in trace])),
+            float(np.mean([r.output_len for r in trace])))
+    setup = Setup(model, "h100", tp, n, slo, cost, any(r.hash_ids for r in trace[:100]),
+                  workload_hint=hint)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     sims = {}
     for s in SYSTEMS:

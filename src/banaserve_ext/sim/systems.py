@@ -337,6 +337,8 @@ class Setup:
     #: prefix-cache tokens per instance when the trace has hashes (default: 2x the KV capacity)
     cache_tokens: int | None = None
     pd_prefill: int | None = None  # P count for PD systems (default N/2)
+    #: (mean input, mean output) of the workload, for BanaServe's initial P:D split
+    workload_hint: tuple[float, float] | None = None
 
 
 def build(system: str, s: Setup) -> Simulator:
@@ -371,6 +373,8 @@ def build(system: str, s: Setup) -> Simulator:
         cfg = replace(base, n_colocated=n)
         controller = LlumnixActuator(LlumnixMigrator())
     elif system == "banaserve":
+        if s.pd_prefill is None and s.workload_hint is not None:
+            n_p = initial_prefill_instances(s.cost, n, *s.workload_hint)
         cfg = replace(base, n_prefill=n_p, n_decode=n - n_p,
                       cache_mode="global" if s.has_hashes else "none")
         decode_policy = make_policy("load_aware", seed=s.seed + 1)
@@ -389,6 +393,15 @@ def build(system: str, s: Setup) -> Simulator:
                      controller=controller, splitter=splitter, tick_s=tick)
 
 
+def initial_prefill_instances(cost: CostModel, n: int, mean_in: float, mean_out: float,
+                              batch: int = 64) -> int:
+    """P instances in proportion to the predicted prefill and decode GPU time per request
+    (decode at a typical batch); the controller corrects it online."""
+    pre = cost.prefill_s(int(mean_in))
+    dec = mean_out * cost.decode_step_s(batch, int(batch * (mean_in + mean_out / 2))) / batch
+    return min(n - 1, max(1, round(n * pre / (pre + dec))))
+
+
 def simulate(system: str, s: Setup, trace: Sequence[TraceRequest],
              progress: Callable[[float], None] | None = None) -> tuple[dict, Simulator]:
     if system == "distserve" and s.pd_prefill is None:
@@ -404,6 +417,9 @@ def simulate(system: str, s: Setup, trace: Sequence[TraceRequest],
         res = summarize(best[2], s.slo)
         res["best_prefill_instances"] = float(best[1])
         return res, best[3]
+    if s.workload_hint is None and trace:
+        s = replace(s, workload_hint=(float(np.mean([r.input_len for r in trace])),
+                                      float(np.mean([r.output_len for r in trace]))))
     sim = build(system, s)
     sim.progress = progress
     reqs = sim.run(trace)
