@@ -32,7 +32,7 @@ def _ctrl(**kw) -> BanaServeController:
 def _views(u: list[float], roles: list[str] | None = None, kv: int = 10_000) -> list[InstanceView]:
     roles = roles or ["prefill"] * len(u)
     return [InstanceView(i, r, x, 0.1, kv, M.layers, 0.5 if r == "decode" else 0.0)
-            for i, (x, r) in enumerate(zip(u, roles))]
+            for i, (x, r) in enumerate(zip(u, roles, strict=True))]
 
 
 def test_layer_migration_after_persistence_minimises_peak() -> None:

@@ -129,3 +129,12 @@ def test_goodput_bisection_finds_threshold() -> None:
     got = goodput(lambda rate: 1.0 if rate <= 7.3 else 0.5, slo, 1.0, 2.0, iters=20)
     assert math.isclose(got, 7.3, rel_tol=1e-3)
     assert goodput(lambda rate: 0.0, slo, 1.0, 2.0) == 0.0
+
+
+def test_stuck_cluster_with_ticks_reports_instead_of_hanging() -> None:
+    from banaserve_ext.errors import InvalidArgumentError
+
+    cfg = ClusterConfig(M, G, 1, n_colocated=1, kv_capacity_tokens=2000)
+    sim = Simulator(cfg, _cost(), policy=make_policy("round_robin"), tick_s=1.0)
+    with pytest.raises(InvalidArgumentError, match="never finished"):
+        sim.run([TraceRequest(0, 0.0, 5000, 10)])

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from banaserve_ext.errors import InvalidArgumentError, NotFoundError
-from banaserve_ext.sim import ClusterConfig, Simulator, get_gpu, get_model, load_azure, load_mooncake
+from banaserve_ext.sim import (
+    ClusterConfig,
+    Simulator,
+    get_gpu,
+    get_model,
+    load_azure,
+    load_mooncake,
+)
 from banaserve_ext.sim.cost import load_fit_cost_model
 from banaserve_ext.sim.models import kv_capacity_tokens
 from banaserve_ext.sim.traces import load_llmservingsim_requests

@@ -24,7 +24,10 @@ M = get_model("llama-3.1-8b")
 COST = make_cost(M, "h100", 1)
 
 
-def _setup(n: int = 4, slo: Slo = Slo(1.0, 0.1), hashes: bool = False) -> Setup:
+DEFAULT_SLO = Slo(1.0, 0.1)
+
+
+def _setup(n: int = 4, slo: Slo = DEFAULT_SLO, hashes: bool = False) -> Setup:
     return Setup(M, "h100", 1, n, slo, COST, hashes)
 
 
@@ -47,6 +50,13 @@ def test_unknown_system() -> None:
         build("orca", _setup())
 
 
+def test_banaserve_initial_split_follows_work_ratio() -> None:
+    from banaserve_ext.sim.systems import initial_prefill_instances
+
+    assert initial_prefill_instances(COST, 8, 12000, 20) == 7  # prefill-heavy
+    assert initial_prefill_instances(COST, 8, 200, 1500) == 1  # decode-heavy
+
+
 def test_mooncake_slice_with_global_store() -> None:
     trace = load_workload("mooncake-conv", 300, 2.0)
     res, sim = simulate("banaserve", _setup(hashes=True), trace)
@@ -60,12 +70,13 @@ def _prefill_heavy(n: int, rate: float) -> list[TraceRequest]:
 
 def test_banaserve_flips_a_decode_instance_to_prefill() -> None:
     trace = _prefill_heavy(1500, 30.0)
-    _, sim = simulate("banaserve", _setup(n=4, slo=Slo(0.5, 0.1)), trace)
+    start = replace(_setup(n=4, slo=Slo(0.5, 0.1)), pd_prefill=2)  # a bad initial split
+    _, sim = simulate("banaserve", start, trace)
     flips = [d for _, w, d in sim.events_log if w == "control" and d.startswith("flip")]
     assert any(d.endswith("->prefill") for d in flips), sim.events_log
     static, _ = simulate("distserve", replace(_setup(n=4, slo=Slo(0.5, 0.1)), pd_prefill=2),
                          trace)
-    dyn, _ = simulate("banaserve", _setup(n=4, slo=Slo(0.5, 0.1)), trace)
+    dyn, _ = simulate("banaserve", start, trace)
     assert dyn["ttft_ms_mean"] < static["ttft_ms_mean"]
 
 

@@ -29,8 +29,8 @@ Decision per tick:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from ..errors import InvalidArgumentError
 

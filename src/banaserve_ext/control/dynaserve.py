@@ -18,8 +18,8 @@ segment would be shorter than ``min_segment`` tokens (the KV handover would not 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from ..errors import InvalidArgumentError
 

@@ -4,8 +4,8 @@ instances drifts apart, move running decodes from the fullest to the emptiest in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from ..errors import InvalidArgumentError
 from .banaserve import InstanceView

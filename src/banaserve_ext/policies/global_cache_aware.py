@@ -66,7 +66,8 @@ class GlobalCacheAwarePolicy(PolicyBase):
         local = self._match(self._held.get(worker.url), hashes)
         reuse_blocks = max(local, best_blocks)
         reuse = min(reuse_blocks * self.block_tokens, max(0, request.prompt_tokens - 1))
-        queue = self.prefill_s(worker.inflight_prefill_tokens, 0) if worker.inflight_prefill_tokens else 0.0
+        inflight = worker.inflight_prefill_tokens
+        queue = self.prefill_s(inflight, 0) if inflight else 0.0
         t = queue + self.prefill_s(request.prompt_tokens - reuse, reuse)
         if reuse_blocks > local and self.kv_bytes_per_token:
             fetched = (reuse_blocks - local) * self.block_tokens * self.kv_bytes_per_token

@@ -85,7 +85,8 @@ def _systems() -> list[str]:
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", default="mooncake-conv",
-                   help="mooncake-conv | mooncake-synth | azure-code | azure-conv | sharegpt | PATH")
+                   help="mooncake-conv | mooncake-synth | azure-code | azure-conv | sharegpt | "
+                   "PATH")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--rate", type=float, default=None,
                    help="target mean request rate (rescales the trace's arrivals)")

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import csv
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -59,6 +60,11 @@ def _interp(x: float, xs: np.ndarray, ys: np.ndarray) -> float:
     x0, x1, y0, y1 = xs[i], xs[i + 1], ys[i], ys[i + 1]
     y = y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     return float(max(y, 0.0))
+
+
+def _curve(points: list[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
+    pts = sorted(points)
+    return np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
 
 
 class _Table2D:
@@ -110,16 +116,14 @@ class ProfileCostModel:
         dense: dict[str, list[tuple[float, float]]] = defaultdict(list)
         for row in _read_csv(tdir / "dense.csv", ("layer", "tokens", "time_us")):
             dense[row[0]].append((float(row[1]), float(row[2])))
-        self._dense = {k: (np.array([p[0] for p in sorted(v)]), np.array([p[1] for p in sorted(v)]))
-                       for k, v in dense.items()}
+        self._dense = {k: _curve(v) for k, v in dense.items()}
         for need in (*self._PER_LAYER, "embedding", "final_layernorm"):
             if need not in self._dense:
                 raise InvalidArgumentError(f"{tdir / 'dense.csv'}: no rows for operator {need!r}")
         per_seq: dict[str, list[tuple[float, float]]] = defaultdict(list)
         for row in _read_csv(tdir / "per_sequence.csv", ("layer", "sequences", "time_us")):
             per_seq[row[0]].append((float(row[1]), float(row[2])))
-        self._per_seq = {k: (np.array([p[0] for p in sorted(v)]), np.array([p[1] for p in sorted(v)]))
-                         for k, v in per_seq.items()}
+        self._per_seq = {k: _curve(v) for k, v in per_seq.items()}
         pre, dec = [], []
         mixed: dict[tuple[float, float], list[tuple[float, float]]] = defaultdict(list)
         for row in _read_csv(tdir / "attention.csv",
@@ -137,8 +141,7 @@ class ProfileCostModel:
         self._attn_pre = _Table2D(pre)
         self._attn_dec = _Table2D(dec)
         # a prefill chunk batched with decodes costs more than the two apart (one varlen kernel)
-        self._mixed = {k: (np.array([p[0] for p in sorted(v)]), np.array([p[1] for p in sorted(v)]))
-                       for k, v in mixed.items()}
+        self._mixed = {k: _curve(v) for k, v in mixed.items()}
         self._mixed_c = np.array(sorted({k[0] for k in mixed}), dtype=float)
         self._mixed_n = np.array(sorted({k[1] for k in mixed}), dtype=float)
         self._cache: dict[tuple, float] = {}
@@ -184,7 +187,8 @@ class ProfileCostModel:
         return total / weight if weight > 0 else 0.0
 
     def _head_us(self, tokens: int, seqs: int) -> float:
-        t = _interp(tokens, *self._dense["embedding"]) + _interp(tokens, *self._dense["final_layernorm"])
+        t = _interp(tokens, *self._dense["embedding"])
+        t += _interp(tokens, *self._dense["final_layernorm"])
         for op in ("lm_head", "sampler"):
             if op in self._per_seq:
                 t += _interp(seqs, *self._per_seq[op])
@@ -217,7 +221,8 @@ class FitCostModel:
     """DistServe-form per-iteration fits (ms) plus BLIS overhead terms."""
 
     def __init__(self, model: ModelSpec, coeffs: dict[str, float], *, op_factor: float = 1.10,
-                 step_ms: float = 0.126, layer_ms: float = 0.032, request_ms: float = 0.0044) -> None:
+                 step_ms: float = 0.126, layer_ms: float = 0.032, request_ms: float = 0.0044
+                 ) -> None:
         self.model = model
         self.layers = model.layers
         self.c = coeffs
@@ -234,7 +239,8 @@ class FitCostModel:
             op += c["prefill_b_ms_per_tok"] * n_tok + max(c["prefill_c_ms_per_tok2"], 0.0) * quad
         if n_decode:
             base = max(base, c["decode_a_ms"])
-            op += c["decode_b_ms_per_ctx_tok"] * decode_ctx + max(c["decode_c_ms_per_req"], 0.0) * n_decode
+            op += c["decode_b_ms_per_ctx_tok"] * decode_ctx
+            op += max(c["decode_c_ms_per_req"], 0.0) * n_decode
         ms = self.op_factor * (base + op) * layer_frac
         return ms + self.step_ms + self.layer_ms * self.layers * layer_frac + self.request_ms * seqs
 
@@ -292,7 +298,8 @@ def load_fit_cost_model(model: ModelSpec, gpu_table_name: str, tp: int,
     for row in _read_csv(path, cols):
         have.append(f"{row[0]}/{row[1].lower()}/tp{row[2]}")
         if row[0] == gpu_table_name and row[1].lower() == model.name and int(row[2]) == tp:
-            return FitCostModel(model, {k: float(v) for k, v in zip(cols[3:], row[3:])})
+            coeffs = {k: float(v) for k, v in zip(cols[3:], row[3:], strict=False)}
+            return FitCostModel(model, coeffs)
     raise NotFoundError(
         f"no calibration for gpu={gpu_table_name} model={model.name} tp={tp} in {path}; "
         f"available: {', '.join(have)}"

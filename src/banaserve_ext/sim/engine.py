@@ -16,8 +16,9 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ..errors import InvalidArgumentError
 from ..policies.base import RequestInfo, WorkerLoad

@@ -131,7 +131,7 @@ def compare(out: Path, limit: int = 1500, plots: bool = False, quick: bool = Fal
     from dataclasses import replace as dc_replace
 
     from .metrics import goodput, slo_attainment
-    from .systems import SYSTEMS, Setup, build, load_workload, make_cost, simulate
+    from .systems import SYSTEMS, Setup, build, load_workload, make_cost
 
     systems = systems or SYSTEMS
     out.mkdir(parents=True, exist_ok=True)
@@ -159,7 +159,8 @@ def compare(out: Path, limit: int = 1500, plots: bool = False, quick: bool = Fal
                 for n_p in ratios:
                     st = dc_replace(setup, pd_prefill=n_p) if n_p else setup
 
-                    def at(rate: float, st: Setup = st, system: str = system) -> float:
+                    def at(rate: float, st: Setup = st, system: str = system, wl: str = wl,
+                           slo: Any = slo, pts: list = pts) -> float:
                         trace = load_workload(wl, limit, rate)
                         reqs = build(system, st).run(trace)
                         att = slo_attainment(reqs, slo)

@@ -23,8 +23,9 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -45,7 +46,7 @@ from ..errors import InvalidArgumentError
 from ..policies import make_policy
 from .cache import PrefixCache
 from .cost import CostModel, load_fit_cost_model
-from .engine import ClusterConfig, Instance, Simulator, SimRequest
+from .engine import ClusterConfig, Instance, SimRequest, Simulator
 from .metrics import Slo, slo_attainment, summarize
 from .models import ModelSpec, get_gpu, get_model, kv_capacity_tokens
 from .traces import TraceRequest, default_traces_dir, load_lengths_poisson, load_trace, scale_rate
@@ -61,7 +62,7 @@ def load_utils(sim: Simulator, busy: Sequence[float], slo: Slo) -> list[float]:
     queued prefill work relative to the TTFT SLO; decode (memory-bound, busy whenever it has a
     batch) = the largest of KV use, batch occupancy and step time relative to the TPOT SLO."""
     out = []
-    for inst, b in zip(sim.instances, busy):
+    for inst, b in zip(sim.instances, busy, strict=True):
         if inst.kind == "decode":
             step = inst.iteration_s((), inst.n_dec, inst.dec_ctx) if inst.n_dec else 0.0
             u = max(inst.pool.frac, inst.n_dec / inst.max_num_seqs, step / slo.tpot_s)
@@ -76,7 +77,7 @@ def load_utils(sim: Simulator, busy: Sequence[float], slo: Slo) -> list[float]:
 def _views(sim: Simulator, utils: Sequence[float]) -> list[InstanceView]:
     out = []
     L = sim.model.layers
-    for inst, u in zip(sim.instances, utils):
+    for inst, u in zip(sim.instances, utils, strict=True):
         attn = 0.0
         if inst.kind == "decode" and inst.n_dec:
             full = inst.cost.decode_step_s(inst.n_dec, inst.dec_ctx)
@@ -125,7 +126,7 @@ class BanaServeActuator:
             self._ema = raw
         else:
             a = self.ema_alpha
-            self._ema = [a * x + (1 - a) * e for x, e in zip(raw, self._ema)]
+            self._ema = [a * x + (1 - a) * e for x, e in zip(raw, self._ema, strict=True)]
         lu = self._ema
         for src, dst, _kind, _share in self.links:
             insts[src].remote_slow = min(3.0, 1.0 / max(0.2, 1.0 - min(lu[dst], 0.8)))
@@ -447,7 +448,8 @@ def make_cost(model: ModelSpec, gpu_name: str, tp: int) -> CostModel:
 def load_workload(name: str, limit: int | None, rate: float | None, seed: int = 0
                   ) -> list[TraceRequest]:
     if name == "sharegpt":
-        path = default_traces_dir() / "sharegpt_lengths" / "sharegpt_8k_filtered_stats_llama2_tokenizer.csv"
+        path = (default_traces_dir() / "sharegpt_lengths"
+                / "sharegpt_8k_filtered_stats_llama2_tokenizer.csv")
         return load_lengths_poisson(path, rate or 4.0, limit or 2000, seed)
     trace = load_trace(name, limit)
     if rate is not None and len(trace) > 1:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -121,7 +121,8 @@ def load_azure(path: str | Path, limit: int | None = None) -> list[TraceRequest]
     return out
 
 
-def load_lengths_poisson(path: str | Path, rate: float, n: int, seed: int = 0) -> list[TraceRequest]:
+def load_lengths_poisson(path: str | Path, rate: float, n: int, seed: int = 0
+                         ) -> list[TraceRequest]:
     """ShareGPT / arXiv length tables (Vidur format) with Poisson arrivals at ``rate`` req/s."""
     p = _open(path)
     if rate <= 0:
