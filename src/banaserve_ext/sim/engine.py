@@ -258,7 +258,7 @@ class Instance:
         pend = self.pending
         while pend and self.n_dec < self.max_num_seqs:
             r = pend[0]
-            need = 0 if self.partner is not None or r.pinst is self else r.input_len + r.output_len
+            need = 0 if self.partner is not None else r.input_len + r.output_len
             if need and not self.pool.fits(need):
                 break
             pend.popleft()

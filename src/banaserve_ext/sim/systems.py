@@ -273,7 +273,14 @@ class LlumnixActuator:
         def op(now: float) -> None:
             live = sorted((e for e in src.heap if e[2].alive and e[2].dinst is src
                            and e[2].finish_step == e[0]), key=lambda e: -e[0])
-            for _, _, r in live[:n]:
+            seen: set[int] = set()
+            for _, _, r in live:
+                if len(seen) >= n:
+                    break
+                # a request that came back may have two current entries: move it once
+                if r.rid in seen or not r.alive or r.dinst is not src:
+                    continue
+                seen.add(r.rid)
                 if r.finish_step - src.step_count < 8:
                     continue
                 src.remove_decode(r)
