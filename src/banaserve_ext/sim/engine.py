@@ -506,11 +506,18 @@ class Simulator:
         self.link_Bps = gbps * 1e9
 
     def set_split(self, prefill_half: Instance, share: float) -> None:
-        """semi-PD: give the prefill half ``share`` of the SMs and the decode half the rest."""
+        """semi-PD: give the prefill half ``share`` of the SMs and the decode half the rest.
+
+        Prefill is compute-bound: its time scales as 1/x (semi-PD's ``l_x = (100/x) l_100``).
+        Decode is mostly memory-bound: its time follows semi-PD's own fitted shape
+        ``TPOT_y = a2/y + b2`` (a2 = 0.6284, b2 = 0.3818 on Llama3-8B/ShareGPT), normalised to
+        1 at y = 1, so half the SMs cost a decode step 1.62x rather than 2x.
+        """
         share = min(0.95, max(0.05, share))
         prefill_half.time_scale = 1.0 / share
         if prefill_half.partner is not None:
-            prefill_half.partner.time_scale = 1.0 / (1.0 - share)
+            y = 1.0 - share
+            prefill_half.partner.time_scale = (0.6284 / y + 0.3818) / (0.6284 + 0.3818)
         prefill_half.load.extra["sm_share"] = share
 
     # -- events --------------------------------------------------------------------------------

@@ -61,11 +61,16 @@ def goodput(run_at_rate: Callable[[float], float], slo: Slo, lo: float, hi: floa
     """Largest rate whose SLO attainment is >= ``slo.attainment`` (DistServe's bisection).
 
     ``run_at_rate(rate)`` simulates the workload at ``rate`` and returns its attainment.
-    ``lo`` must meet the SLO (else 0 is returned); ``hi`` is grown until it fails.
+    If ``lo`` fails, lower rates are tried (down to lo/256, else 0 is returned); ``hi`` is
+    grown until it fails.
     """
     if not 0 < lo < hi:
         raise InvalidArgumentError(f"need 0 < lo < hi, got {lo}, {hi}")
-    if run_at_rate(lo) < slo.attainment:
+    for _ in range(4):  # a bursty trace may need a much lower rate: look down first
+        if run_at_rate(lo) >= slo.attainment:
+            break
+        lo, hi = lo / 4, lo
+    else:
         return 0.0
     for _ in range(6):
         if run_at_rate(hi) < slo.attainment:
