@@ -178,6 +178,9 @@ class PolicyBase:
     """Shared plumbing: seeded RNG, the accounting callbacks, random tie-break helpers."""
 
     name = "base"
+    #: whether ``select`` reads ``request.text`` / ``block_hashes`` (runtimes skip extracting
+    #: them otherwise)
+    uses_text = False
 
     def __init__(self, seed: int | None = None) -> None:
         self._rng = random.Random(seed)

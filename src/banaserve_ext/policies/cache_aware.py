@@ -27,6 +27,7 @@ from .prefix_tree import PrefixTree
 
 class CacheAwarePolicy(PolicyBase):
     name = "cache_aware"
+    uses_text = True
 
     def __init__(
         self,
