@@ -140,6 +140,8 @@ def compare(out: Path, limit: int = 1500, plots: bool = False, quick: bool = Fal
     from .systems import SYSTEMS, Setup, build, load_workload, make_cost
 
     systems = systems or SYSTEMS
+    if plots:
+        _require_matplotlib()  # fail before the long runs, not after
     out.mkdir(parents=True, exist_ok=True)
     iters = 4 if quick else 6
     results: dict[str, Any] = {}
@@ -210,7 +212,7 @@ def _table(results: dict[str, Any], systems: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
-def _plots(out: Path, curves: dict, setup_for_timeline: tuple, limit: int) -> None:
+def _require_matplotlib() -> Any:
     try:
         import matplotlib
 
@@ -221,6 +223,11 @@ def _plots(out: Path, curves: dict, setup_for_timeline: tuple, limit: int) -> No
 
         raise NotSupportedError("--plots needs matplotlib: pip install 'banaserve-ext[sim]'"
                                 ) from exc
+    return plt
+
+
+def _plots(out: Path, curves: dict, setup_for_timeline: tuple, limit: int) -> None:
+    plt = _require_matplotlib()
     from .metrics import request_latencies
     from .systems import SYSTEMS, Setup, build, load_workload, make_cost
 
