@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cerrno>
 #include <condition_variable>
 #include <cstring>
@@ -900,7 +901,10 @@ void TcpTransport::Impl::listen_loop() {
     int rc = ::poll(&p, 1, 200);
     if (rc <= 0) continue;
     int fd = ::accept4(listen_fd, nullptr, nullptr, SOCK_CLOEXEC);
-    if (fd < 0) continue;
+    if (fd < 0) {
+      if (!transient(errno)) std::this_thread::sleep_for(std::chrono::milliseconds(10));  // EMFILE...
+      continue;
+    }
     set_stream_options(fd);
     std::lock_guard<std::mutex> lock(conns_mu);
     reap_locked();
@@ -1158,6 +1162,10 @@ Status TcpTransport::start(const TransportContext& ctx) {
     return BANASERVE_INVALID("tcp transport: incomplete TransportContext");
   }
   m.ctx = ctx;
+  if (m.self_id().size() > w::kMaxEngineIdBytes) {
+    return BANASERVE_INVALID("tcp transport: engine_id longer than " +
+                             std::to_string(w::kMaxEngineIdBytes) + " bytes");
+  }
   m.host = ctx.config != nullptr ? ctx.config->tcp_host : "127.0.0.1";
   uint16_t want = ctx.config != nullptr ? ctx.config->tcp_port : 0;
   sockaddr_in addr;
