@@ -581,7 +581,7 @@ Status Pool::lock() {
   int rc = pthread_mutex_lock(&view_->hdr->mutex);
   if (rc == EOWNERDEAD) {
     // The previous holder died mid-update: rebuild everything derived, then mark consistent.
-    view_->rebuild(client_pid_ == getpid() ? client_ : -1);
+    view_->rebuild(client_pid_ == getpid() ? client_.load() : -1);
     view_->hdr->lock_recoveries++;
     pthread_mutex_consistent(&view_->hdr->mutex);
     return Status();
@@ -598,6 +598,8 @@ void Pool::unlock() { pthread_mutex_unlock(&view_->hdr->mutex); }
 Status Pool::ensure_client() {
   BANASERVE_RETURN_IF_ERROR(check_open());
   int pid = getpid();
+  if (client_ >= 0 && client_pid_ == pid) return Status();
+  std::lock_guard<std::mutex> guard(client_mu_);
   if (client_ >= 0 && client_pid_ == pid) return Status();
   char state = '?';
   uint64_t start_time = 0;
@@ -630,8 +632,8 @@ Status Pool::ensure_client() {
   }
   rec.active.store(1, std::memory_order_release);
   unlock();
-  client_ = chosen;
   client_pid_ = pid;
+  client_ = chosen;
   return Status();
 }
 
@@ -959,7 +961,7 @@ Status Pool::clear(size_t* removed) {
 
 Status Pool::reap(size_t* reaped) {
   BANASERVE_RETURN_IF_ERROR(lock());
-  size_t n = view_->reap(client_pid_ == getpid() ? client_ : -1);
+  size_t n = view_->reap(client_pid_ == getpid() ? client_.load() : -1);
   unlock();
   if (reaped != nullptr) *reaped = n;
   return Status();

@@ -14,7 +14,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <atomic>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -145,8 +147,9 @@ class Pool {
   std::string name_;
   void* base_ = nullptr;
   uint64_t mapped_bytes_ = 0;
-  int client_ = -1;
-  int client_pid_ = 0;
+  std::atomic<int> client_{-1};
+  std::atomic<int> client_pid_{0};
+  std::mutex client_mu_;  // first attach of this process (or of a forked child)
   bool owner_ = false;
   std::unique_ptr<SegmentView> view_;
 };
