@@ -244,6 +244,33 @@ void bind_kvpool(pyb::module_& m) {
           },
           pyb::arg("keys"))
       .def(
+          "pin",
+          [](Pool& pool, const pyb::handle& keys) {
+            PackedKeys packed = pack_keys(keys);
+            size_t n = packed.offsets.size() - 1;
+            pyb::array_t<uint64_t> addrs(static_cast<pyb::ssize_t>(n));
+            uint64_t* out = addrs.mutable_data();
+            StatusOr<uint32_t> handle = Status();
+            {
+              pyb::gil_scoped_release release;
+              handle = pool.pin(packed.list(), out);
+            }
+            throw_if_error(handle.status(), "KVPool.pin");
+            return pyb::make_tuple(handle.value(), addrs);
+          },
+          pyb::arg("keys"))
+      .def(
+          "unpin",
+          [](Pool& pool, uint32_t handle) {
+            Status st;
+            {
+              pyb::gil_scoped_release release;
+              st = pool.unpin(handle);
+            }
+            throw_if_error(st, "KVPool.unpin");
+          },
+          pyb::arg("handle"))
+      .def(
           "page_address",
           [](Pool& pool, uint32_t slot) {
             auto addr = pool.page_address(slot);

@@ -761,6 +761,75 @@ Status Pool::get(const KeyList& keys, const IoList& dst, uint8_t* found, size_t*
   return Status();
 }
 
+StatusOr<uint32_t> Pool::pin(const KeyList& keys, uint64_t* addrs) {
+  BANASERVE_RETURN_IF_ERROR(check_keys(keys));
+  if (keys.n > kOpChunk) {
+    return BANASERVE_INVALID("pin takes at most " + std::to_string(kOpChunk) + " keys per call, got " +
+                             std::to_string(keys.n));
+  }
+  BANASERVE_RETURN_IF_ERROR(ensure_client());
+  SegmentView& v = *view_;
+  std::vector<uint64_t> hashes(keys.n);
+  for (size_t i = 0; i < keys.n; ++i) hashes[i] = hash_key(keys.key(i), keys.len(i));
+  BANASERVE_RETURN_IF_ERROR(lock());
+  ClientRecord& rec = v.client(static_cast<uint32_t>(client_));
+  OpRecord* op = nullptr;
+  uint32_t handle = 0;
+  for (uint32_t o = 0; o < v.hdr->ops_per_client; ++o) {
+    if (!rec.ops()[o].in_use) {
+      op = &rec.ops()[o];
+      handle = o;
+      break;
+    }
+  }
+  if (op == nullptr) {
+    unlock();
+    return BANASERVE_STATUS(StatusCode::kResourceExhausted,
+                            "this process holds all " + std::to_string(v.hdr->ops_per_client) +
+                                " pin handles; unpin some first");
+  }
+  op->count = 0;
+  op->in_use = 1;
+  for (size_t i = 0; i < keys.n; ++i) {
+    uint32_t s = v.find(keys.key(i), keys.len(i), hashes[i]);
+    bool hit = s != kNone && v.slot(s).state.load(std::memory_order_relaxed) == kCommitted;
+    addrs[i] = 0;
+    if (!hit) {
+      v.hdr->misses++;
+      continue;
+    }
+    op->slots[op->count] = s;
+    std::atomic_signal_fence(std::memory_order_release);
+    op->count++;
+    v.slot(s).pins++;
+    v.slot(s).ref = 1;
+    v.hdr->hits++;
+    addrs[i] = reinterpret_cast<uint64_t>(v.page(s));
+  }
+  unlock();
+  return handle;
+}
+
+Status Pool::unpin(uint32_t handle) {
+  BANASERVE_RETURN_IF_ERROR(ensure_client());
+  SegmentView& v = *view_;
+  if (handle >= v.hdr->ops_per_client) return BANASERVE_INVALID("bad pin handle");
+  BANASERVE_RETURN_IF_ERROR(lock());
+  OpRecord& op = v.client(static_cast<uint32_t>(client_)).ops()[handle];
+  if (!op.in_use) {
+    unlock();
+    return BANASERVE_STATUS(StatusCode::kNotFound, "pin handle is not held");
+  }
+  for (uint32_t k = 0; k < op.count; ++k) {
+    Slot& sl = v.slot(op.slots[k]);
+    if (sl.pins > 0) sl.pins--;
+  }
+  op.count = 0;
+  op.in_use = 0;
+  unlock();
+  return Status();
+}
+
 Status Pool::reserve(const KeyList& keys, uint32_t* slots, uint8_t* results) {
   BANASERVE_RETURN_IF_ERROR(check_keys(keys));
   BANASERVE_RETURN_IF_ERROR(ensure_client());

@@ -323,4 +323,41 @@ KV_TEST(remove_and_clear_free_committed_pages) {
   KV_CHECK_OK(Pool::unlink(name));
 }
 
+KV_TEST(pinned_pages_are_readable_in_place_and_never_evicted) {
+  std::string name = unique_name("pinapi");
+  auto pool = make_pool(name, 4, 128);
+  Keys keys(key_range(0, 4));
+  Pages src(4, 128);
+  for (int i = 0; i < 4; ++i) fill_page(src.page(i), 128, i);
+  std::vector<uint8_t> r(4);
+  KV_CHECK_OK(pool->put(keys.list(), src.io(), r.data()));
+  Keys probe({key_of(0), key_of(1), key_of(2), key_of(3), "absent"});
+  std::vector<uint64_t> addrs(5);
+  auto handle = pool->pin(probe.list(), addrs.data());
+  KV_CHECK(handle.ok());
+  KV_CHECK_EQ(addrs[4], 0u);
+  for (int i = 0; i < 4; ++i) {
+    KV_CHECK(check_page(reinterpret_cast<const uint8_t*>(addrs[i]), 128, i));
+  }
+  // Full pool, every page pinned: a put is refused, not blocked, and nothing is evicted.
+  Keys more({"new"});
+  uint8_t res = 99;
+  KV_CHECK_OK(pool->put(more.list(), src.io(), &res));
+  KV_CHECK_EQ(res, uint8_t(PutResult::kNoSpace));
+  size_t removed = 9;
+  KV_CHECK_OK(pool->remove(keys.list(), &removed));
+  KV_CHECK_EQ(removed, 0u);
+  KV_CHECK_EQ(pool->stats()->pinned_pages, 4u);
+  KV_CHECK_OK(pool->unpin(handle.value()));
+  KV_CHECK(pool->unpin(handle.value()).code() == StatusCode::kNotFound);
+  KV_CHECK_OK(pool->put(more.list(), src.io(), &res));
+  KV_CHECK_EQ(res, uint8_t(PutResult::kStored));
+  // Handles run out after ops_per_client (4 here) pins: a typed error.
+  std::vector<uint32_t> held;
+  for (int i = 0; i < 4; ++i) held.push_back(pool->pin(more.list(), addrs.data()).value());
+  KV_CHECK(pool->pin(more.list(), addrs.data()).status().code() == StatusCode::kResourceExhausted);
+  for (uint32_t h : held) KV_CHECK_OK(pool->unpin(h));
+  KV_CHECK_OK(Pool::unlink(name));
+}
+
 KV_MAIN()

@@ -229,6 +229,16 @@ class KVPool:
     def stats(self) -> dict[str, int | bool]:
         return dict(self._call(lambda p: p.stats()))
 
+    def pin(self, keys: Keys) -> tuple[int, np.ndarray]:
+        """Zero-copy read of up to 256 keys: ``(handle, addrs)`` with addrs[i] the address of
+        key i's page in the shared segment (0 when missing). The pages are neither evicted nor
+        removed until :meth:`unpin`; a dead process's pins are reclaimed."""
+        handle, addrs = self._call(lambda p: p.pin(keys))
+        return int(handle), addrs
+
+    def unpin(self, handle: int) -> None:
+        self._call(lambda p: p.unpin(int(handle)))
+
     # Two-phase put, step by step (tests and custom writers).
     def reserve(self, keys: Keys) -> tuple[np.ndarray, np.ndarray]:
         return self._call(lambda p: p.reserve(keys))

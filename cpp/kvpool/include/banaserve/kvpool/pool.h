@@ -128,6 +128,13 @@ class Pool {
   Status abort(const uint32_t* slots, size_t n);
   StatusOr<uint8_t*> page_address(uint32_t slot);
 
+  /// Zero-copy read: pins up to kOpChunk committed keys and gives their page addresses
+  /// (addrs[i] = 0 where key i is missing). The pages stay readable and unevictable until
+  /// unpin(handle); pins of a process that dies are reclaimed. ResourceExhausted when this
+  /// process already holds ops_per_client pin handles.
+  StatusOr<uint32_t> pin(const KeyList& keys, uint64_t* addrs);
+  Status unpin(uint32_t handle);
+
   /// Reclaims pins and reservations of dead processes; *reaped = clients reclaimed.
   Status reap(size_t* reaped);
   StatusOr<PoolStats> stats();
