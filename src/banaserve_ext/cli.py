@@ -16,6 +16,7 @@ from typing import Sequence
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("banaserve_ext.bench.cli", "run a standard benchmark against the installed peers"),
+    "pool": ("banaserve_ext.kvpool.cli", "serve, inspect or remove a shared-memory KV pool"),
 }
 
 
