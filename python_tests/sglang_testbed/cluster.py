@@ -17,6 +17,8 @@ from banaserve_ext.launch.servers import (
 from . import MAX_SERVERS
 
 READY_TIMEOUT_S = 180.0
+#: SGLang takes >10 s to exit gracefully after SIGTERM; tests do not wait for that.
+STOP_GRACE_S = 2.0
 
 
 class Cluster:
@@ -76,13 +78,13 @@ class Cluster:
 
     # -- teardown -------------------------------------------------------------------------
     def stop(self, proc: ServerProcess) -> None:
-        proc.stop()
+        proc.stop(STOP_GRACE_S)
 
     def close(self) -> None:
         errors = []
         for proc in reversed(self.processes):
             try:
-                proc.stop()
+                proc.stop(STOP_GRACE_S)
             except Exception as exc:  # keep stopping the others
                 errors.append(f"{proc.name}: {exc}")
         leftover = [p.name for p in self.processes if p.group_alive()]

@@ -177,6 +177,7 @@ class ServerProcess:
         return self
 
     def alive(self) -> bool:
+        """Whether the server process itself still runs (reaps it if it exited)."""
         return self._proc is not None and self._proc.poll() is None
 
     def log_tail(self, nbytes: int = 4000) -> str:
@@ -226,13 +227,17 @@ class ServerProcess:
             return True
 
     def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM the whole group, then SIGKILL whatever is left after ``grace_s``. Idempotent."""
+        """SIGTERM the server (its own shutdown ends its children), then SIGKILL its whole
+        process group, whatever is left of it after ``grace_s``. Idempotent."""
         if self._proc is None:
             return
-        self.kill_group(signal.SIGTERM)
+        if self.alive():
+            try:
+                os.kill(self._proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and (self.alive() or self.group_alive()):
-            self._proc.poll()
             time.sleep(0.1)
         if self.alive() or self.group_alive():
             self.kill_group(signal.SIGKILL)
