@@ -1,10 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+
+from banaserve_ext import _env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: ../shared/data/traces beside the checkout (CI puts it there too)
@@ -25,4 +26,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         info = _core.build_info()
     except ImportError as exc:  # pragma: no cover - reported, then the native tests fail loudly
         info = f"_core not importable: {exc}"
-    return [f"banaserve_ext._core: {info}", f"sanitized run: {os.environ.get('BANASERVE_EXPECT_SANITIZED', '0')}"]
+    return [
+        f"banaserve_ext._core: {info}",
+        f"sanitized run expected: {_env.get(_env.EXPECT_SANITIZED)}",
+    ]

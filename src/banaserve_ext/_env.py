@@ -9,8 +9,9 @@ for a ``BANASERVE_*`` name.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from .errors import InvalidArgumentError
 
@@ -58,6 +59,20 @@ TRANSFER_THREADS = _declare(
 )
 TRANSFER_TIMEOUT_S = _declare(
     "BANASERVE_TRANSFER_TIMEOUT_S", float, 30.0, "default deadline of one transfer, seconds"
+)
+
+
+BENCH_PEER_PYTHON = _declare(
+    "BANASERVE_BENCH_PEER_PYTHON",
+    str,
+    "",
+    "python of a scratch venv holding the peer systems (Mooncake) for the benchmarks",
+)
+EXPECT_SANITIZED = _declare(
+    "BANASERVE_EXPECT_SANITIZED",
+    _bool,
+    False,
+    "set by .ci/sanitizers: the tests then insist that the loaded _core is the ASan/UBSan build",
 )
 
 
