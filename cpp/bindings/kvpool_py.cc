@@ -30,7 +30,7 @@ struct PackedKeys {
   }
 };
 
-PackedKeys pack_keys(const pyb::handle& keys) {
+PackedKeys pack_keys(const pyb::handle& keys, const std::string& suffix = std::string()) {
   PyObject* seq = PySequence_Fast(keys.ptr(), "keys must be a sequence of str or bytes");
   if (seq == nullptr) throw pyb::error_already_set();
   Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
@@ -38,7 +38,7 @@ PackedKeys pack_keys(const pyb::handle& keys) {
   PackedKeys packed;
   packed.offsets.reserve(static_cast<size_t>(n) + 1);
   packed.offsets.push_back(0);
-  packed.data.reserve(static_cast<size_t>(n) * 72);
+  packed.data.reserve(static_cast<size_t>(n) * (72 + suffix.size()));
   for (Py_ssize_t i = 0; i < n; ++i) {
     const char* ptr = nullptr;
     Py_ssize_t len = 0;
@@ -59,6 +59,7 @@ PackedKeys pack_keys(const pyb::handle& keys) {
                      "kvpool");
     }
     packed.data.append(ptr, static_cast<size_t>(len));
+    packed.data.append(suffix);
     packed.offsets.push_back(packed.data.size());
   }
   Py_DECREF(seq);
@@ -162,8 +163,8 @@ void bind_kvpool(pyb::module_& m) {
       .def_property_readonly("segment_id", &Pool::segment_id)
       .def(
           "exists",
-          [](Pool& pool, const pyb::handle& keys) {
-            PackedKeys packed = pack_keys(keys);
+          [](Pool& pool, const pyb::handle& keys, const std::string& suffix) {
+            PackedKeys packed = pack_keys(keys, suffix);
             size_t leading = 0;
             Status st;
             {
@@ -173,11 +174,11 @@ void bind_kvpool(pyb::module_& m) {
             throw_if_error(st, "KVPool.exists");
             return leading;
           },
-          pyb::arg("keys"), "number of leading keys that are committed")
+          pyb::arg("keys"), pyb::arg("suffix") = std::string(), "number of leading keys that are committed")
       .def(
           "exists_mask",
-          [](Pool& pool, const pyb::handle& keys) {
-            PackedKeys packed = pack_keys(keys);
+          [](Pool& pool, const pyb::handle& keys, const std::string& suffix) {
+            PackedKeys packed = pack_keys(keys, suffix);
             pyb::array_t<bool> found(static_cast<pyb::ssize_t>(packed.offsets.size() - 1));
             auto* out = reinterpret_cast<uint8_t*>(found.mutable_data());
             Status st;
@@ -188,12 +189,12 @@ void bind_kvpool(pyb::module_& m) {
             throw_if_error(st, "KVPool.exists_mask");
             return found;
           },
-          pyb::arg("keys"))
+          pyb::arg("keys"), pyb::arg("suffix") = std::string())
       .def(
           "get_into",
           [](Pool& pool, const pyb::handle& keys, const U64Array& addrs,
-             const U64Array& seg_lens) {
-            PackedKeys packed = pack_keys(keys);
+             const U64Array& seg_lens, const std::string& suffix) {
+            PackedKeys packed = pack_keys(keys, suffix);
             size_t n = packed.offsets.size() - 1;
             kvpool::IoList io = make_io(addrs, seg_lens, n, "KVPool.get_into");
             pyb::array_t<bool> found(static_cast<pyb::ssize_t>(n));
@@ -206,12 +207,12 @@ void bind_kvpool(pyb::module_& m) {
             throw_if_error(st, "KVPool.get_into");
             return found;
           },
-          pyb::arg("keys"), pyb::arg("addrs"), pyb::arg("seg_lens"))
+          pyb::arg("keys"), pyb::arg("addrs"), pyb::arg("seg_lens"), pyb::arg("suffix") = std::string())
       .def(
           "put_from",
           [](Pool& pool, const pyb::handle& keys, const U64Array& addrs,
-             const U64Array& seg_lens) {
-            PackedKeys packed = pack_keys(keys);
+             const U64Array& seg_lens, const std::string& suffix) {
+            PackedKeys packed = pack_keys(keys, suffix);
             size_t n = packed.offsets.size() - 1;
             kvpool::IoList io = make_io(addrs, seg_lens, n, "KVPool.put_from");
             pyb::array_t<uint8_t> results(static_cast<pyb::ssize_t>(n));
@@ -224,7 +225,7 @@ void bind_kvpool(pyb::module_& m) {
             throw_if_error(st, "KVPool.put_from");
             return results;
           },
-          pyb::arg("keys"), pyb::arg("addrs"), pyb::arg("seg_lens"))
+          pyb::arg("keys"), pyb::arg("addrs"), pyb::arg("seg_lens"), pyb::arg("suffix") = std::string())
       .def(
           "reserve",
           [](Pool& pool, const pyb::handle& keys) {

@@ -158,13 +158,17 @@ class KVPool:
         return int(self._live().segment_id)
 
     # -- data path -----------------------------------------------------------------------------
-    def batch_exists(self, keys: Keys) -> int:
-        """Number of leading keys that are stored (stops at the first miss)."""
-        return int(self._call(lambda p: p.exists(keys)))
+    def batch_exists(self, keys: Keys, *, suffix: str = "") -> int:
+        """Number of leading keys that are stored (stops at the first miss).
 
-    def exists_mask(self, keys: Keys) -> np.ndarray:
+        ``suffix`` is appended to every key in the core (a namespace, e.g. a TP rank) so callers
+        need not build new strings per key.
+        """
+        return int(self._call(lambda p: p.exists(keys, suffix)))
+
+    def exists_mask(self, keys: Keys, *, suffix: str = "") -> np.ndarray:
         """A bool per key: stored or not."""
-        return self._call(lambda p: p.exists_mask(keys))
+        return self._call(lambda p: p.exists_mask(keys, suffix))
 
     def batch_get(
         self,
@@ -174,6 +178,7 @@ class KVPool:
         nbytes: int | None = None,
         addrs: Any = None,
         seg_lens: Any = None,
+        suffix: str = "",
     ) -> np.ndarray:
         """Copies each stored key's page into caller memory; returns a bool "found" per key.
 
@@ -184,7 +189,9 @@ class KVPool:
         (e.g. one piece per layer).
         """
         return self._call(
-            lambda p: p.get_into(keys, *self._io(p, keys, dst, nbytes, addrs, seg_lens, True))
+            lambda p: p.get_into(
+                keys, *self._io(p, keys, dst, nbytes, addrs, seg_lens, True), suffix
+            )
         )
 
     def batch_set(
@@ -195,6 +202,7 @@ class KVPool:
         nbytes: int | None = None,
         addrs: Any = None,
         seg_lens: Any = None,
+        suffix: str = "",
         raise_on_full: bool = True,
     ) -> np.ndarray:
         """Stores each key's page from caller memory (same forms as :meth:`batch_get`).
@@ -205,7 +213,9 @@ class KVPool:
         ``raise_on_full``, :class:`ResourceExhaustedError` is raised after the others are stored.
         """
         results = self._call(
-            lambda p: p.put_from(keys, *self._io(p, keys, src, nbytes, addrs, seg_lens, False))
+            lambda p: p.put_from(
+                keys, *self._io(p, keys, src, nbytes, addrs, seg_lens, False), suffix
+            )
         )
         if raise_on_full:
             full = int(np.count_nonzero(results == PutResult.NO_SPACE))
