@@ -23,8 +23,12 @@ def unique_name(tag: str) -> str:
 def owned_pool(tag: str, pages: int, page_size: int, **kwargs: object) -> Iterator[KVPool]:
     name = unique_name(tag)
     pool = KVPool(
-        name, create=True, capacity_bytes=pages * page_size, page_size=page_size,
-        populate=False, **kwargs,  # type: ignore[arg-type]
+        name,
+        create=True,
+        capacity_bytes=pages * page_size,
+        page_size=page_size,
+        populate=False,
+        **kwargs,  # type: ignore[arg-type]
     )
     try:
         with pool:

@@ -25,14 +25,32 @@ PAGE = 4096
 
 @contextmanager
 def serve(name: str, *extra: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    cmd = [sys.executable, "-m", "banaserve_ext", "pool", "serve", "--name", name,
-           "--size", "1MiB", "--page-size", "4KiB", "--metrics-port", "0", "--no-populate",
-           "--reap-interval", "0.1", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "banaserve_ext",
+        "pool",
+        "serve",
+        "--name",
+        name,
+        "--size",
+        "1MiB",
+        "--page-size",
+        "4KiB",
+        "--metrics-port",
+        "0",
+        "--no-populate",
+        "--reap-interval",
+        "0.1",
+        *extra,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline() if proc.stdout else ""
         match = re.search(r"metrics=(http://127\.0\.0\.1:\d+/metrics)", line)
-        assert match, f"unexpected first line {line!r}; stderr: {proc.stderr.read() if proc.stderr else ''}"
+        assert match, (
+            f"unexpected first line {line!r}; stderr: {proc.stderr.read() if proc.stderr else ''}"
+        )
         yield proc, match.group(1)
     finally:
         if proc.poll() is None:
@@ -41,8 +59,12 @@ def serve(name: str, *extra: str) -> Iterator[tuple[subprocess.Popen[str], str]]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "banaserve_ext", "pool", *args],
-                          capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [sys.executable, "-m", "banaserve_ext", "pool", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def test_serve_exports_metrics_and_stops_cleanly() -> None:

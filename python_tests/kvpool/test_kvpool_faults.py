@@ -70,7 +70,9 @@ def test_writer_killed_mid_put_100_times_leaves_no_partial_page() -> None:
                     slots, res = pool.reserve([key])
                     if res[0] == 0:
                         data = checksummed_page(key, round_, page)
-                        ctypes.memmove(pool.page_address(int(slots[0])), data.ctypes.data, page // 2)
+                        ctypes.memmove(
+                            pool.page_address(int(slots[0])), data.ctypes.data, page // 2
+                        )
                     os.write(w, b"x")
                     time.sleep(60)
 
@@ -102,9 +104,19 @@ def test_four_processes_hammering_overlapping_keys_see_no_corruption() -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), *sys.path]))
         procs = [
             subprocess.Popen(
-                [sys.executable, str(HERE / "kvpool_hammer.py"), pool.name, str(w), "300", "64",
-                 str(page)],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                [
+                    sys.executable,
+                    str(HERE / "kvpool_hammer.py"),
+                    pool.name,
+                    str(w),
+                    "300",
+                    "64",
+                    str(page),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
             )
             for w in range(1, 5)
         ]

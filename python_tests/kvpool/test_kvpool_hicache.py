@@ -44,12 +44,15 @@ class _Buf:
 def _dims(layout: str, halves: int) -> tuple[int, ...]:
     pages = SIZE // PAGE_TOKENS
     lead = (2,) if halves == 2 else ()
-    return lead + {
-        "layer_first": (LAYERS, SIZE, HEADS, DIM),
-        "page_first": (SIZE, LAYERS, HEADS, DIM),
-        "page_first_direct": (pages, LAYERS, PAGE_TOKENS, HEADS, DIM),
-        "page_head": (pages, HEADS, PAGE_TOKENS, LAYERS, DIM),
-    }[layout]
+    return (
+        lead
+        + {
+            "layer_first": (LAYERS, SIZE, HEADS, DIM),
+            "page_first": (SIZE, LAYERS, HEADS, DIM),
+            "page_first_direct": (pages, LAYERS, PAGE_TOKENS, HEADS, DIM),
+            "page_head": (pages, HEADS, PAGE_TOKENS, LAYERS, DIM),
+        }[layout]
+    )
 
 
 @dataclass
@@ -133,7 +136,9 @@ def test_suffix_separates_tp_ranks_and_layouts_but_not_mla_ranks() -> None:
     assert key_suffix(_config("p", 0, 2), lf) != key_suffix(_config("p", 1, 2), lf)
     assert key_suffix(_config("p"), lf) != key_suffix(_config("p"), pf)
     mla = geometry_of(FakeMLAHost("page_first", halves=1))
-    assert key_suffix(_config("p", 0, 2, mla=True), mla) == key_suffix(_config("p", 1, 2, True), mla)
+    assert key_suffix(_config("p", 0, 2, mla=True), mla) == key_suffix(
+        _config("p", 1, 2, True), mla
+    )
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -153,9 +158,10 @@ def test_v1_pages_written_by_one_instance_are_read_by_another(layout: str) -> No
         dst_idx = np.arange(40, 52)
         assert reader.batch_get_v1(keys + ["absent"], np.arange(40, 56)) == [True] * 3 + [False]
         for i in range(3):
-            assert reader_host.flat_page(40 + 4 * i).tobytes() == writer_host.flat_page(
-                8 + 4 * i
-            ).tobytes()
+            assert (
+                reader_host.flat_page(40 + 4 * i).tobytes()
+                == writer_host.flat_page(8 + 4 * i).tobytes()
+            )
         del dst_idx
         # Another TP rank's namespace does not see rank 0's pages.
         other = PoolStorageCore(_config(pool.name, tp_rank=1, tp_size=2))

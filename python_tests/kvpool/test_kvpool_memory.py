@@ -18,8 +18,14 @@ from banaserve_ext.kvpool.memory import (
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("8GiB", 8 << 30), ("16KiB", 16384), ("4096", 4096), ("1.5MB", 1_500_000), (512, 512),
-     ("2 gib", 2 << 30)],
+    [
+        ("8GiB", 8 << 30),
+        ("16KiB", 16384),
+        ("4096", 4096),
+        ("1.5MB", 1_500_000),
+        (512, 512),
+        ("2 gib", 2 << 30),
+    ],
 )
 def test_parse_size(text: str | int, value: int) -> None:
     assert parse_size(text) == value

@@ -62,9 +62,7 @@ def test_bytes_keys_bytearray_raw_pointer_and_pieces() -> None:
         # layer-first style: each page as two pieces living in two separate arrays
         k = np.zeros((2, 3000), np.uint8)
         v = np.zeros((2, PAGE - 3000), np.uint8)
-        addrs = np.array(
-            [[k[i].ctypes.data, v[i].ctypes.data] for i in range(2)], dtype=np.uint64
-        )
+        addrs = np.array([[k[i].ctypes.data, v[i].ctypes.data] for i in range(2)], dtype=np.uint64)
         pool.batch_get(["a", "b"], addrs=addrs, seg_lens=[3000, PAGE - 3000])
         whole = np.frombuffer(bytes(buf), np.uint8).reshape(2, PAGE)
         np.testing.assert_array_equal(k, whole[:, :3000])
@@ -127,8 +125,9 @@ def test_full_pool_all_pinned_raises_resource_exhausted_without_hanging() -> Non
         pool.batch_set(keys, src)
         handle, addrs = pool.pin(keys)
         assert (addrs != 0).all()
-        view = np.ctypeslib.as_array(ctypes.cast(int(addrs[2]), ctypes.POINTER(ctypes.c_uint8)),
-                                     (PAGE,))
+        view = np.ctypeslib.as_array(
+            ctypes.cast(int(addrs[2]), ctypes.POINTER(ctypes.c_uint8)), (PAGE,)
+        )
         np.testing.assert_array_equal(view, src[2])  # zero-copy read in place
         with pytest.raises(ResourceExhaustedError, match="no space for 1 of 2"):
             pool.batch_set(["a", "e"], _pages(2))
@@ -189,8 +188,9 @@ def test_closed_pool_gives_a_clear_error_then_reconnects_to_the_new_one() -> Non
         assert client.batch_exists(["a"]) == 0  # reattached to the new, empty pool
         client.batch_set(["b"], _pages(1))
         assert second.batch_exists(["b"]) == 1
-    no_reconnect = KVPool(name, create=True, capacity_bytes=8 * PAGE, page_size=PAGE,
-                          populate=False).start()
+    no_reconnect = KVPool(
+        name, create=True, capacity_bytes=8 * PAGE, page_size=PAGE, populate=False
+    ).start()
     strict = KVPool(name, reconnect=False).start()
     no_reconnect.close()
     with pytest.raises(UnavailableError):

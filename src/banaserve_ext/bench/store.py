@@ -126,7 +126,9 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
         ]  # fmt: skip
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
-        raise SystemExit(f"store benchmark worker failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        raise SystemExit(
+            f"store benchmark worker failed ({proc.returncode}): {proc.stderr[-2000:]}"
+        )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -185,8 +187,10 @@ def _print(r: dict[str, Any]) -> None:
     print_table(["store", "put GB/s", "get GB/s", f"exists µs ({r['pages']} keys)"], rows)
     if "error" in p:
         print(f"\nMooncake peer: {p['error']}")
-    print(f"\nabsent-key lookup of {r['pages']} keys: {r['exists_absent_us']:.1f} µs; "
-          f"index overhead {r['index_overhead']:.2%} of pool memory")
+    print(
+        f"\nabsent-key lookup of {r['pages']} keys: {r['exists_absent_us']:.1f} µs; "
+        f"index overhead {r['index_overhead']:.2%} of pool memory"
+    )
 
 
 if __name__ == "__main__":

@@ -11,4 +11,12 @@ from .memory import Span, page_addresses, parse_size, span_of
 from .metrics import prometheus_text
 from .pool import KVPool, PutResult
 
-__all__ = ["KVPool", "PutResult", "Span", "page_addresses", "parse_size", "prometheus_text", "span_of"]
+__all__ = [
+    "KVPool",
+    "PutResult",
+    "Span",
+    "page_addresses",
+    "parse_size",
+    "prometheus_text",
+    "span_of",
+]

@@ -35,11 +35,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--high-watermark", type=float, default=0.95)
     serve.add_argument("--low-watermark", type=float, default=0.90)
     serve.add_argument("--metrics-host", default="127.0.0.1")
-    serve.add_argument("--metrics-port", type=int, default=None,
-                       help="serve Prometheus text at /metrics (0 picks a free port)")
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus text at /metrics (0 picks a free port)",
+    )
     serve.add_argument("--reap-interval", type=float, default=1.0, help="seconds")
-    serve.add_argument("--replace", action="store_true",
-                       help="remove a leftover pool of the same name first")
+    serve.add_argument(
+        "--replace", action="store_true", help="remove a leftover pool of the same name first"
+    )
     serve.add_argument("--no-populate", action="store_true", help="do not pre-fault the segment")
     stats = sub.add_parser("stats", help="print a pool's statistics")
     stats.add_argument("--name", required=True)

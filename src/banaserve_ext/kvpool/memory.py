@@ -84,7 +84,9 @@ def span_of(obj: Any, *, writable: bool, nbytes: int | None = None) -> Span:
         try:
             arr = np.from_dlpack(obj)
         except (TypeError, BufferError, RuntimeError) as exc:
-            raise InvalidArgumentError(f"cannot export {type(obj).__name__} via DLPack: {exc}") from None
+            raise InvalidArgumentError(
+                f"cannot export {type(obj).__name__} via DLPack: {exc}"
+            ) from None
     else:
         try:
             view = memoryview(obj)
@@ -128,7 +130,9 @@ def check_page_span(span: Span, n_pages: int, page_size: int) -> None:
         )
 
 
-def piece_addresses(addrs: Any, seg_lens: Any, n_pages: int, page_size: int) -> tuple[np.ndarray, np.ndarray]:
+def piece_addresses(
+    addrs: Any, seg_lens: Any, n_pages: int, page_size: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Validates an explicit address table: ``addrs`` (n,) or (n, S) uint64, ``seg_lens`` (S,).
 
     Returns flat C-contiguous uint64 arrays as the core expects them.

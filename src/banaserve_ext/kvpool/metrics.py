@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 # stat key -> (metric type, help)
 _METRICS: dict[str, tuple[str, str]] = {
@@ -30,7 +30,9 @@ _METRICS: dict[str, tuple[str, str]] = {
 }
 
 
-def prometheus_text(stats: Mapping[str, int | bool], pool: str, prefix: str = "banaserve_kvpool") -> str:
+def prometheus_text(
+    stats: Mapping[str, int | bool], pool: str, prefix: str = "banaserve_kvpool"
+) -> str:
     """Renders ``KVPool.stats()`` with a ``pool`` label."""
     label = pool.replace("\\", "\\\\").replace('"', '\\"')
     lines: list[str] = []

@@ -9,7 +9,8 @@ batches, release the GIL in the core, and raise the typed errors of :mod:`banase
 from __future__ import annotations
 
 import enum
-from typing import Any, Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -108,8 +109,7 @@ class KVPool:
                 actual = self._pool.page_size
                 self._pool = None
                 raise InvalidArgumentError(
-                    f"pool {self.name!r} holds pages of {actual} bytes, "
-                    f"not {self._page_size}"
+                    f"pool {self.name!r} holds pages of {actual} bytes, not {self._page_size}"
                 )
         return self
 

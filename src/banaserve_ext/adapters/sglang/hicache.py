@@ -85,7 +85,9 @@ def piece_table(geo: HostGeometry, page_starts: np.ndarray) -> tuple[np.ndarray,
         table = np.uint64(geo.base) + starts * t + offsets
         piece = geo.page_size * geo.token_bytes
     elif geo.layout in _PAGE_FIRST_LAYOUTS:
-        offsets = (np.arange(geo.halves, dtype=np.uint64) * np.uint64(geo.half_bytes)).reshape(1, -1)
+        offsets = (np.arange(geo.halves, dtype=np.uint64) * np.uint64(geo.half_bytes)).reshape(
+            1, -1
+        )
         table = np.uint64(geo.base) + starts * np.uint64(geo.layer_num) * t + offsets
         piece = geo.page_size * geo.layer_num * geo.token_bytes
     else:
@@ -226,13 +228,17 @@ class PoolStorageCore:
             )
         return idx[:: geo.page_size]
 
-    def batch_get_v1(self, keys: list[str], host_indices: Any, extra_info: Any = None) -> list[bool]:
+    def batch_get_v1(
+        self, keys: list[str], host_indices: Any, extra_info: Any = None
+    ) -> list[bool]:
         pool, geo, suffix = self._ready()
         table, lens = piece_table(geo, self._starts(host_indices, len(keys), geo))
         found = pool.batch_get(keys, addrs=table, seg_lens=lens, suffix=suffix)
         return found.tolist()
 
-    def batch_set_v1(self, keys: list[str], host_indices: Any, extra_info: Any = None) -> list[bool]:
+    def batch_set_v1(
+        self, keys: list[str], host_indices: Any, extra_info: Any = None
+    ) -> list[bool]:
         pool, geo, suffix = self._ready()
         if not self.is_writer:
             return [True] * len(keys)
