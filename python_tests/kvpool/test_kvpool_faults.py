@@ -42,44 +42,40 @@ def test_writer_killed_mid_put_100_times_leaves_no_partial_page() -> None:
     page = 256 << 10
     n_keys = 48
     keys = [f"key-{i}" for i in range(n_keys)]
+    pages = np.stack([checksummed_page(k, 7, page) for k in keys])  # inherited by the children
     rng = np.random.default_rng(7)
     with owned_pool("kill", 24, page) as pool:  # fewer pages than keys: eviction runs too
         partial_total = 0
         for round_ in range(100):
+            r, w = os.pipe()
             if round_ % 2 == 0:
                 # Random moment inside a stream of 4-page puts (mostly mid-copy).
-                def writer(round_: int = round_) -> None:
+                def writer(round_: int = round_, w: int = w) -> None:
                     local = np.random.default_rng(round_ + 1000)
-                    src = np.zeros((4, page), np.uint8)
+                    os.write(w, b"x")
                     while True:
-                        ids = local.choice(n_keys, 4, replace=False)
-                        chosen = [keys[i] for i in ids]
-                        for j, key in enumerate(chosen):
-                            src[j] = checksummed_page(key, round_, page)
-                        pool.batch_set(chosen, src, raise_on_full=False)
+                        ids = np.sort(local.choice(n_keys, 4, replace=False))
+                        pool.batch_set([keys[i] for i in ids], pages[ids], raise_on_full=False)
 
                 pid = _child(writer)
-                time.sleep(float(rng.uniform(0.0005, 0.004)))
+                assert os.read(r, 1) == b"x"
+                time.sleep(float(rng.uniform(0.0, 0.005)))
             else:
                 # Deterministic: reserved, half written, then killed.
-                r, w = os.pipe()
-
                 def half_writer(round_: int = round_, w: int = w) -> None:
                     key = keys[round_ % n_keys]
                     pool.remove([key])
                     slots, res = pool.reserve([key])
                     if res[0] == 0:
-                        data = checksummed_page(key, round_, page)
-                        ctypes.memmove(
-                            pool.page_address(int(slots[0])), data.ctypes.data, page // 2
-                        )
+                        src = pages[round_ % n_keys]
+                        ctypes.memmove(pool.page_address(int(slots[0])), src.ctypes.data, page // 2)
                     os.write(w, b"x")
                     time.sleep(60)
 
                 pid = _child(half_writer)
                 assert os.read(r, 1) == b"x"
-                os.close(r)
-                os.close(w)
+            os.close(r)
+            os.close(w)
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             bad, _ = _count_partial(pool, keys, page)
@@ -92,9 +88,8 @@ def test_writer_killed_mid_put_100_times_leaves_no_partial_page() -> None:
         assert stats["reaped_clients"] >= 50
         assert stats["puts"] > 0
         # still usable: every key can be written and read back intact
-        src = np.stack([checksummed_page(k, 1, page) for k in keys[:8]])
         pool.clear()
-        assert (pool.batch_set(keys[:8], src) == 0).all()
+        assert (pool.batch_set(keys[:8], pages[:8]) == 0).all()
         assert _count_partial(pool, keys[:8], page) == (0, 8)
 
 
