@@ -207,3 +207,36 @@ def test_importing_the_adapter_does_not_import_sglang_or_torch() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.sglang
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_piece_table_matches_real_sglang_host_pool_code(layout: str) -> None:
+    """Our addresses vs SGLang 0.5.23's own ``get_page_buffer_meta``/``get_data_page``, run on a
+    host-pool object with SGLang's buffer shapes."""
+    import importlib.util
+
+    if importlib.util.find_spec("sglang") is None:
+        pytest.skip("the CPU SGLang stack is not installed (bash .ci/setup --sglang)")
+    from banaserve_ext.adapters.sglang import cpu_compat
+
+    cpu_compat.install()  # before anything imports torchvision
+    import torch
+    from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
+
+    host = FakeHost(layout, seed=4)
+    kv = torch.from_numpy(host.arr.view(np.int16))
+    fake = SimpleNamespace(
+        layout=layout, kv_buffer=kv, layer_num=LAYERS, size=SIZE, page_size=PAGE_TOKENS,
+        head_num=HEADS, head_dim=DIM, dtype=torch.bfloat16,
+    )  # fmt: skip
+    geo = geometry_of(host)
+    starts = [0, 20, 60]
+    idx = torch.cat([torch.arange(s, s + PAGE_TOKENS) for s in starts])
+    ptrs, sizes = MHATokenToKVPoolHost.get_page_buffer_meta(fake, idx)
+    table, lens = piece_table(geo, np.array(starts))
+    ours = sorted(zip(table.reshape(-1).tolist(), np.tile(lens, 3).tolist(), strict=True))
+    assert ours == sorted(zip(map(int, ptrs), map(int, sizes), strict=True))
+    for i, s in enumerate(starts):
+        flat = MHATokenToKVPoolHost.get_data_page(fake, s, flat=True)
+        assert _gather(table[i], lens) == flat.contiguous().numpy().tobytes()
