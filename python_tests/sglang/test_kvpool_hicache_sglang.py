@@ -10,6 +10,7 @@ import os
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sglang_testbed.cluster import generate
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.sglang
 
 PROMPT = " ".join(
     f"record {i}: the pool keeps page {i * 7 % 13} of layer {i % 3} for later reuse;"
-    for i in range(60)
+    for i in range(14)
 )
 
 
@@ -51,22 +52,35 @@ def test_prefix_from_server_1_is_a_storage_hit_on_server_2(sglang_cluster, tiny_
     with KVPool(name, create=True, capacity_bytes=64 << 20, page_size=page_bytes) as pool:
         cfg1, p1 = sglang_cluster.server("single", wait=False, extra_args=args)
         cfg2, p2 = sglang_cluster.server("single", wait=False, extra_args=args)
-        sglang_cluster.wait_all()
+        try:
+            _run(sglang_cluster, pool, cfg1, cfg2)
+        finally:
+            # Stop both while the pool is still up, and give SIGKILLed children (2 GB each)
+            # time to exit before the fixture checks that their process groups are gone.
+            for proc in (p2, p1):
+                sglang_cluster.stop(proc)
+            deadline = time.monotonic() + 60
+            while (p1.group_alive() or p2.group_alive()) and time.monotonic() < deadline:
+                time.sleep(0.2)
 
-        first = generate(cfg1.url, text=PROMPT, max_new_tokens=12)
-        prompt_tokens = first["meta_info"]["prompt_tokens"]
-        assert prompt_tokens > 300
-        # server 1 backs its pages up to the pool asynchronously
-        deadline = time.monotonic() + 120
-        while pool.stats()["committed_pages"] < prompt_tokens - 1:
-            assert time.monotonic() < deadline, f"pool never filled: {pool.stats()}"
-            time.sleep(0.5)
-        stored = pool.stats()["committed_pages"]
 
-        second = generate(cfg2.url, text=PROMPT, max_new_tokens=12)
-        assert second["output_ids"] == first["output_ids"]
-        details = second["meta_info"].get("cached_tokens_details") or {}
-        storage_hits = int(details.get("storage", 0))
-        assert storage_hits >= prompt_tokens - 2, second["meta_info"]
-        assert pool.stats()["hits"] >= storage_hits
-        assert stored >= prompt_tokens - 1
+def _run(sglang_cluster: Any, pool: KVPool, cfg1: Any, cfg2: Any) -> None:
+    sglang_cluster.wait_all()
+
+    first = generate(cfg1.url, text=PROMPT, max_new_tokens=12)
+    prompt_tokens = first["meta_info"]["prompt_tokens"]
+    assert prompt_tokens > 300
+    # server 1 backs its pages up to the pool asynchronously
+    deadline = time.monotonic() + 120
+    while pool.stats()["committed_pages"] < prompt_tokens - 1:
+        assert time.monotonic() < deadline, f"pool never filled: {pool.stats()}"
+        time.sleep(0.5)
+    stored = pool.stats()["committed_pages"]
+
+    second = generate(cfg2.url, text=PROMPT, max_new_tokens=12)
+    assert second["output_ids"] == first["output_ids"]
+    details = second["meta_info"].get("cached_tokens_details") or {}
+    storage_hits = int(details.get("storage", 0))
+    assert storage_hits >= prompt_tokens - 2, second["meta_info"]
+    assert pool.stats()["hits"] >= storage_hits
+    assert stored >= prompt_tokens - 1
