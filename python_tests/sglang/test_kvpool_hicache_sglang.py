@@ -84,3 +84,4 @@ def _run(sglang_cluster: Any, pool: KVPool, cfg1: Any, cfg2: Any) -> None:
     assert storage_hits >= prompt_tokens - 2, second["meta_info"]
     assert pool.stats()["hits"] >= storage_hits
     assert stored >= prompt_tokens - 1
+    print(f"prompt {prompt_tokens} tokens, pool pages {stored}, storage hits {storage_hits}")
