@@ -39,6 +39,33 @@ std::string current_host_id() {
   return boot + "/" + ns;
 }
 
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23  // Linux 5.14
+#endif
+
+// Pre-faults [addr, addr + nbytes) with several threads: first touch costs ~1-2 us per 4 KiB page
+// (about 0.3-0.5 s per GiB on one core), and it must happen at registration, not in a transfer.
+void prefault(void* addr, uint64_t nbytes, int threads) {
+  const uint64_t page = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+  const uint64_t pages = (nbytes + page - 1) / page;
+  const uint64_t n = std::max<uint64_t>(1, std::min<uint64_t>(threads, pages / 4096 + 1));
+  auto work = [&](uint64_t first, uint64_t last) {
+    char* p = static_cast<char*>(addr) + first * page;
+    const uint64_t len = std::min(nbytes, last * page) - first * page;
+    if (madvise(p, len, MADV_POPULATE_WRITE) == 0) return;
+    for (uint64_t off = 0; off < len; off += page) {
+      reinterpret_cast<volatile char*>(p)[off] = 0;  // older kernels: touch each page
+    }
+  };
+  std::vector<std::thread> pool;
+  const uint64_t per = (pages + n - 1) / n;
+  for (uint64_t i = 1; i < n; ++i) {
+    pool.emplace_back(work, i * per, std::min(pages, (i + 1) * per));
+  }
+  work(0, std::min(pages, per));
+  for (auto& t : pool) t.join();
+}
+
 std::shared_ptr<const RegionTable> regions_trampoline(void* engine) {
   return static_cast<Engine*>(engine)->local_regions();
 }
@@ -185,12 +212,13 @@ StatusOr<RegionInfo> Engine::allocate(uint64_t nbytes) {
     close(fd);
     return st;
   }
-  void* addr = mmap(nullptr, nbytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
+  void* addr = mmap(nullptr, nbytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   if (addr == MAP_FAILED) {
     Status st = BANASERVE_ERRNO(StatusCode::kResourceExhausted, "mmap of the memfd");
     close(fd);
     return st;
   }
+  prefault(addr, nbytes, config_.copy_threads);
   std::lock_guard<std::mutex> lock(mu_);
   RegionInfo info;
   info.id = next_region_id_;

@@ -19,6 +19,8 @@ import hashlib
 import json
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -133,6 +135,26 @@ class PeerProcess:
     def stats(self) -> dict[str, int]:
         return dict(self.call(cmd="stats")["stats"])
 
+    def send_stream(
+        self,
+        peer: str,
+        transfer_id: int,
+        layers: int,
+        local_base: int,
+        remote_base: int,
+        item: int,
+        items_per_layer: int,
+        idx: Sequence[int],
+        delay_ms: int,
+    ) -> None:
+        """Starts (in the child, in the background) a layer-wise stream of ``layers`` layers to
+        ``peer``, one layer every ``delay_ms`` (simulated compute). Returns at once."""
+        self.call(
+            cmd="send_stream", peer=peer, transfer_id=transfer_id, layers=layers,
+            local_base=local_base, remote_base=remote_base, item=item,
+            items_per_layer=items_per_layer, idx=[int(i) for i in idx], delay_ms=delay_ms,
+        )  # fmt: skip
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
@@ -151,6 +173,23 @@ class PeerProcess:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+
+
+def _send_stream(eng: TransferEngine, cmd: dict[str, Any]) -> None:
+    layers, item, per_layer = int(cmd["layers"]), int(cmd["item"]), int(cmd["items_per_layer"])
+    span = np.uint64(per_layer * item)
+    lb = np.uint64(cmd["local_base"]) + np.arange(layers, dtype=np.uint64) * span
+    rb = np.uint64(cmd["remote_base"]) + np.arange(layers, dtype=np.uint64) * span
+    local = eng.prepare_layout(lb, item, per_layer)
+    remote = eng.prepare_layout(rb, item, per_layer, peer=cmd["peer"])
+    idx = np.asarray(cmd["idx"], dtype=np.int64)
+    s = eng.open_stream(
+        int(cmd["transfer_id"]), layers, local, idx, remote, idx, buffers_per_layer=1
+    )
+    for layer in range(layers):
+        time.sleep(int(cmd["delay_ms"]) / 1000)
+        s.mark_layer_ready(layer)
+    s.wait(60)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -191,6 +230,9 @@ def _serve(args: argparse.Namespace) -> int:
                     rs.release()
                 elif name == "stats":
                     reply = {"stats": eng.stats()}
+                elif name == "send_stream":
+                    threading.Thread(target=_send_stream, args=(eng, cmd), daemon=True).start()
+                    reply = {"ok": True}
                 elif name == "quit":
                     break
                 else:
