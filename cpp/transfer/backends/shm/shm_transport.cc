@@ -42,6 +42,8 @@ using shm::RunCursor;
 
 constexpr size_t kMaxIov = IOV_MAX;
 constexpr uint64_t kMinPartNbytes = uint64_t{128} << 10;
+constexpr uint64_t kPartNbytes = uint64_t{512} << 10;  // target size of a claimable part
+constexpr size_t kMaxParts = 64;
 constexpr uint64_t kDeliverySpinNs = 20000;  // spin this long after the last notice, then sleep
 constexpr int kDeliverySleepMs = 100;        // futex wait bound (stop() also wakes explicitly)
 
@@ -477,7 +479,8 @@ void ShmTransport::Impl::worker_loop() {
       item = std::move(queue.front());
       queue.pop_front();
     }
-    run_next_part(item.job);
+    while (run_next_part(item.job)) {
+    }
   }
 }
 
@@ -798,8 +801,13 @@ void ShmTransport::post(const PeerRecord& peer, std::shared_ptr<Batch> batch,
   // Tagged batches (layer-wise streams) stay asynchronous so the next layer's compute overlaps
   // the copy. Untagged ones are typically waited for at once: the posting thread helps copy,
   // which also keeps throughput up when the workers are slow to be scheduled (busy box).
+  // Parts are small (about kPartNbytes) and claimed one at a time, so a thread that gets
+  // preempted holds back little of the batch while the others take the rest.
   const bool helping = !job->notify;
-  auto bounds = split_runs(&runs, m.workers.size() + (helping ? 1 : 0), kMinPartNbytes);
+  const size_t threads = m.workers.size() + (helping ? 1 : 0);
+  const size_t max_parts =
+      std::clamp<size_t>(static_cast<size_t>(total / kPartNbytes), threads, kMaxParts);
+  auto bounds = split_runs(&runs, max_parts, kMinPartNbytes);
   job->parts.resize(bounds.size());
   for (size_t i = 0; i < bounds.size(); ++i) {
     Status st = m.resolve(peer, *ps, runs.data() + bounds[i].first,
@@ -813,7 +821,8 @@ void ShmTransport::post(const PeerRecord& peer, std::shared_ptr<Batch> batch,
   const auto nparts = static_cast<uint32_t>(job->parts.size());
   job->parts_left.store(nparts, std::memory_order_release);
   if (nparts != 1) batch->set_parts(nparts);
-  const uint32_t tokens = helping ? nparts - 1 : nparts;
+  const auto tokens = static_cast<uint32_t>(
+      std::min<size_t>(m.workers.size(), helping ? nparts - 1 : nparts));
   if (tokens > 0) {
     {
       std::lock_guard<std::mutex> lock(m.q_mu);
