@@ -16,6 +16,8 @@ from collections.abc import Sequence
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("banaserve_ext.bench.cli", "run a standard benchmark against the installed peers"),
+    "router": ("banaserve_ext.router.cli", "load-aware PD router (sglang_router PD flags)"),
+    "sim": ("banaserve_ext.sim.cli", "cluster simulator: replay, run, routing ablation, compare"),
 }
 
 
