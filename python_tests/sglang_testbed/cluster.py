@@ -49,7 +49,8 @@ class Cluster:
         ready = f"{cfg.url}/health_generate" if role == "single" else f"{cfg.url}/health"
         name = f"{role}-{port}"
         proc = ServerProcess(
-            name, cfg.command(), ready, self.log_dir / f"{name}.log", {**self.env, **(env or {})}
+            name, cfg.command(), ready, self.log_dir / f"{name}.log",
+            {**cfg.env(), **self.env, **(env or {})},
         )
         self._num_servers += 1
         self._add(proc)
