@@ -120,4 +120,5 @@ def test_decode_killed_mid_transfer_prefill_reports_and_keeps_serving(deployment
     router2, _ = cluster.router([prefill], [decode2])
     ids = _prompts()[12]
     want = generate(single.url, input_ids=ids, max_new_tokens=12)
-    assert generate(router2.url, input_ids=ids, max_new_tokens=12)["output_ids"] == want["output_ids"]
+    got = generate(router2.url, input_ids=ids, max_new_tokens=12)
+    assert got["output_ids"] == want["output_ids"]

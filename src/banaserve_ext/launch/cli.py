@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transfer-backend", default="banaserve",
                    help="--disaggregation-transfer-backend of the servers (default banaserve)")
     p.add_argument("--device", default="cpu", help="SGLang --device (default cpu)")
-    p.add_argument("--host", default=LOOPBACK, help="address every process binds (default 127.0.0.1)")
+    p.add_argument("--host", default=LOOPBACK, help="address every process binds")
     p.add_argument("--port", type=int, default=0, help="router port (default: a free one)")
     p.add_argument("--max-total-tokens", type=int, default=4096)
     p.add_argument("--chunked-prefill-size", type=int, default=None)
@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="input length multiplier (default 1/16)")
     g.add_argument("--replay-max-input", type=int, default=1024)
     g.add_argument("--replay-max-output", type=int, default=32)
-    g.add_argument("--json", action="store_true", help="print the replay summary as JSON")  # fmt: skip
+    g.add_argument("--json", action="store_true", help="print the replay summary as JSON")
 
 
 def _model_path(args: argparse.Namespace) -> tuple[str, int]:
@@ -68,7 +68,9 @@ def _model_path(args: argparse.Namespace) -> tuple[str, int]:
     return str(path), int(json.loads((path / "config.json").read_text())["vocab_size"])
 
 
-def plan(args: argparse.Namespace, model: str) -> tuple[list[SGLangServerConfig], list[SGLangServerConfig]]:
+def plan(
+    args: argparse.Namespace, model: str
+) -> tuple[list[SGLangServerConfig], list[SGLangServerConfig]]:
     """Server configs of the deployment (ports picked now)."""
     if args.prefill < 1 or args.decode < 1:
         raise InvalidArgumentError("need at least one prefill and one decode server")

@@ -220,8 +220,9 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if not self.alive():
                 raise UnavailableError(
-                    f"{self.name} (pid {self.pid}) exited with {self._proc and self._proc.returncode}"
-                    f" before it was ready; log {self.log_path}:\n{self.log_tail()}"
+                    f"{self.name} (pid {self.pid}) exited with "
+                    f"{self._proc and self._proc.returncode} before it was ready; "
+                    f"log {self.log_path}:\n{self.log_tail()}"
                 )
             try:
                 status, _ = http_json(self.ready_url, timeout_s=5.0)

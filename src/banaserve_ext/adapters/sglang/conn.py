@@ -337,12 +337,14 @@ class BanaserveKVManager(CommonKVManager):
             if chunk.is_last and chunk.aux_index is not None and info.aux_index >= 0:
                 one_src = np.array([chunk.aux_index], dtype=np.int64)
                 one_dst = np.array([info.aux_index], dtype=np.int64)
-                for local, remote in zip(self._local_aux, peer.aux):
+                for local, remote in zip(self._local_aux, peer.aux, strict=False):
                     handles.append(self.engine.submit(Op.WRITE, local, one_src, remote, one_dst))
         for h in handles:
             if not h.wait(self.transfer_timeout_s):
                 h.cancel()
-                raise TimeoutError(f"no completion after {self.transfer_timeout_s}s ({h.state.name})")
+                raise TimeoutError(
+                    f"no completion after {self.transfer_timeout_s}s ({h.state.name})"
+                )
             if h.state.name != "DONE":
                 raise BanaserveError(f"transfer ended {h.state.name}")
         if chunk.is_last:
@@ -363,7 +365,7 @@ class BanaserveKVManager(CommonKVManager):
 def _unique_regions(ptrs: list[int], lens: list[int]) -> list[tuple[int, int]]:
     seen: set[tuple[int, int]] = set()
     out = []
-    for p, n in zip(ptrs, lens):
+    for p, n in zip(ptrs, lens, strict=True):
         if n and (p, n) not in seen:
             seen.add((p, n))
             out.append((int(p), int(n)))

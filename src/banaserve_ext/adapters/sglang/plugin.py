@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import enum
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 logger = logging.getLogger(__name__)
 

@@ -113,7 +113,7 @@ def aux_layouts(
     if not (len(ptrs) == len(lens) == len(item_lens)):
         raise InvalidArgumentError("aux buffer lists disagree in length")
     out = []
-    for p, n, item in zip(ptrs, lens, item_lens):
+    for p, n, item in zip(ptrs, lens, item_lens, strict=True):
         if item <= 0 or n % item:
             raise InvalidArgumentError(f"aux buffer of {n} bytes is not made of {item}-byte items")
         out.append(BufferLayout([int(p)], int(item), int(n) // int(item)))
