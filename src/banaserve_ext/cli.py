@@ -16,7 +16,7 @@ from collections.abc import Sequence
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("banaserve_ext.bench.cli", "run a standard benchmark against the installed peers"),
-    "launch": ("banaserve_ext.launch.cli", "start a PD deployment of SGLang (tiny CPU model default)"),
+    "launch": ("banaserve_ext.launch.cli", "start a PD deployment of SGLang servers"),
 }
 
 
