@@ -28,7 +28,8 @@ def _needs_cross_process_transport() -> None:
 
 
 def _prompts() -> list[list[int]]:
-    """≥ 20 prompts as token ids: short, medium, longer than one chunk, and a repeated prefix."""
+    """≥ 20 prompts as token ids: short, medium, longer than one chunk, and a repeated prefix.
+    Ids stay below 1000 < the tiny model's vocabulary (1024)."""
     import numpy as np
 
     rng = np.random.default_rng(7)
@@ -81,7 +82,7 @@ def test_decode_killed_mid_transfer_prefill_reports_and_keeps_serving(deployment
     the dead peer into failed requests (with the reason in its log), stay healthy, and serve
     a fresh decode server afterwards."""
     cluster, single, prefill, pproc, _, dproc, router = deployment
-    long_prompt = list(range(4, 4 + 900))
+    long_prompt = [4 + i % 990 for i in range(900)]
     with ThreadPoolExecutor(6) as pool:
         futures = [
             pool.submit(generate, router.url, input_ids=long_prompt[i:], max_new_tokens=64,
