@@ -46,8 +46,13 @@ def deployment(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     cluster = Cluster(tiny_model_dir, tmp_path_factory.mktemp("pd-logs"))
     try:
         single, _ = cluster.server("single", wait=False, chunked_prefill_size=CHUNK)
-        prefill, pproc = cluster.server("prefill", wait=False, chunked_prefill_size=CHUNK)
-        decode, dproc = cluster.server("decode", wait=False)
+        # a request whose decode side never shows up fails on the prefill side after this long
+        pre_env = {"SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": "30"}
+        prefill, pproc = cluster.server(
+            "prefill", wait=False, chunked_prefill_size=CHUNK, env=pre_env
+        )
+        decode, dproc = cluster.server("decode", wait=False, env={
+            "SGLANG_DISAGGREGATION_WAITING_TIMEOUT": "60"})
         cluster.wait_all()
         router, _ = cluster.router([prefill], [decode])
         yield cluster, single, prefill, pproc, decode, dproc, router
