@@ -114,6 +114,9 @@ class RouterConfig:
     decode: tuple[str, ...]
     host: str = LOOPBACK
     policy: str = "round_robin"
+    #: the router always exports Prometheus metrics (default 0.0.0.0:29000); bind them beside
+    #: the router instead, on a port of their own, so several routers can run on one host
+    prometheus_port: int = 0
 
     def command(self, python: str = sys.executable) -> list[str]:
         if not self.prefill or not self.decode:
@@ -125,6 +128,8 @@ class RouterConfig:
         for url in self.decode:
             cmd += ["--decode", url]
         cmd += ["--host", self.host, "--port", str(self.port), "--policy", self.policy]
+        cmd += ["--prometheus-host", self.host,
+                "--prometheus-port", str(self.prometheus_port or free_port(self.host))]
         return cmd
 
     @property
