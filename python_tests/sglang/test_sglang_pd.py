@@ -82,9 +82,18 @@ def test_pd_eight_concurrent_requests(deployment) -> None:
     assert got == want
 
 
+def _reports_failure(prefill_log: str) -> bool:
+    return any(
+        s in prefill_log
+        for s in ("Prefill transfer failed", "Prefill bootstrap failed", "banaserve transfer of room")
+    )
+
+
 def test_decode_killed_mid_transfer_prefill_reports_and_keeps_serving(deployment) -> None:
-    """Runs last: kills the decode server with requests in flight. The prefill side must turn
-    the dead peer into failed requests (with the reason in its log), stay healthy, and serve
+    """Runs last: kills the decode server with requests in flight. Depending on timing the
+    prefill side meets the dead peer inside a transfer (the engine reports "shm: peer ... exited")
+    or never gets the decode's page list (bootstrap timeout); either way each request must fail
+    on the prefill side with a reason in its log, the prefill must stay healthy, and it must serve
     a fresh decode server afterwards."""
     cluster, single, prefill, pproc, _, dproc, router = deployment
     long_prompt = [4 + i % 990 for i in range(900)]
@@ -110,7 +119,7 @@ def test_decode_killed_mid_transfer_prefill_reports_and_keeps_serving(deployment
     log = ""
     while time.monotonic() < deadline:
         log = pproc.log_path.read_text(errors="replace")
-        if "Prefill transfer failed" in log or "banaserve transfer of room" in log:
+        if _reports_failure(log):
             break
         try:
             generate(router.url, input_ids=long_prompt[:50], max_new_tokens=4, retry_503_s=0.0,
@@ -118,7 +127,7 @@ def test_decode_killed_mid_transfer_prefill_reports_and_keeps_serving(deployment
         except Exception:
             pass
         time.sleep(1.0)
-    assert "Prefill transfer failed" in log or "banaserve transfer of room" in log, log[-3000:]
+    assert _reports_failure(log), log[-3000:]
     assert pproc.alive()
 
     # ...and a new decode server + router pair is served by the same prefill server.
