@@ -83,10 +83,8 @@ def test_pd_eight_concurrent_requests(deployment) -> None:
 
 
 def _reports_failure(prefill_log: str) -> bool:
-    return any(
-        s in prefill_log
-        for s in ("Prefill transfer failed", "Prefill bootstrap failed", "banaserve transfer of room")
-    )
+    marks = ("Prefill transfer failed", "Prefill bootstrap failed", "banaserve transfer of room")
+    return any(m in prefill_log for m in marks)
 
 
 def test_decode_killed_mid_transfer_prefill_reports_and_keeps_serving(deployment) -> None:
