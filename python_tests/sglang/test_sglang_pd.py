@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from sglang_testbed.cluster import Cluster, generate
 
-pytestmark = [pytest.mark.sglang, pytest.mark.slow]
+# Server start-up dominates; on a loaded 2-core box one test can take minutes.
+pytestmark = [pytest.mark.sglang, pytest.mark.slow, pytest.mark.timeout(900)]
 
 CHUNK = 64  # --chunked-prefill-size: prompts longer than this prefill in several chunks
 
