@@ -27,7 +27,7 @@ class Cluster:
         self.log_dir = log_dir
         self.env = dict(env or {})
         self.processes: list[ServerProcess] = []
-        self._num_servers = 0
+        self._servers: list[ServerProcess] = []  # the SGLang servers among processes
 
     # -- starting -------------------------------------------------------------------------
     def _add(self, proc: ServerProcess) -> ServerProcess:
@@ -39,7 +39,7 @@ class Cluster:
         self, role: str = "single", *, wait: bool = True, env: dict[str, str] | None = None,
         **kw: object,
     ) -> tuple[SGLangServerConfig, ServerProcess]:
-        if self._num_servers >= MAX_SERVERS:
+        if sum(p.group_alive() for p in self._servers) >= MAX_SERVERS:
             raise RuntimeError(f"test bed limit: at most {MAX_SERVERS} SGLang servers at once")
         port = free_port()
         if role == "prefill" and "bootstrap_port" not in kw:
@@ -49,9 +49,10 @@ class Cluster:
         ready = f"{cfg.url}/health_generate" if role == "single" else f"{cfg.url}/health"
         name = f"{role}-{port}"
         proc = ServerProcess(
-            name, cfg.command(), ready, self.log_dir / f"{name}.log", {**self.env, **(env or {})}
+            name, cfg.command(), ready, self.log_dir / f"{name}.log",
+            {**cfg.env(), **self.env, **(env or {})},
         )
-        self._num_servers += 1
+        self._servers.append(proc)
         self._add(proc)
         if wait:
             proc.wait_ready(READY_TIMEOUT_S)
@@ -69,7 +70,7 @@ class Cluster:
         proc = self._add(
             ServerProcess(name, cfg.command(), f"{cfg.url}/health", self.log_dir / f"{name}.log")
         )
-        proc.wait_ready(60.0)
+        proc.wait_ready(READY_TIMEOUT_S)
         return cfg, proc
 
     def wait_all(self) -> None:
@@ -89,7 +90,7 @@ class Cluster:
                 errors.append(f"{proc.name}: {exc}")
         leftover = [p.name for p in self.processes if p.group_alive()]
         self.processes.clear()
-        self._num_servers = 0
+        self._servers.clear()
         if errors or leftover:
             raise RuntimeError(f"teardown failed: {errors} still running: {leftover}")
 

@@ -86,3 +86,10 @@ def get(var: EnvVar[T]) -> T:
         return var.parse(raw)
     except ValueError as exc:
         raise InvalidArgumentError(f"environment variable {var.name}={raw!r}: {exc}") from None
+SGLANG_CPU_COMPAT = _declare(
+    "BANASERVE_SGLANG_CPU_COMPAT",
+    _bool,
+    False,
+    "set by the CPU launcher (python -m banaserve_ext.adapters.sglang.serve_cpu) for its SGLang "
+    "processes; turns on adapters/sglang/cpu_compat.py's SGLang patches in the plug-in",
+)

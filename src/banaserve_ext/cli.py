@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "pool": ("banaserve_ext.kvpool.cli", "serve, inspect or remove a shared-memory KV pool"),
     "router": ("banaserve_ext.router.cli", "load-aware PD router (sglang_router PD flags)"),
     "sim": ("banaserve_ext.sim.cli", "cluster simulator: replay, run, routing ablation, compare"),
+    "launch": ("banaserve_ext.launch.cli", "start a PD deployment of SGLang servers"),
 }
 
 

@@ -89,11 +89,20 @@ class SGLangServerConfig:
             ]  # fmt: skip
             if self.bootstrap_port is not None:
                 cmd += ["--disaggregation-bootstrap-port", str(self.bootstrap_port)]
+            if self.role == "decode" and self.device == "cpu":
+                # the default backup (a host pool) sizes itself against free host memory and
+                # refuses to start on a small box; a plain CPU tensor is enough here
+                cmd += ["--disaggregation-decode-retraction-backup", "cpu_tensor"]
         return cmd + list(self.extra_args)
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        """Environment for the server: its PD control plane (ZMQ, bootstrap registration, our
+        transfer engine) binds to SGLANG_HOST_IP, which must match the serving host."""
+        return {"SGLANG_HOST_IP": self.host}
 
 
 @dataclass(frozen=True)
@@ -105,16 +114,22 @@ class RouterConfig:
     decode: tuple[str, ...]
     host: str = LOOPBACK
     policy: str = "round_robin"
+    #: the router always exports Prometheus metrics (default 0.0.0.0:29000); bind them beside
+    #: the router instead, on a port of their own, so several routers can run on one host
+    prometheus_port: int = 0
 
     def command(self, python: str = sys.executable) -> list[str]:
         if not self.prefill or not self.decode:
             raise InvalidArgumentError("a PD router needs at least one prefill and one decode")
-        cmd = [python, "-m", "sglang_router.launch_router", "--pd-disaggregation"]
+        # through our wrapper: the router's imports reach torchvision (see cpu_compat)
+        cmd = [python, "-m", "banaserve_ext.adapters.sglang.router_cpu", "--pd-disaggregation"]
         for url, bootstrap in self.prefill:
             cmd += ["--prefill", url, str(bootstrap)]
         for url in self.decode:
             cmd += ["--decode", url]
         cmd += ["--host", self.host, "--port", str(self.port), "--policy", self.policy]
+        cmd += ["--prometheus-host", self.host,
+                "--prometheus-port", str(self.prometheus_port or free_port(self.host))]
         return cmd
 
     @property
@@ -142,6 +157,24 @@ def http_json(
         return status, json.loads(body)
     except ValueError:
         return status, body.decode(errors="replace")
+
+
+def group_members(pgid: int) -> list[int]:
+    """PIDs of the live (not zombie) processes whose process group is ``pgid`` (Linux /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # fields after the parenthesised command name: state ppid pgrp ...
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            out.append(int(entry))
+    return out
 
 
 @dataclass
@@ -192,8 +225,9 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if not self.alive():
                 raise UnavailableError(
-                    f"{self.name} (pid {self.pid}) exited with {self._proc and self._proc.returncode}"
-                    f" before it was ready; log {self.log_path}:\n{self.log_tail()}"
+                    f"{self.name} (pid {self.pid}) exited with "
+                    f"{self._proc and self._proc.returncode} before it was ready; "
+                    f"log {self.log_path}:\n{self.log_tail()}"
                 )
             try:
                 status, _ = http_json(self.ready_url, timeout_s=5.0)
@@ -215,16 +249,8 @@ class ServerProcess:
             pass
 
     def group_alive(self) -> bool:
-        """Whether any process of this server's group still exists."""
-        if self._proc is None:
-            return False
-        try:
-            os.killpg(self._proc.pid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
+        """Whether any live (non-zombie) process of this server's process group remains."""
+        return self._proc is not None and bool(group_members(self._proc.pid))
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM the server (its own shutdown ends its children), then SIGKILL its whole
@@ -245,6 +271,9 @@ class ServerProcess:
             self._proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
+        deadline = time.monotonic() + 5.0  # SIGKILLed children need a moment to be gone
+        while self.group_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
         if self._log is not None:
             self._log.close()
             self._log = None

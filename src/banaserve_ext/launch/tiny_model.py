@@ -90,7 +90,8 @@ def create_tiny_llama(path: str | Path, spec: TinyModelSpec | None = None) -> Pa
         num_hidden_layers=spec.num_hidden_layers,
         num_attention_heads=spec.num_attention_heads,
         num_key_value_heads=spec.num_key_value_heads,
-        vocab_size=len(tokenizer),
+        # every id below vocab_size is a valid input, also ids the small BPE never produces
+        vocab_size=max(spec.vocab_size, len(tokenizer)),
         max_position_embeddings=spec.max_position_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -34,6 +34,8 @@ import sys
 import types
 from collections.abc import Callable
 
+from ... import _env
+
 logger = logging.getLogger(__name__)
 
 # Names SGLang's CPU code imports from sgl_kernel at module load (SGLang 0.5.23).
@@ -42,7 +44,6 @@ SGL_KERNEL_CPU_NAMES: tuple[str, ...] = (
     "copy_all_layer_kv_cache_cpu",
 )
 
-_MARK = "BANASERVE_CPU_COMPAT_ACTIVE"  # set in os.environ for child processes; not user-facing
 
 
 def _unavailable(name: str) -> Callable[..., object]:
@@ -116,14 +117,14 @@ def install() -> None:
     """Make this process (and, through the environment, its children) able to run SGLang on CPU.
     Idempotent."""
     os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
-    os.environ[_MARK] = "1"
+    os.environ[_env.SGLANG_CPU_COMPAT.name] = "1"  # inherited by SGLang's child processes
     _install_sgl_kernel_stand_in()
     install_torchvision_placeholders()
 
 
 def active() -> bool:
     """True in processes started through the CPU launcher (or their children)."""
-    return os.environ.get(_MARK) == "1"
+    return _env.get(_env.SGLANG_CPU_COMPAT)
 
 
 def apply_sglang_patches() -> None:
