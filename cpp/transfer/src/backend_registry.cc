@@ -12,6 +12,12 @@ std::unique_ptr<Transport> make_shm_transport();
 #ifdef BANASERVE_HAVE_TCP_BACKEND
 std::unique_ptr<Transport> make_tcp_transport();
 #endif
+#ifdef BANASERVE_HAVE_UCX_BACKEND
+std::unique_ptr<Transport> make_ucx_transport();
+#endif
+#ifdef BANASERVE_HAVE_CUDA_BACKEND
+std::unique_ptr<Transport> make_cuda_transport();
+#endif
 
 std::vector<std::string> available_transports() {
   std::vector<std::string> names{"local"};
@@ -20,6 +26,12 @@ std::vector<std::string> available_transports() {
 #endif
 #ifdef BANASERVE_HAVE_TCP_BACKEND
   names.emplace_back("tcp");
+#endif
+#ifdef BANASERVE_HAVE_UCX_BACKEND
+  names.emplace_back("ucx");
+#endif
+#ifdef BANASERVE_HAVE_CUDA_BACKEND
+  names.emplace_back("cuda");
 #endif
   return names;
 }
@@ -32,7 +44,13 @@ StatusOr<std::unique_ptr<Transport>> create_transport(const std::string& name) {
 #ifdef BANASERVE_HAVE_TCP_BACKEND
   if (name == "tcp") return make_tcp_transport();
 #endif
-  if (name == "shm" || name == "tcp" || name == "cuda" || name == "rdma") {
+#ifdef BANASERVE_HAVE_UCX_BACKEND
+  if (name == "ucx") return make_ucx_transport();
+#endif
+#ifdef BANASERVE_HAVE_CUDA_BACKEND
+  if (name == "cuda") return make_cuda_transport();
+#endif
+  if (name == "shm" || name == "tcp" || name == "cuda" || name == "ucx" || name == "rdma") {
     return BANASERVE_STATUS(StatusCode::kNotImplemented,
                             "transfer backend '" + name + "' is not compiled into this build");
   }

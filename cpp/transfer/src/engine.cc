@@ -96,6 +96,8 @@ Status Engine::start() {
   for (const auto& name : available_transports()) {
     if (name == "shm" && config_.enable_shm) wanted.push_back(name);
     if (name == "tcp" && config_.enable_tcp) wanted.push_back(name);
+    if (name == "ucx" && config_.enable_ucx) wanted.push_back(name);
+    if (name == "cuda" && config_.enable_cuda) wanted.push_back(name);
   }
   if (!config_.force_backend.empty() &&
       std::find(wanted.begin(), wanted.end(), config_.force_backend) == wanted.end()) {
@@ -186,21 +188,52 @@ std::shared_ptr<const RegionTable> Engine::local_regions() const {
 
 StatusOr<RegionInfo> Engine::register_memory(uint64_t addr, uint64_t nbytes, Device device) {
   if (device.kind != MemoryKind::kHost) {
-    return BANASERVE_STATUS(StatusCode::kNotImplemented,
-                            "device memory registration needs the CUDA backend, which is not "
-                            "part of this build");
+    bool device_capable = false;
+    for (const auto& t : transports_) device_capable = device_capable || t->capabilities().device_memory;
+    if (!device_capable) {
+      return BANASERVE_STATUS(StatusCode::kNotImplemented,
+                              "device memory registration needs the CUDA backend, which is not "
+                              "part of this build (or not enabled in this engine)");
+    }
   }
-  std::lock_guard<std::mutex> lock(mu_);
   RegionInfo info;
-  info.id = next_region_id_;
   info.addr = addr;
   info.nbytes = nbytes;
   info.device = device;
-  auto table = std::make_shared<RegionTable>(*regions_);  // copy-on-write: readers keep theirs
-  BANASERVE_RETURN_IF_ERROR(table->insert(info));
-  ++next_region_id_;
-  regions_ = std::move(table);
-  return info;
+  return insert_region(std::move(info), nullptr);
+}
+
+// Lets every backend add its handles (rkey, IPC handle), then publishes the region. On failure
+// every backend that saw the region forgets it again.
+StatusOr<RegionInfo> Engine::insert_region(RegionInfo info, const Allocation* allocation) {
+  {
+    // Reject overlaps before any backend pins or maps the memory.
+    std::lock_guard<std::mutex> lock(mu_);
+    RegionTable probe(*regions_);
+    RegionInfo check = info;
+    check.id = UINT64_MAX;
+    BANASERVE_RETURN_IF_ERROR(probe.insert(check));
+  }
+  size_t seen = 0;
+  Status st;
+  for (; seen < transports_.size() && st.ok(); ++seen) {
+    st = transports_[seen]->on_register(&info).with_context(std::string(transports_[seen]->name()) +
+                                                             " registration");
+  }
+  if (st.ok()) {
+    std::lock_guard<std::mutex> lock(mu_);
+    info.id = next_region_id_;
+    auto table = std::make_shared<RegionTable>(*regions_);  // copy-on-write: readers keep theirs
+    st = table->insert(info);
+    if (st.ok()) {
+      ++next_region_id_;
+      regions_ = std::move(table);
+      if (allocation != nullptr) allocations_[info.id] = *allocation;
+      return info;
+    }
+  }
+  for (size_t i = 0; i < seen; ++i) transports_[i]->on_unregister(info);
+  return st;
 }
 
 StatusOr<RegionInfo> Engine::allocate(uint64_t nbytes) {
@@ -219,31 +252,32 @@ StatusOr<RegionInfo> Engine::allocate(uint64_t nbytes) {
     return st;
   }
   prefault(addr, nbytes, config_.copy_threads);
-  std::lock_guard<std::mutex> lock(mu_);
   RegionInfo info;
-  info.id = next_region_id_;
   info.addr = reinterpret_cast<uint64_t>(addr);
   info.nbytes = nbytes;
   info.shm_fd = fd;
   info.shm_offset = 0;
-  auto table = std::make_shared<RegionTable>(*regions_);
-  Status st = table->insert(info);
-  if (!st.ok()) {
+  const Allocation allocation{fd, addr, nbytes};
+  StatusOr<RegionInfo> r = insert_region(std::move(info), &allocation);
+  if (!r.ok()) {
     munmap(addr, nbytes);
     close(fd);
-    return st;
   }
-  ++next_region_id_;
-  regions_ = std::move(table);
-  allocations_[info.id] = Allocation{fd, addr, nbytes};
-  return info;
+  return r;
 }
 
 Status Engine::unregister_memory(uint64_t region_id) {
+  RegionInfo gone;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    const RegionInfo* found = regions_->find_id(region_id);
+    if (found != nullptr) gone = *found;
+    auto table = std::make_shared<RegionTable>(*regions_);
+    BANASERVE_RETURN_IF_ERROR(table->erase(region_id));
+    regions_ = std::move(table);
+  }
+  for (auto& t : transports_) t->on_unregister(gone);  // before the memory may go away
   std::lock_guard<std::mutex> lock(mu_);
-  auto table = std::make_shared<RegionTable>(*regions_);
-  BANASERVE_RETURN_IF_ERROR(table->erase(region_id));
-  regions_ = std::move(table);
   auto it = allocations_.find(region_id);
   if (it != allocations_.end()) {
     munmap(it->second.addr, it->second.nbytes);
@@ -253,8 +287,19 @@ Status Engine::unregister_memory(uint64_t region_id) {
   return Status();
 }
 
+bool Engine::needs_device_memory(const PeerRecord& peer) const {
+  for (const RegionInfo& r : peer.regions.regions()) {
+    if (r.device.kind != MemoryKind::kHost) return true;
+  }
+  return false;
+}
+
+// Capability-driven: reachability (in process / same host / cross host), the memory the peer
+// publishes (device memory needs a device-capable backend, never a silent host fallback), and
+// whether the peer published what the backend needs (can_serve); then the highest priority.
 StatusOr<Transport*> Engine::choose_transport(const PeerRecord& peer) {
   const bool self = peer.metadata.engine_id == self_.engine_id;
+  const bool device = needs_device_memory(peer);
   Transport* best = nullptr;
   int best_priority = -1;
   const size_t real = transports_.size();
@@ -266,6 +311,8 @@ StatusOr<Transport*> Engine::choose_transport(const PeerRecord& peer) {
                           : (peer.same_host ? caps.same_host || caps.cross_host : caps.cross_host);
     if (caps.in_process && !self) reachable = false;
     if (!reachable) continue;
+    if (device ? !caps.device_memory : !caps.host_memory) continue;
+    if (!t->can_serve(peer)) continue;
     if (caps.priority > best_priority) {
       best = t;
       best_priority = caps.priority;
@@ -276,6 +323,7 @@ StatusOr<Transport*> Engine::choose_transport(const PeerRecord& peer) {
         StatusCode::kUnavailable,
         "no enabled backend can reach peer " + peer.metadata.engine_id +
             (peer.same_host ? " (same host)" : " (another host)") +
+            (device ? " with device memory" : "") +
             (config_.force_backend.empty() ? "" : "; forced backend: " + config_.force_backend));
   }
   // With fault injection on, the decorator of the chosen backend stands in for it.
@@ -323,6 +371,21 @@ StatusOr<std::string> Engine::peer_backend(const std::string& engine_id) const {
   auto it = peers_.find(engine_id);
   if (it == peers_.end()) return BANASERVE_STATUS(StatusCode::kNotFound, "unknown peer " + engine_id);
   return std::string(it->second.transport->name());
+}
+
+StatusOr<std::string> Engine::peer_route(const std::string& engine_id) const {
+  Transport* t = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = peers_.find(engine_id);
+    if (it == peers_.end()) return BANASERVE_STATUS(StatusCode::kNotFound, "unknown peer " + engine_id);
+    t = it->second.transport;
+  }
+  // Decorators do not forward describe_peer: ask the real backend of that name.
+  for (const auto& real : transports_) {
+    if (std::strcmp(real->name(), t->name()) == 0) return real->describe_peer(engine_id);
+  }
+  return std::string();
 }
 
 std::vector<std::string> Engine::peers() const {

@@ -86,6 +86,9 @@ class Engine {
   Status remove_peer(const std::string& engine_id);
   /// The backend serving a peer ("local" for this engine itself); kNotFound if unknown.
   StatusOr<std::string> peer_backend(const std::string& engine_id) const;
+  /// What the backend of that peer reports about its route (e.g. the transports UCX chose);
+  /// "" when it has nothing to add. kNotFound if unknown.
+  StatusOr<std::string> peer_route(const std::string& engine_id) const;
   std::vector<std::string> peers() const;
 
   // ---- prepare once ---------------------------------------------------------------------------
@@ -147,6 +150,8 @@ class Engine {
   };
 
   StatusOr<Transport*> choose_transport(const PeerRecord& peer);
+  bool needs_device_memory(const PeerRecord& peer) const;
+  StatusOr<RegionInfo> insert_region(RegionInfo info, const Allocation* allocation);
   void on_peer_lost(const std::string& engine_id, const Status& why);
   void track(const std::shared_ptr<Batch>& batch);
   void watchdog_loop();
