@@ -640,7 +640,17 @@ SendStream::SendStream(Engine* engine, std::string peer_id, uint64_t transfer_id
     : engine_(engine), peer_id_(std::move(peer_id)), transfer_id_(transfer_id),
       num_layers_(num_layers), local_(std::move(local)), remote_(std::move(remote)),
       local_idx_(std::move(local_idx)), remote_idx_(std::move(remote_idx)),
-      buffers_per_layer_(buffers_per_layer), timeout_ms_(timeout_ms), batches_(num_layers) {}
+      buffers_per_layer_(buffers_per_layer), timeout_ms_(timeout_ms), batches_(num_layers),
+      claimed_(num_layers, false) {}
+
+SendStream::~SendStream() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    fence_stop_ = true;
+  }
+  fence_cv_.notify_all();
+  if (fence_thread_.joinable()) fence_thread_.join();
+}
 
 Status SendStream::mark_layer_ready(uint32_t layer) {
   if (layer >= num_layers_) {
@@ -649,11 +659,75 @@ Status SendStream::mark_layer_ready(uint32_t layer) {
   }
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (batches_[layer]) {
+    if (claimed_[layer]) {
       return BANASERVE_STATUS(StatusCode::kAlreadyExists,
                               "layer " + std::to_string(layer) + " already marked ready");
     }
+    claimed_[layer] = true;
   }
+  return post_layer(layer);
+}
+
+Status SendStream::mark_layer_ready_after(uint32_t layer, std::shared_ptr<ReadyFence> fence) {
+  if (layer >= num_layers_) {
+    return BANASERVE_STATUS(StatusCode::kOutOfRange, "layer " + std::to_string(layer) + " of a " +
+                                                         std::to_string(num_layers_) + "-layer stream");
+  }
+  if (!fence) return BANASERVE_INVALID("missing fence");
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (claimed_[layer]) {
+      return BANASERVE_STATUS(StatusCode::kAlreadyExists,
+                              "layer " + std::to_string(layer) + " already marked ready");
+    }
+    claimed_[layer] = true;
+    fenced_.emplace_back(layer, std::move(fence));
+    if (!fence_thread_.joinable()) fence_thread_ = std::thread([this] { fence_loop(); });
+  }
+  fence_cv_.notify_all();
+  return Status();
+}
+
+void SendStream::fence_loop() {
+  const uint64_t deadline = engine_->deadline_from(timeout_ms_);
+  std::unique_lock<std::mutex> lock(mu_);
+  for (;;) {
+    fence_cv_.wait(lock, [&] { return fence_stop_ || !fenced_.empty(); });
+    if (fence_stop_) return;
+    auto [layer, fence] = fenced_.front();
+    fenced_.pop_front();
+    lock.unlock();
+    Status failed;
+    for (uint32_t polls = 0;; ++polls) {
+      StatusOr<bool> ready = fence->query();
+      if (!ready.ok()) {
+        failed = ready.status().with_context("fence of layer " + std::to_string(layer));
+        break;
+      }
+      if (ready.value()) break;
+      if (now_ns() >= deadline) {
+        failed = BANASERVE_STATUS(StatusCode::kTimeout, "the fence of layer " + std::to_string(layer) +
+                                                            " was not ready before the deadline");
+        break;
+      }
+      {
+        std::lock_guard<std::mutex> stop_lock(mu_);
+        if (fence_stop_) return;
+      }
+      // Spin briefly (a GPU layer takes ~100 us-ms), then back off to 50 us polls.
+      if (polls > 64) std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+    if (failed.ok()) {
+      (void)post_layer(layer);  // a submit error lands in post_error_
+    } else {
+      std::lock_guard<std::mutex> err_lock(mu_);
+      if (post_error_.ok()) post_error_ = failed;
+    }
+    lock.lock();
+  }
+}
+
+Status SendStream::post_layer(uint32_t layer) {
   Engine::SubmitArgs args;
   args.op = Op::kWrite;
   args.peer_id = peer_id_;

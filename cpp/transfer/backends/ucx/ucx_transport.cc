@@ -105,6 +105,12 @@ class UcxTransport final : public Transport {
     ucp_config_t* config = nullptr;
     ucs_status_t st = ucp_config_read(nullptr, nullptr, &config);
     if (st != UCS_OK) return ucs_error(st, "ucp_config_read");
+    // An engine told to stay on loopback keeps UCX's network transports on loopback too, unless
+    // the user chose the devices (UCX_NET_DEVICES); otherwise UCX listens on every interface.
+    const std::string& host = ctx.config->tcp_host;
+    if ((host.rfind("127.", 0) == 0 || host == "localhost") && std::getenv("UCX_NET_DEVICES") == nullptr) {
+      (void)ucp_config_modify(config, "NET_DEVICES", "lo");
+    }
     ucp_params_t params;
     std::memset(&params, 0, sizeof(params));
     params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED;
