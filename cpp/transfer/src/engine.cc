@@ -302,7 +302,9 @@ StatusOr<Transport*> Engine::choose_transport(const PeerRecord& peer) {
   const bool device = needs_device_memory(peer);
   Transport* best = nullptr;
   int best_priority = -1;
-  const size_t real = transports_.size();
+  // With fault injection on, start() appended one decorator per real backend.
+  const bool faulty = fault_.fail_after_posts || fault_.delay_ms || fault_.drop;
+  const size_t real = faulty ? transports_.size() / 2 : transports_.size();
   for (size_t i = 0; i < real; ++i) {
     Transport* t = transports_[i].get();
     const Capabilities caps = t->capabilities();

@@ -114,7 +114,7 @@ class PeerProcess:
         self.proc.stdin.write(json.dumps(cmd) + "\n")
         self.proc.stdin.flush()
         reply = json.loads(self._readline())
-        if "error" in reply:
+        if reply.get("error"):  # wait_stream replies carry error="" on success
             raise RuntimeError(f"peer process: {reply['error']}")
         return reply
 
