@@ -250,6 +250,11 @@ class SendStream:
     def state(self) -> TransferState:
         return TransferState(self._s.state)
 
+    @property
+    def layers_posted(self) -> int:
+        """Layers handed to the backend so far (fenced layers count once their fence fired)."""
+        return int(self._s.layers_posted)
+
     def mark_layer_ready(self, layer: int) -> None:
         self._s.mark_layer_ready(layer)
 

@@ -68,7 +68,9 @@ struct EndpointState {
   int32_t pid = 0;
   bool same_host = false;
   ucp_ep_h ep = nullptr;
-  std::string route;            // what ucp_ep_print_info reported
+  std::string route;            // what ucp_ep_print_info reported (guarded by the transport's mu_)
+  std::string note;             // appended to the route (e.g. how peer failure is detected)
+  bool route_final = false;     // refreshed once after the first batch, when wire-up is over
   std::atomic<bool> failed{false};
   ucs_status_t failure = UCS_OK;
   bool lost_reported = false;
@@ -248,8 +250,17 @@ class UcxTransport final : public Transport {
     ep.err_handler.arg = state.get();
     // Non-blocking: wire-up with the peer happens during progress.
     ucs_status_t st = ucp_ep_create(worker_, &ep, &state->ep);
+    std::string note;
+    if (st == UCS_ERR_UNREACHABLE && peer->same_host) {
+      // UCX 1.13's shared-memory transports cannot report peer failure; on one host the pid
+      // check (check_peers) detects a dead peer instead. Said in the route, not silently.
+      ep.err_mode = UCP_ERR_HANDLING_MODE_NONE;
+      st = ucp_ep_create(worker_, &ep, &state->ep);
+      note = " [peer failure by pid check]";
+    }
     if (st != UCS_OK) return ucs_error(st, "ucp_ep_create for peer " + md.engine_id);
-    state->route = ucx::endpoint_route(state->ep);
+    state->note = note;
+    state->route = ucx::endpoint_route(state->ep) + note;
     if (it != eps_.end()) retired_.push_back(it->second);  // closed by the progress thread
     eps_[md.engine_id] = std::move(state);
     wake();
@@ -544,6 +555,13 @@ class UcxTransport final : public Transport {
     if (status.ok()) {
       auto& counter = b.op() == Op::kWrite ? ctx_.counters->bytes_written : ctx_.counters->bytes_read;
       counter.fetch_add(b.nbytes(), std::memory_order_relaxed);
+    }
+    if (status.ok() && !s->route_final && s->ep != nullptr) {
+      // Before wire-up UCX reports a provisional configuration; report what it settled on.
+      std::string route = ucx::endpoint_route(s->ep);
+      std::lock_guard<std::mutex> lock(mu_);
+      s->route = std::move(route) + s->note;
+      s->route_final = true;
     }
     b.complete_part(status);
     if (s && s->failed.load(std::memory_order_acquire)) check_peers();
