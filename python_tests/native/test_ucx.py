@@ -190,3 +190,22 @@ def test_a_failed_fence_fails_the_stream() -> None:
             send.wait(5)
         assert send.layers_posted == 0
         assert not other.any()
+
+
+def test_ucx_submits_to_a_killed_peer_fail_within_their_timeout(ucx_pair) -> None:
+    eng, peer, peer_id, reg, pool, _ = ucx_pair
+    local = eng.prepare(table(reg.addr, 4))
+    remote = eng.prepare(table(peer.addr, 4), peer=peer_id)
+    assert eng.submit(Op.WRITE, local, [0], remote, [0]).wait(10)
+    peer.kill()
+    time.sleep(0.3)  # the pid check (one host) notices the death
+    t0 = time.monotonic()
+    try:
+        h = eng.submit(Op.READ, local, [1], remote, [1], timeout_s=2)
+    except errors.UnavailableError:
+        return
+    with pytest.raises((errors.UnavailableError, errors.TransferTimeoutError)):
+        h.wait(10)
+    assert h.state is TransferState.FAILED
+    assert time.monotonic() - t0 < 5
+    assert eng.stats()["peers_lost"] >= 1

@@ -50,9 +50,13 @@ Status ucs_error(ucs_status_t st, const std::string& what) {
 }
 
 // Completion of one UCX request: the callbacks count down and keep the first error.
+// Heap-allocated: when operations to a dead peer never complete, the tracker is orphaned (the
+// last callback, if any ever comes, frees it) instead of leaving a dangling stack pointer.
 struct Tracker {
+  virtual ~Tracker() = default;  // the notification's tracker carries its header
   uint64_t outstanding = 0;
   ucs_status_t first_error = UCS_OK;
+  bool orphaned = false;
 };
 
 void on_request_done(void* request, ucs_status_t status, void* user) {
@@ -60,7 +64,19 @@ void on_request_done(void* request, ucs_status_t status, void* user) {
   if (status != UCS_OK && t->first_error == UCS_OK) t->first_error = status;
   --t->outstanding;
   ucp_request_free(request);
+  if (t->orphaned && t->outstanding == 0) delete t;
 }
+
+// Frees the tracker now, or hands it to the callbacks still to come.
+void release(Tracker* t) {
+  if (t->outstanding == 0) {
+    delete t;
+  } else {
+    t->orphaned = true;
+  }
+}
+
+constexpr uint64_t kGiveUpNs = 200 * 1000000ull;  // after a force-close, how long to drain
 
 struct EndpointState {
   std::string engine_id;
@@ -245,19 +261,16 @@ class UcxTransport final : public Transport {
     ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
                     UCP_EP_PARAM_FIELD_ERR_HANDLER;
     ep.address = reinterpret_cast<const ucp_address_t*>(state->address.data());
-    ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+    // Across hosts UCX reports a failed peer through the error handler. On one host, UCX 1.13's
+    // shared-memory transports cannot (an endpoint asking for it is refused), so the pid check of
+    // check_peers detects a dead peer instead; the route says so.
+    const bool by_pid = peer->same_host && md.pid > 0;
+    ep.err_mode = by_pid ? UCP_ERR_HANDLING_MODE_NONE : UCP_ERR_HANDLING_MODE_PEER;
     ep.err_handler.cb = &UcxTransport::on_ep_error;
     ep.err_handler.arg = state.get();
     // Non-blocking: wire-up with the peer happens during progress.
     ucs_status_t st = ucp_ep_create(worker_, &ep, &state->ep);
-    std::string note;
-    if (st == UCS_ERR_UNREACHABLE && peer->same_host) {
-      // UCX 1.13's shared-memory transports cannot report peer failure; on one host the pid
-      // check (check_peers) detects a dead peer instead. Said in the route, not silently.
-      ep.err_mode = UCP_ERR_HANDLING_MODE_NONE;
-      st = ucp_ep_create(worker_, &ep, &state->ep);
-      note = " [peer failure by pid check]";
-    }
+    const std::string note = by_pid ? " [peer failure by pid check]" : "";
     if (st != UCS_OK) return ucs_error(st, "ucp_ep_create for peer " + md.engine_id);
     state->note = note;
     state->route = ucx::endpoint_route(state->ep) + note;
@@ -350,9 +363,12 @@ class UcxTransport final : public Transport {
       }
       if (ucp_request_check_status(req) == UCS_INPROGRESS) {
         ucp_request_cancel(worker_, req);
-        while (ucp_request_check_status(req) == UCS_INPROGRESS) ucp_worker_progress(worker_);
+        const uint64_t give_up = now_ns() + kGiveUpNs;
+        while (ucp_request_check_status(req) == UCS_INPROGRESS && now_ns() < give_up) {
+          ucp_worker_progress(worker_);
+        }
       }
-      ucp_request_free(req);
+      ucp_request_free(req);  // frees now, or once UCX completes it
     }
   }
 
@@ -457,6 +473,10 @@ class UcxTransport final : public Transport {
   }
 
   Status wait_tracker(Batch& b, EndpointState* s, Tracker& t) {
+    if (s->ep == nullptr) {
+      return t.outstanding == 0 ? Status()
+                                : BANASERVE_STATUS(StatusCode::kUnavailable, "ucx endpoint closed");
+    }
     uint64_t spins = 0;
     while (t.outstanding != 0) {
       if (ucp_worker_progress(worker_) == 0 && (++spins & 1023) == 0) {
@@ -466,7 +486,9 @@ class UcxTransport final : public Transport {
           close_endpoint(s, /*force=*/true);
           s->failed.store(true, std::memory_order_release);
           if (s->failure == UCS_OK) s->failure = UCS_ERR_CANCELED;
-          while (t.outstanding != 0) ucp_worker_progress(worker_);
+          const uint64_t give_up = now_ns() + kGiveUpNs;
+          while (t.outstanding != 0 && now_ns() < give_up) ucp_worker_progress(worker_);
+          // Still outstanding: the peer is gone and its endpoint closed; nothing will arrive.
           return why;
         }
       }
@@ -475,8 +497,14 @@ class UcxTransport final : public Transport {
   }
 
   Status run_ops(Job& j, EndpointState* s) {
+    Tracker* tracker = new Tracker;
+    Status st = issue_ops(j, s, *tracker);
+    release(tracker);
+    return st;
+  }
+
+  Status issue_ops(Job& j, EndpointState* s, Tracker& t) {
     Batch& b = *j.batch;
-    Tracker t;
     ucp_request_param_t p;
     std::memset(&p, 0, sizeof(p));
     p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
@@ -522,19 +550,33 @@ class UcxTransport final : public Transport {
   Status send_notify(Job& j, EndpointState* s) {
     Batch& b = *j.batch;
     const std::string& me = ctx_.self->engine_id;
-    NotifyHeader h{b.tag().transfer_id, b.tag().layer, b.tag().num_layers,
-                   static_cast<uint32_t>(me.size()), 0};
-    Tracker t;
+    // Header and payload must stay valid until the send completes or is given up on: keep them
+    // with the tracker's lifetime (no COPY_HEADER flag in UCX 1.13).
+    struct Notify : Tracker {
+      NotifyHeader h;
+      std::string me;
+    };
+    auto* n = new Notify;
+    n->h = NotifyHeader{b.tag().transfer_id, b.tag().layer, b.tag().num_layers,
+                        static_cast<uint32_t>(me.size()), 0};
+    n->me = me;
+    Tracker& t = *n;
     ucp_request_param_t p;
     std::memset(&p, 0, sizeof(p));
-    // The header lives on this stack frame until wait_tracker returns (no COPY_HEADER in 1.13).
     p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
     p.cb.send = &on_request_done;
     p.user_data = &t;
-    ucs_status_ptr_t req = ucp_am_send_nbx(s->ep, kAmNotify, &h, sizeof(h), me.data(), me.size(), &p);
-    if (UCS_PTR_IS_ERR(req)) return ucs_error(UCS_PTR_STATUS(req), "ucp_am_send_nbx");
-    if (UCS_PTR_IS_PTR(req)) ++t.outstanding;
-    return wait_tracker(b, s, t);
+    ucs_status_ptr_t req =
+        ucp_am_send_nbx(s->ep, kAmNotify, &n->h, sizeof(n->h), n->me.data(), n->me.size(), &p);
+    Status st;
+    if (UCS_PTR_IS_ERR(req)) {
+      st = ucs_error(UCS_PTR_STATUS(req), "ucp_am_send_nbx");
+    } else {
+      if (UCS_PTR_IS_PTR(req)) ++t.outstanding;
+      st = wait_tracker(b, s, t);
+    }
+    release(n);
+    return st;
   }
 
   void run(Job& j) {
