@@ -484,8 +484,20 @@ StatusOr<std::shared_ptr<Batch>> Engine::submit(const SubmitArgs& a) {
     self_record->same_host = true;
     record = std::move(self_record);
     transport = transports_.front().get();  // "local" is always first
-    for (size_t i = 1; i < transports_.size(); ++i) {
-      if (std::strcmp(transports_[i]->name(), "local") == 0) transport = transports_[i].get();
+    if (a.local->device.kind != MemoryKind::kHost || a.remote->device.kind != MemoryKind::kHost) {
+      // GPU memory inside this process (D2D, H2D, D2H): the device-capable backend.
+      transport = nullptr;
+      for (const auto& t : transports_) {
+        if (t->capabilities().device_memory) transport = t.get();  // decorators sit last
+      }
+      if (transport == nullptr) {
+        return BANASERVE_STATUS(StatusCode::kNotImplemented,
+                                "device memory transfers need the cuda backend");
+      }
+    } else {
+      for (size_t i = 1; i < transports_.size(); ++i) {
+        if (std::strcmp(transports_[i]->name(), "local") == 0) transport = transports_[i].get();
+      }
     }
   }
   if (!a.local->owner.empty()) {
