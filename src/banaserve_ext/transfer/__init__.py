@@ -126,6 +126,17 @@ def _timeout_ms(timeout_s: float | None) -> int:
     return int(timeout_s * 1000)
 
 
+def _device_args(device: tuple[str, int] | None) -> tuple[int, int]:
+    """``None``/``("cpu", 0)`` → host memory; ``("cuda", n)`` → GPU n (the ranges of a prepared
+    list are checked against registrations on that device)."""
+    if device is None:
+        return 0, 0
+    kind, ordinal = device
+    if kind not in ("cpu", "cuda") or int(ordinal) < 0:
+        raise InvalidArgumentError(f"device must be ('cpu', 0) or ('cuda', n), got {device!r}")
+    return (0 if kind == "cpu" else 1), int(ordinal)
+
+
 def _index_array(idx: Any, name: str) -> np.ndarray:
     arr = np.ascontiguousarray(idx, dtype=np.int64)
     if arr.ndim != 1:
@@ -512,7 +523,9 @@ class TransferEngine:
         return Registration(self, info, None, allocated=True)
 
     # ---- prepare -----------------------------------------------------------------------------
-    def prepare(self, descs: Any, *, peer: str | None = None) -> PreparedList:
+    def prepare(
+        self, descs: Any, *, peer: str | None = None, device: tuple[str, int] | None = None
+    ) -> PreparedList:
         """Validates an (N, 2) table of (addr, nbytes) once, against this engine's registrations
         or, with ``peer``, against that peer's."""
         table = np.ascontiguousarray(descs, dtype=np.uint64)
@@ -520,10 +533,17 @@ class TransferEngine:
             raise InvalidArgumentError(
                 f"descriptor table must have shape (N, 2), got {table.shape}"
             )
-        return PreparedList(self._eng().prepare_descs(peer or "", table))
+        kind, ordinal = _device_args(device)
+        return PreparedList(self._eng().prepare_descs(peer or "", table, kind, ordinal))
 
     def prepare_layout(
-        self, bases: Any, item_nbytes: int, num_items: int, *, peer: str | None = None
+        self,
+        bases: Any,
+        item_nbytes: int,
+        num_items: int,
+        *,
+        peer: str | None = None,
+        device: tuple[str, int] | None = None,
     ) -> PreparedList:
         """Validates a layout once: buffers ``bases[b]`` each holding ``num_items`` items of
         ``item_nbytes`` (e.g. one buffer per (layer, K/V)); index i then means item i of every
@@ -531,8 +551,11 @@ class TransferEngine:
         arr = np.ascontiguousarray(bases, dtype=np.uint64)
         if arr.ndim != 1:
             raise InvalidArgumentError(f"layout bases must be 1-D, got shape {arr.shape}")
+        kind, ordinal = _device_args(device)
         return PreparedList(
-            self._eng().prepare_layout(peer or "", arr, int(item_nbytes), int(num_items))
+            self._eng().prepare_layout(
+                peer or "", arr, int(item_nbytes), int(num_items), kind, ordinal
+            )
         )
 
     # ---- post --------------------------------------------------------------------------------
