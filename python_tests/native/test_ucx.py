@@ -27,7 +27,11 @@ pytestmark = pytest.mark.skipif("ucx" not in available_backends(), reason="ucx b
 PAGE = 16384
 POOL_PAGES = 64
 # UCX_TLS value -> a transport name that must appear in the route UCX reports.
-TRANSPORTS = {"tcp": ("tcp/lo",), "sm,self": ("sysv/", "posix/", "cma/"), "posix,cma,self": ("posix/", "cma/")}
+TRANSPORTS = {
+    "tcp": ("tcp/lo",),
+    "sm,self": ("sysv/", "posix/", "cma/"),
+    "posix,cma,self": ("posix/", "cma/"),
+}
 LOOPBACK = {"UCX_NET_DEVICES": "lo"}  # never any other interface
 
 

@@ -86,6 +86,8 @@ def get(var: EnvVar[T]) -> T:
         return var.parse(raw)
     except ValueError as exc:
         raise InvalidArgumentError(f"environment variable {var.name}={raw!r}: {exc}") from None
+
+
 TRANSFER_UCX = _declare(
     "BANASERVE_TRANSFER_UCX",
     _bool,

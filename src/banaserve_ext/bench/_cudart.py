@@ -12,7 +12,12 @@ H2D, D2H, D2D, DEFAULT = 1, 2, 3, 4
 
 
 def load() -> Any | None:
-    names = [ctypes.util.find_library("cudart"), "libcudart.so", "libcudart.so.13", "libcudart.so.12"]
+    names = [
+        ctypes.util.find_library("cudart"),
+        "libcudart.so",
+        "libcudart.so.13",
+        "libcudart.so.12",
+    ]
     for name in [n for n in names if n]:
         try:
             return ctypes.CDLL(name)

@@ -14,8 +14,9 @@ Prepare once, post many::
 Backends are chosen per peer from their capabilities: ``cuda`` (CUDA IPC) for a same-host peer
 that publishes GPU memory, ``shm`` for a peer on the same host, ``ucx`` (RDMA) across hosts when
 both engines run it, ``tcp`` otherwise (``local`` within one engine). The choice is logged and
-reported by :meth:`TransferEngine.backend_for` / :meth:`TransferEngine.route_for`. Errors are :mod:`banaserve_ext.errors` classes, converted from the C++
-``Status`` in one place. See docs/design.md for the cancellation contract.
+reported by :meth:`TransferEngine.backend_for` / :meth:`TransferEngine.route_for`. Errors are
+:mod:`banaserve_ext.errors` classes, converted from the C++ ``Status`` in one place. See
+docs/design.md for the cancellation contract.
 """
 
 from __future__ import annotations
