@@ -8,13 +8,15 @@ from __future__ import annotations
 import socket
 import struct
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 
 from banaserve_ext import errors
 from banaserve_ext.transfer import Op, TransferEngine, TransferState, available_backends
-from banaserve_ext.transfer.testing import PeerProcess, make_pool
+from banaserve_ext.transfer.testing import PeerProcess, digest, make_pool
 
 pytestmark = pytest.mark.skipif("tcp" not in available_backends(), reason="tcp not compiled in")
 
@@ -25,7 +27,9 @@ HEADER = struct.Struct("<IHBBQQQIIIIQQ")
 MAGIC, VERSION, HELLO, WRITE = 0x46545342, 1, 1, 2
 
 
-def header(ftype: int, *, runs: int = 0, payload: int = 0, batch: int = 0, magic: int = MAGIC) -> bytes:
+def header(
+    ftype: int, *, runs: int = 0, payload: int = 0, batch: int = 0, magic: int = MAGIC
+) -> bytes:
     return HEADER.pack(magic, VERSION, ftype, 0, 1, 1, 0, 0, 0, runs, 0, payload, batch)
 
 
@@ -56,7 +60,7 @@ def sees_close(sock: socket.socket, timeout_s: float = 5.0) -> bool:
         return False
 
 
-def wait_for(pred, timeout_s: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
+def wait_for(pred: Callable[[], bool], timeout_s: float = 5.0) -> bool:
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
         if pred():
@@ -66,7 +70,7 @@ def wait_for(pred, timeout_s: float = 5.0) -> bool:  # type: ignore[no-untyped-d
 
 
 @pytest.fixture
-def pair():  # type: ignore[no-untyped-def]
+def pair() -> Iterator[tuple[Any, ...]]:
     """Two engines forced onto tcp: `a` initiates, `b` owns a user-memory pool."""
     with TransferEngine(force_backend="tcp") as a, TransferEngine(force_backend="tcp") as b:
         reg_a, pool_a = make_pool(a, 64 * PAGE, "user")
@@ -76,7 +80,7 @@ def pair():  # type: ignore[no-untyped-def]
         yield a, b, peer, reg_a, pool_a, reg_b, pool_b
 
 
-def test_receiver_rejects_ranges_it_no_longer_registers(pair) -> None:  # type: ignore[no-untyped-def]
+def test_receiver_rejects_ranges_it_no_longer_registers(pair: tuple[Any, ...]) -> None:
     a, b, peer, reg_a, pool_a, reg_b, pool_b = pair
     local = a.prepare(table(reg_a.addr, 64))
     remote = a.prepare(table(reg_b.addr, 64), peer=peer)  # valid when prepared
@@ -129,14 +133,8 @@ def test_malformed_frames_drop_the_connection_and_the_listener_lives_on(garbage:
             remote = eng.prepare(table(peer.addr, 16), peer=pid)
             peer.fill(3, [4, 5], PAGE)
             assert eng.submit(Op.READ, local, [0, 1], remote, [4, 5]).wait(10)
-            assert peer.digest([4, 5], PAGE) == peer_digest_of(pool, [0, 1])
+            assert peer.digest([4, 5], PAGE) == digest(pool, [0, 1], PAGE)
         assert peer.stats()["connections_dropped"] == 1
-
-
-def peer_digest_of(pool: np.ndarray, slots: list[int]) -> str:
-    from banaserve_ext.transfer.testing import digest
-
-    return digest(pool, slots, PAGE)
 
 
 def test_frame_cut_inside_its_payload_is_dropped_and_counted() -> None:
@@ -162,7 +160,8 @@ def test_peer_killed_mid_transfer_fails_handles_and_nothing_is_written_after() -
             pid = eng.add_peer(peer.metadata)
             remote = eng.prepare(table(peer.addr, pages), peer=pid)
             idx = np.arange(pages)
-            assert eng.submit(Op.READ, eng.prepare(table(reg.addr, pages)), idx, remote, idx).wait(10)
+            first = eng.prepare(table(reg.addr, pages))
+            assert eng.submit(Op.READ, first, idx, remote, idx).wait(10)
             pool[:] = 0
             handles = []
             for k in range(8):  # 128 MiB of reads in flight
@@ -192,7 +191,9 @@ def test_peer_killed_mid_transfer_fails_handles_and_nothing_is_written_after() -
             assert eng.stats()["peers_lost"] >= 1
 
 
-def test_cancel_a_big_write_ends_cancelled_or_done_and_the_lane_keeps_working(pair) -> None:  # type: ignore[no-untyped-def]
+def test_cancel_a_big_write_ends_cancelled_or_done_and_the_lane_keeps_working(
+    pair: tuple[Any, ...],
+) -> None:
     a, b, peer, reg_a, pool_a, reg_b, pool_b = pair
     big_a = np.full(64 << 20, 5, dtype=np.uint8)
     big_b = np.zeros(64 << 20, dtype=np.uint8)

@@ -95,3 +95,10 @@ TRANSFER_UCX = _declare(
     "also start the ucx (RDMA) backend by default when it is compiled in; peers that both have it "
     "use it instead of tcp across hosts",
 )
+SGLANG_CPU_COMPAT = _declare(
+    "BANASERVE_SGLANG_CPU_COMPAT",
+    _bool,
+    False,
+    "set by the CPU launcher (python -m banaserve_ext.adapters.sglang.serve_cpu) for its SGLang "
+    "processes; turns on adapters/sglang/cpu_compat.py's SGLang patches in the plug-in",
+)

@@ -16,6 +16,10 @@ from collections.abc import Sequence
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("banaserve_ext.bench.cli", "run a standard benchmark against the installed peers"),
+    "pool": ("banaserve_ext.kvpool.cli", "serve, inspect or remove a shared-memory KV pool"),
+    "router": ("banaserve_ext.router.cli", "load-aware PD router (sglang_router PD flags)"),
+    "sim": ("banaserve_ext.sim.cli", "cluster simulator: replay, run, routing ablation, compare"),
+    "launch": ("banaserve_ext.launch.cli", "start a PD deployment of SGLang servers"),
 }
 
 

@@ -5,10 +5,10 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cerrno>
-#include <thread>
 
 #include "banaserve/transfer/completion.h"
 
@@ -58,17 +58,26 @@ StatusOr<std::vector<double>> tcp_round_trips_us(uint64_t nbytes, int iterations
     close(lfd);
     return st;
   }
-  std::thread server([lfd, nbytes, iterations] {
-    int fd = accept(lfd, nullptr, nullptr);
-    if (fd < 0) return;
-    set_nodelay(fd);
-    std::vector<uint8_t> buf(nbytes);
-    uint8_t ack[8] = {0};
-    for (int i = 0; i < iterations; ++i) {
-      if (!recv_all(fd, buf.data(), buf.size()) || !send_all(fd, ack, sizeof(ack))) break;
+  // The echo side runs in a forked child. Everything it needs is allocated before fork(), and
+  // it only calls async-signal-safe functions, so forking a multi-threaded host is safe.
+  std::vector<uint8_t> child_buf(nbytes);
+  const pid_t child = fork();
+  if (child < 0) {
+    Status st = BANASERVE_ERRNO(StatusCode::kInternal, "fork");
+    close(lfd);
+    return st;
+  }
+  if (child == 0) {
+    int cfd = accept(lfd, nullptr, nullptr);
+    if (cfd >= 0) {
+      set_nodelay(cfd);
+      uint8_t ack[8] = {0};
+      for (int i = 0; i < iterations; ++i) {
+        if (!recv_all(cfd, child_buf.data(), child_buf.size()) || !send_all(cfd, ack, sizeof(ack))) break;
+      }
     }
-    close(fd);
-  });
+    _exit(0);
+  }
   int fd = socket(AF_INET, SOCK_STREAM, 0);
   std::vector<double> out;
   Status st;
@@ -89,8 +98,9 @@ StatusOr<std::vector<double>> tcp_round_trips_us(uint64_t nbytes, int iterations
     }
   }
   if (fd >= 0) close(fd);
-  server.join();
   close(lfd);
+  int wstatus = 0;
+  waitpid(child, &wstatus, 0);
   if (!st.ok()) return st;
   return out;
 }

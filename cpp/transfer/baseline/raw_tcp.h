@@ -10,8 +10,9 @@
 
 namespace banaserve::transfer::baseline {
 
-/// Round trips of "nbytes request, 8-byte reply" between two threads over a loopback TCP
-/// connection with TCP_NODELAY (the minimum any acknowledged remote write can cost).
+/// Round trips of "nbytes request, 8-byte reply" between this process and a forked child over a
+/// loopback TCP connection with TCP_NODELAY: the minimum any acknowledged remote write between
+/// two processes can cost on this host.
 /// Returns each round trip's duration in microseconds.
 StatusOr<std::vector<double>> tcp_round_trips_us(uint64_t nbytes, int iterations);
 

@@ -10,6 +10,7 @@ import importlib
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "transfer": ("banaserve_ext.bench.transfer", "transfer engine vs Mooncake TE (two processes)"),
     "cuda": ("banaserve_ext.bench.cuda", "GPU data paths vs cudaMemcpy (needs a CUDA build + GPU)"),
+    "store": ("banaserve_ext.bench.store", "shared-memory KV pool vs Mooncake Store"),
 }
 
 

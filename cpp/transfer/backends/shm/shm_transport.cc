@@ -42,6 +42,8 @@ using shm::RunCursor;
 
 constexpr size_t kMaxIov = IOV_MAX;
 constexpr uint64_t kMinPartNbytes = uint64_t{128} << 10;
+constexpr uint64_t kPartNbytes = uint64_t{512} << 10;  // target size of a claimable part
+constexpr size_t kMaxParts = 64;
 constexpr uint64_t kDeliverySpinNs = 20000;  // spin this long after the last notice, then sleep
 constexpr int kDeliverySleepMs = 100;        // futex wait bound (stop() also wakes explicitly)
 
@@ -198,25 +200,28 @@ struct PeerState {
   }
 };
 
-/// One posted batch as the backend tracks it.
-struct Job {
-  std::shared_ptr<Batch> batch;
-  std::shared_ptr<PeerState> peer;
-  Op op = Op::kWrite;
-  bool notify = false;
-  std::atomic<uint32_t> parts_left{1};
-  std::mutex mu;
-  Status first_error;  // guarded by mu
-};
-
 struct Part {
   std::vector<ResolvedRun> mapped;  // memcpy through our mapping of the peer's memfd
   std::vector<ResolvedRun> cma;     // process_vm_writev / process_vm_readv
 };
 
+/// One posted batch as the backend tracks it. Big batches are cut into parts; whoever runs next
+/// (a copy worker, or the posting thread helping) claims the next unclaimed part.
+struct Job {
+  std::shared_ptr<Batch> batch;
+  std::shared_ptr<PeerState> peer;
+  Op op = Op::kWrite;
+  bool notify = false;
+  std::vector<Part> parts;
+  std::atomic<uint32_t> next_part{0};
+  std::atomic<uint32_t> parts_left{1};
+  std::mutex mu;
+  Status first_error;  // guarded by mu
+};
+
+/// A token in the workers' queue: "claim a part of this job" (a no-op once all are claimed).
 struct WorkItem {
   std::shared_ptr<Job> job;
-  Part part;
 };
 
 uint64_t part_nbytes(const Part& part) {
@@ -297,6 +302,7 @@ struct ShmTransport::Impl {
                   uint64_t budget, uint64_t* moved);
   void finish_part(const std::shared_ptr<Job>& job, Status st, uint64_t nbytes);
   Status push_notice(Job& job, const Status& overall);
+  bool run_next_part(const std::shared_ptr<Job>& job);
   void worker_loop();
 
   // ---- control ---------------------------------------------------------------------------
@@ -454,6 +460,15 @@ void ShmTransport::Impl::finish_part(const std::shared_ptr<Job>& job, Status st,
   job->batch->complete_part(st);
 }
 
+bool ShmTransport::Impl::run_next_part(const std::shared_ptr<Job>& job) {
+  uint32_t i = job->next_part.fetch_add(1, std::memory_order_acq_rel);
+  if (i >= job->parts.size()) return false;
+  Part& part = job->parts[i];
+  Status st = run_part(*job, part);
+  finish_part(job, st, part_nbytes(part));
+  return true;
+}
+
 void ShmTransport::Impl::worker_loop() {
   for (;;) {
     WorkItem item;
@@ -464,9 +479,8 @@ void ShmTransport::Impl::worker_loop() {
       item = std::move(queue.front());
       queue.pop_front();
     }
-    uint64_t nbytes = part_nbytes(item.part);
-    Status st = run_part(*item.job, item.part);
-    finish_part(item.job, st, nbytes);
+    while (run_next_part(item.job)) {
+    }
   }
 }
 
@@ -632,7 +646,12 @@ void ShmTransport::stop() {
     std::lock_guard<std::mutex> lock(m.q_mu);
     left.swap(m.queue);
   }
-  for (auto& item : left) m.finish_part(item.job, unavailable("shm: transport stopped"), 0);
+  for (auto& item : left) {
+    const auto& job = item.job;
+    while (job->next_part.fetch_add(1, std::memory_order_acq_rel) < job->parts.size()) {
+      m.finish_part(job, unavailable("shm: transport stopped"), 0);
+    }
+  }
 
   {
     std::lock_guard<std::mutex> lock(m.live_mu);
@@ -779,24 +798,46 @@ void ShmTransport::post(const PeerRecord& peer, std::shared_ptr<Batch> batch,
     return;
   }
 
-  auto bounds = split_runs(&runs, m.workers.size(), kMinPartNbytes);
-  std::vector<WorkItem> items(bounds.size());
+  // Tagged batches (layer-wise streams) stay asynchronous so the next layer's compute overlaps
+  // the copy. Untagged ones are typically waited for at once: the posting thread helps copy,
+  // which also keeps throughput up when the workers are slow to be scheduled (busy box).
+  // Parts are small (about kPartNbytes) and claimed one at a time, so a thread that gets
+  // preempted holds back little of the batch while the others take the rest.
+  const bool helping = !job->notify;
+  const size_t threads = m.workers.size() + (helping ? 1 : 0);
+  const size_t max_parts =
+      std::clamp<size_t>(static_cast<size_t>(total / kPartNbytes), threads, kMaxParts);
+  auto bounds = split_runs(&runs, max_parts, kMinPartNbytes);
+  job->parts.resize(bounds.size());
   for (size_t i = 0; i < bounds.size(); ++i) {
-    items[i].job = job;
     Status st = m.resolve(peer, *ps, runs.data() + bounds[i].first,
-                          bounds[i].second - bounds[i].first, &items[i].part);
+                          bounds[i].second - bounds[i].first, &job->parts[i]);
     if (!st.ok()) {
+      job->parts.clear();
       m.finish_part(job, st, 0);  // nothing has moved; the batch has one part
       return;
     }
   }
-  job->parts_left.store(static_cast<uint32_t>(items.size()), std::memory_order_release);
-  if (items.size() != 1) batch->set_parts(static_cast<uint32_t>(items.size()));
-  {
-    std::lock_guard<std::mutex> lock(m.q_mu);
-    for (auto& item : items) m.queue.push_back(std::move(item));
+  const auto nparts = static_cast<uint32_t>(job->parts.size());
+  job->parts_left.store(nparts, std::memory_order_release);
+  if (nparts != 1) batch->set_parts(nparts);
+  const auto tokens = static_cast<uint32_t>(
+      std::min<size_t>(m.workers.size(), helping ? nparts - 1 : nparts));
+  if (tokens > 0) {
+    {
+      std::lock_guard<std::mutex> lock(m.q_mu);
+      for (uint32_t i = 0; i < tokens; ++i) m.queue.push_back(WorkItem{job});
+    }
+    if (tokens == 1) {
+      m.q_cv.notify_one();
+    } else {
+      m.q_cv.notify_all();
+    }
   }
-  m.q_cv.notify_all();
+  if (helping) {
+    while (m.run_next_part(job)) {
+    }
+  }
 }
 
 std::unique_ptr<Transport> make_shm_transport() { return std::make_unique<ShmTransport>(); }

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cerrno>
 #include <condition_variable>
 #include <cstring>
@@ -187,10 +188,58 @@ IoResult recv_list(int fd, IovList& list, const std::atomic<bool>& stop, IoGate*
   return r;
 }
 
+/// Receives exactly n bytes into one buffer (headers, tables, trailers: no allocation).
 IoResult recv_exact(int fd, void* buf, size_t n, const std::atomic<bool>& stop) {
-  IovList list;
-  list.add(buf, n);
-  return recv_list(fd, list, stop, nullptr);
+  IoResult r;
+  uint8_t* p = static_cast<uint8_t*>(buf);
+  while (r.done < n) {
+    ssize_t k = ::recv(fd, p + r.done, n - r.done, 0);
+    if (k > 0) {
+      r.done += static_cast<uint64_t>(k);
+      continue;
+    }
+    if (k == 0) {
+      r.end = IoEnd::kEof;
+      return r;
+    }
+    int err = errno;
+    if (transient(err)) {
+      if (stop.load(std::memory_order_acquire)) {
+        r.end = IoEnd::kStopped;
+        return r;
+      }
+      continue;
+    }
+    r.end = IoEnd::kError;
+    r.err = err;
+    return r;
+  }
+  return r;
+}
+
+/// Sends exactly n bytes from one buffer (acks: no allocation).
+IoResult send_exact(int fd, const void* buf, size_t n, const std::atomic<bool>& stop) {
+  IoResult r;
+  const uint8_t* p = static_cast<const uint8_t*>(buf);
+  while (r.done < n) {
+    ssize_t k = ::send(fd, p + r.done, n - r.done, MSG_NOSIGNAL);
+    if (k > 0) {
+      r.done += static_cast<uint64_t>(k);
+      continue;
+    }
+    int err = k == 0 ? EPIPE : errno;
+    if (k < 0 && transient(err)) {
+      if (stop.load(std::memory_order_acquire)) {
+        r.end = IoEnd::kStopped;
+        return r;
+      }
+      continue;
+    }
+    r.end = IoEnd::kError;
+    r.err = err;
+    return r;
+  }
+  return r;
 }
 
 /// Reads and throws away n bytes.
@@ -900,7 +949,10 @@ void TcpTransport::Impl::listen_loop() {
     int rc = ::poll(&p, 1, 200);
     if (rc <= 0) continue;
     int fd = ::accept4(listen_fd, nullptr, nullptr, SOCK_CLOEXEC);
-    if (fd < 0) continue;
+    if (fd < 0) {
+      if (!transient(errno)) std::this_thread::sleep_for(std::chrono::milliseconds(10));  // EMFILE...
+      continue;
+    }
     set_stream_options(fd);
     std::lock_guard<std::mutex> lock(conns_mu);
     reap_locked();
@@ -926,11 +978,11 @@ Status TcpTransport::Impl::reply(int fd, w::FrameType type, uint64_t frame_id, c
   if (msg.size() > w::kMaxMessageBytes) msg.resize(w::kMaxMessageBytes);
   h.payload_nbytes = msg.size();
   w::encode_header(h, hb);
+  if (msg.empty()) return io_status(send_exact(fd, hb, sizeof(hb), stopping), "tcp: reply");
   IovList out;
   out.add(hb, sizeof(hb));
   out.add(msg.data(), msg.size());
-  IoResult r = send_list(fd, out, stopping, nullptr);
-  return io_status(r, "tcp: reply");
+  return io_status(send_list(fd, out, stopping, nullptr), "tcp: reply");
 }
 
 Status TcpTransport::Impl::validate(const std::vector<w::WireRun>& runs) const {
@@ -1158,6 +1210,10 @@ Status TcpTransport::start(const TransportContext& ctx) {
     return BANASERVE_INVALID("tcp transport: incomplete TransportContext");
   }
   m.ctx = ctx;
+  if (m.self_id().size() > w::kMaxEngineIdBytes) {
+    return BANASERVE_INVALID("tcp transport: engine_id longer than " +
+                             std::to_string(w::kMaxEngineIdBytes) + " bytes");
+  }
   m.host = ctx.config != nullptr ? ctx.config->tcp_host : "127.0.0.1";
   uint16_t want = ctx.config != nullptr ? ctx.config->tcp_port : 0;
   sockaddr_in addr;

@@ -1,0 +1,369 @@
+// SPDX-License-Identifier: Apache-2.0
+// Single-process behaviour of the shared-memory pool: put/get/exists, two-phase put, typed
+// errors, eviction, pinning, attach/close.
+#include <atomic>
+#include <thread>
+
+#include "check.h"
+#include "pool_util.h"
+
+using namespace banaserve;
+using namespace banaserve::kvpool;
+using namespace banaserve::kvpool::testing;
+
+namespace {
+
+std::unique_ptr<Pool> make_pool(const std::string& name, uint64_t pages, uint32_t page_size,
+                                uint32_t max_key_len = 64) {
+  (void)Pool::unlink(name);
+  PoolOptions opts;
+  opts.capacity_bytes = pages * page_size;
+  opts.page_size = page_size;
+  opts.max_key_len = max_key_len;
+  opts.max_clients = 8;
+  opts.ops_per_client = 4;
+  opts.populate = false;
+  auto pool = Pool::create(name, opts);
+  if (!pool.ok()) {
+    std::fprintf(stderr, "create failed: %s\n", pool.status().to_string().c_str());
+    std::abort();
+  }
+  return std::move(pool).value();
+}
+
+}  // namespace
+
+KV_TEST(put_then_get_round_trips_and_exists_counts_leading_hits) {
+  std::string name = unique_name("roundtrip");
+  auto pool = make_pool(name, 64, 4096);
+  Keys keys(key_range(0, 10));
+  Pages src(10, 4096);
+  for (int i = 0; i < 10; ++i) fill_page(src.page(i), 4096, i);
+  std::vector<uint8_t> results(10, 99);
+  KV_CHECK_OK(pool->put(keys.list(), src.io(), results.data()));
+  for (int i = 0; i < 10; ++i) KV_CHECK_EQ(results[i], uint8_t(PutResult::kStored));
+
+  Keys probe({key_of(0), key_of(1), "missing", key_of(3)});
+  std::vector<uint8_t> found(4);
+  size_t leading = 0;
+  KV_CHECK_OK(pool->exists(probe.list(), found.data(), &leading));
+  KV_CHECK_EQ(leading, 2u);
+  KV_CHECK_EQ(found[2], 0);
+  KV_CHECK_EQ(found[3], 1);
+  KV_CHECK_OK(pool->exists(probe.list(), nullptr, &leading));
+  KV_CHECK_EQ(leading, 2u);
+
+  Pages dst(4, 4096);
+  size_t hits = 0;
+  KV_CHECK_OK(pool->get(probe.list(), dst.io(), found.data(), &hits));
+  KV_CHECK_EQ(hits, 3u);
+  KV_CHECK(check_page(dst.page(0), 4096, 0));
+  KV_CHECK(check_page(dst.page(1), 4096, 1));
+  KV_CHECK(check_page(dst.page(3), 4096, 3));
+  KV_CHECK_EQ(found[2], 0);
+
+  auto st = pool->stats();
+  KV_CHECK(st.ok());
+  KV_CHECK_EQ(st->committed_pages, 10u);
+  KV_CHECK_EQ(st->hits, 3u);
+  KV_CHECK_EQ(st->misses, 1u);
+  KV_CHECK_EQ(st->free_pages, 54u);
+  KV_CHECK_OK(Pool::unlink(name));
+}
+
+KV_TEST(second_writer_of_a_key_learns_it_exists) {
+  std::string name = unique_name("dup");
+  auto pool = make_pool(name, 16, 256);
+  Keys keys({"a", "b"});
+  Pages src(2, 256);
+  fill_page(src.page(0), 256, 1);
+  fill_page(src.page(1), 256, 2);
+  std::vector<uint8_t> r(2);
+  KV_CHECK_OK(pool->put(keys.list(), src.io(), r.data()));
+  fill_page(src.page(0), 256, 7);
+  KV_CHECK_OK(pool->put(keys.list(), src.io(), r.data()));
+  KV_CHECK_EQ(r[0], uint8_t(PutResult::kExists));
+  Pages dst(2, 256);
+  KV_CHECK_OK(pool->get(keys.list(), dst.io(), nullptr, nullptr));
+  KV_CHECK(check_page(dst.page(0), 256, 1));  // first writer's value kept
+  KV_CHECK_OK(Pool::unlink(name));
+}
+
+KV_TEST(reserved_pages_are_invisible_until_commit_and_concurrent_reservers_lose) {
+  std::string name = unique_name("twophase");
+  auto pool = make_pool(name, 16, 256);
+  auto other = Pool::open(name);
+  KV_CHECK(other.ok());
+  Keys keys({"k"});
+  uint32_t slot = kNone;
+  uint8_t result = 99;
+  KV_CHECK_OK(pool->reserve(keys.list(), &slot, &result));
+  KV_CHECK_EQ(result, uint8_t(PutResult::kStored));
+  KV_CHECK(slot != kNone);
+
+  size_t leading = 9;
+  KV_CHECK_OK(other.value()->exists(keys.list(), nullptr, &leading));
+  KV_CHECK_EQ(leading, 0u);
+  Pages dst(1, 256);
+  size_t hits = 9;
+  KV_CHECK_OK(other.value()->get(keys.list(), dst.io(), nullptr, &hits));
+  KV_CHECK_EQ(hits, 0u);
+  // A second client (same process, other record) reserving the same key is told it is in flight.
+  uint32_t slot2 = 0;
+  uint8_t result2 = 99;
+  KV_CHECK_OK(other.value()->reserve(keys.list(), &slot2, &result2));
+  KV_CHECK_EQ(result2, uint8_t(PutResult::kInFlight));
+  KV_CHECK_EQ(slot2, kNone);
+  // Another client cannot write into or commit my reservation.
+  KV_CHECK(!other.value()->page_address(slot).ok());
+  KV_CHECK(!other.value()->commit(&slot, 1).ok());
+
+  auto addr = pool->page_address(slot);
+  KV_CHECK(addr.ok());
+  fill_page(addr.value(), 256, 42);
+  KV_CHECK_OK(pool->commit(&slot, 1));
+  KV_CHECK_OK(other.value()->get(keys.list(), dst.io(), nullptr, &hits));
+  KV_CHECK_EQ(hits, 1u);
+  KV_CHECK(check_page(dst.page(0), 256, 42));
+
+  // Abort frees the page and the key.
+  Keys k2({"k2"});
+  KV_CHECK_OK(pool->reserve(k2.list(), &slot, &result));
+  KV_CHECK_OK(pool->abort(&slot, 1));
+  KV_CHECK_OK(pool->exists(k2.list(), nullptr, &leading));
+  KV_CHECK_EQ(leading, 0u);
+  KV_CHECK_EQ(pool->stats()->reserved_pages, 0u);
+  KV_CHECK_OK(Pool::unlink(name));
+}
+
+KV_TEST(bad_keys_and_page_sizes_are_invalid_argument) {
+  std::string name = unique_name("bad");
+  auto pool = make_pool(name, 8, 512, 16);
+  Keys too_long({std::string(17, 'x')});
+  Keys empty({""});
+  Pages src(1, 512);
+  std::vector<uint8_t> r(1);
+  Status s = pool->put(too_long.list(), src.io(), r.data());
+  KV_CHECK(s.code() == StatusCode::kInvalidArgument);
+  KV_CHECK(s.message().find("at most 16") != std::string::npos);
+  KV_CHECK(pool->put(empty.list(), src.io(), r.data()).code() == StatusCode::kInvalidArgument);
+  size_t leading = 0;
+  KV_CHECK(pool->exists(too_long.list(), nullptr, &leading).code() ==
+           StatusCode::kInvalidArgument);
+  Keys ok({"fine"});
+  uint64_t wrong_len = 256;
+  IoList wrong{src.addrs.data(), &wrong_len, 1};
+  s = pool->put(ok.list(), wrong, r.data());
+  KV_CHECK(s.code() == StatusCode::kInvalidArgument);
+  KV_CHECK(s.message().find("page size is 512") != std::string::npos);
+  KV_CHECK(pool->get(ok.list(), wrong, nullptr, nullptr).code() == StatusCode::kInvalidArgument);
+  KV_CHECK_EQ(pool->stats()->committed_pages, 0u);
+  KV_CHECK(Pool::open("bad name!").status().code() == StatusCode::kInvalidArgument);
+  KV_CHECK(Pool::open("no-such-pool-xyz").status().code() == StatusCode::kNotFound);
+  PoolOptions opts;
+  opts.capacity_bytes = 4096;
+  opts.page_size = 512;
+  KV_CHECK(Pool::create(name, opts).status().code() == StatusCode::kAlreadyExists);
+  opts.page_size = 8192;
+  KV_CHECK(Pool::create(name + "x", opts).status().code() == StatusCode::kInvalidArgument);
+  KV_CHECK_OK(Pool::unlink(name));
+}
+
+KV_TEST(split_pages_scatter_and_gather_in_pieces) {
+  std::string name = unique_name("pieces");
+  auto pool = make_pool(name, 8, 1000);
+  std::vector<uint8_t> a(2 * 600), b(2 * 400);  // two "layers": 600 + 400 bytes per page
+  for (size_t i = 0; i < a.size(); ++i) a[i] = static_cast<uint8_t>(i * 7);
+  for (size_t i = 0; i < b.size(); ++i) b[i] = static_cast<uint8_t>(i * 13 + 1);
+  std::vector<uint64_t> addrs = {reinterpret_cast<uint64_t>(a.data()), reinterpret_cast<uint64_t>(b.data()),
+                                 reinterpret_cast<uint64_t>(a.data() + 600),
+                                 reinterpret_cast<uint64_t>(b.data() + 400)};
+  std::vector<uint64_t> lens = {600, 400};
+  IoList io{addrs.data(), lens.data(), 2};
+  Keys keys({"p0", "p1"});
+  std::vector<uint8_t> r(2);
+  KV_CHECK_OK(pool->put(keys.list(), io, r.data()));
+  std::vector<uint8_t> a2(a.size()), b2(b.size());
+  std::vector<uint64_t> out = {reinterpret_cast<uint64_t>(a2.data()), reinterpret_cast<uint64_t>(b2.data()),
+                               reinterpret_cast<uint64_t>(a2.data() + 600),
+                               reinterpret_cast<uint64_t>(b2.data() + 400)};
+  IoList dst{out.data(), lens.data(), 2};
+  size_t hits = 0;
+  KV_CHECK_OK(pool->get(keys.list(), dst, nullptr, &hits));
+  KV_CHECK_EQ(hits, 2u);
+  KV_CHECK(a == a2);
+  KV_CHECK(b == b2);
+  // Whole-page read returns the pieces concatenated.
+  Pages whole(1, 1000);
+  Keys k1({"p1"});
+  KV_CHECK_OK(pool->get(k1.list(), whole.io(), nullptr, &hits));
+  KV_CHECK(std::memcmp(whole.page(0), a.data() + 600, 600) == 0);
+  KV_CHECK(std::memcmp(whole.page(0) + 600, b.data() + 400, 400) == 0);
+  KV_CHECK_OK(Pool::unlink(name));
+}
+
+KV_TEST(eviction_at_the_high_watermark_keeps_recent_pages) {
+  std::string name = unique_name("evict");
+  auto pool = make_pool(name, 100, 128);
+  Pages src(1, 128);
+  std::vector<uint8_t> r(1);
+  for (int i = 0; i < 300; ++i) {
+    fill_page(src.page(0), 128, i);
+    Keys k({key_of(i)});
+    KV_CHECK_OK(pool->put(k.list(), src.io(), r.data()));
+    KV_CHECK_EQ(r[0], uint8_t(PutResult::kStored));
+  }
+  auto st = pool->stats();
+  KV_CHECK(st->committed_pages <= 95u);
+  KV_CHECK(st->evictions >= 200u);
+  KV_CHECK_EQ(st->committed_pages + st->free_pages, 100u);
+  // The most recent key survives and still reads back intact.
+  Keys last({key_of(299)});
+  Pages dst(1, 128);
+  size_t hits = 0;
+  KV_CHECK_OK(pool->get(last.list(), dst.io(), nullptr, &hits));
+  KV_CHECK_EQ(hits, 1u);
+  KV_CHECK(check_page(dst.page(0), 128, 299));
+  // Every surviving key still holds its own data.
+  Keys all(key_range(0, 300));
+  Pages many(300, 128);
+  std::vector<uint8_t> found(300);
+  KV_CHECK_OK(pool->get(all.list(), many.io(), found.data(), &hits));
+  KV_CHECK_EQ(hits, st->committed_pages);
+  for (int i = 0; i < 300; ++i) {
+    if (found[i]) KV_CHECK(check_page(many.page(i), 128, i));
+  }
+  KV_CHECK_OK(Pool::unlink(name));
+}
+
+KV_TEST(full_pool_of_reserved_pages_reports_no_space_without_hanging) {
+  std::string name = unique_name("full");
+  auto pool = make_pool(name, 8, 64);
+  Keys keys(key_range(0, 8));
+  std::vector<uint32_t> slots(8);
+  std::vector<uint8_t> r(8);
+  KV_CHECK_OK(pool->reserve(keys.list(), slots.data(), r.data()));
+  auto other = Pool::open(name);
+  Keys more({"extra"});
+  Pages src(1, 64);
+  uint8_t res = 99;
+  KV_CHECK_OK(other.value()->put(more.list(), src.io(), &res));
+  KV_CHECK_EQ(res, uint8_t(PutResult::kNoSpace));
+  KV_CHECK_EQ(other.value()->stats()->put_no_space, 1u);
+  KV_CHECK_OK(pool->commit(slots.data(), 8));
+  KV_CHECK_OK(other.value()->put(more.list(), src.io(), &res));  // now evictable
+  KV_CHECK_EQ(res, uint8_t(PutResult::kStored));
+  KV_CHECK_OK(Pool::unlink(name));
+}
+
+KV_TEST(a_page_being_read_is_never_evicted) {
+  // A reader copies a large page over and over while a writer floods a 4-page pool: CLOCK passes
+  // the hot page many times (clearing its reference bit), so only the pin keeps it alive mid-copy.
+  std::string name = unique_name("pin");
+  const uint32_t page = 8 << 20;
+  auto pool = make_pool(name, 4, page);
+  Pages src(1, page);
+  std::vector<uint8_t> r(1);
+  fill_page(src.page(0), page, 5);
+  Keys hot({"hot"});
+  KV_CHECK_OK(pool->put(hot.list(), src.io(), r.data()));
+  std::atomic<bool> stop{false};
+  std::atomic<int> bad{0}, reads{0};
+  std::thread reader([&] {
+    auto p = Pool::open(name);
+    Pages dst(1, page);
+    while (!stop.load()) {
+      size_t hits = 0;
+      if (!p.value()->get(hot.list(), dst.io(), nullptr, &hits).ok()) bad++;
+      if (hits == 1) {
+        reads++;
+        if (!check_page(dst.page(0), page, 5)) bad++;
+      } else {
+        // evicted between reads (allowed): put it back so the race continues
+        fill_page(src.page(0), page, 5);
+      }
+    }
+  });
+  Pages junk(1, page);
+  fill_page(junk.page(0), page, 77);
+  for (int i = 0; i < 150; ++i) {
+    Keys k({key_of(i)});
+    KV_CHECK_OK(pool->put(k.list(), junk.io(), r.data()));
+    if (i % 3 == 0) KV_CHECK_OK(pool->put(hot.list(), src.io(), r.data()));
+  }
+  stop = true;
+  reader.join();
+  KV_CHECK_EQ(bad.load(), 0);
+  KV_CHECK(reads.load() > 0);
+  KV_CHECK_OK(Pool::unlink(name));
+}
+
+KV_TEST(closed_pool_fails_with_unavailable) {
+  std::string name = unique_name("closed");
+  auto pool = make_pool(name, 4, 64);
+  auto client = Pool::open(name);
+  KV_CHECK(client.ok());
+  KV_CHECK_OK(pool->close_segment());
+  Keys k({"a"});
+  size_t leading = 0;
+  Status s = client.value()->exists(k.list(), nullptr, &leading);
+  KV_CHECK(s.code() == StatusCode::kUnavailable);
+  KV_CHECK(Pool::open(name).status().code() == StatusCode::kUnavailable);
+  KV_CHECK_OK(Pool::unlink(name));
+}
+
+KV_TEST(remove_and_clear_free_committed_pages) {
+  std::string name = unique_name("remove");
+  auto pool = make_pool(name, 16, 64);
+  Keys keys(key_range(0, 6));
+  Pages src(6, 64);
+  std::vector<uint8_t> r(6);
+  KV_CHECK_OK(pool->put(keys.list(), src.io(), r.data()));
+  Keys two({key_of(1), key_of(2), "nope"});
+  size_t removed = 0;
+  KV_CHECK_OK(pool->remove(two.list(), &removed));
+  KV_CHECK_EQ(removed, 2u);
+  KV_CHECK_OK(pool->clear(&removed));
+  KV_CHECK_EQ(removed, 4u);
+  KV_CHECK_EQ(pool->stats()->free_pages, 16u);
+  KV_CHECK_OK(Pool::unlink(name));
+}
+
+KV_TEST(pinned_pages_are_readable_in_place_and_never_evicted) {
+  std::string name = unique_name("pinapi");
+  auto pool = make_pool(name, 4, 128);
+  Keys keys(key_range(0, 4));
+  Pages src(4, 128);
+  for (int i = 0; i < 4; ++i) fill_page(src.page(i), 128, i);
+  std::vector<uint8_t> r(4);
+  KV_CHECK_OK(pool->put(keys.list(), src.io(), r.data()));
+  Keys probe({key_of(0), key_of(1), key_of(2), key_of(3), "absent"});
+  std::vector<uint64_t> addrs(5);
+  auto handle = pool->pin(probe.list(), addrs.data());
+  KV_CHECK(handle.ok());
+  KV_CHECK_EQ(addrs[4], 0u);
+  for (int i = 0; i < 4; ++i) {
+    KV_CHECK(check_page(reinterpret_cast<const uint8_t*>(addrs[i]), 128, i));
+  }
+  // Full pool, every page pinned: a put is refused, not blocked, and nothing is evicted.
+  Keys more({"new"});
+  uint8_t res = 99;
+  KV_CHECK_OK(pool->put(more.list(), src.io(), &res));
+  KV_CHECK_EQ(res, uint8_t(PutResult::kNoSpace));
+  size_t removed = 9;
+  KV_CHECK_OK(pool->remove(keys.list(), &removed));
+  KV_CHECK_EQ(removed, 0u);
+  KV_CHECK_EQ(pool->stats()->pinned_pages, 4u);
+  KV_CHECK_OK(pool->unpin(handle.value()));
+  KV_CHECK(pool->unpin(handle.value()).code() == StatusCode::kNotFound);
+  KV_CHECK_OK(pool->put(more.list(), src.io(), &res));
+  KV_CHECK_EQ(res, uint8_t(PutResult::kStored));
+  // Handles run out after ops_per_client (4 here) pins: a typed error.
+  std::vector<uint32_t> held;
+  for (int i = 0; i < 4; ++i) held.push_back(pool->pin(more.list(), addrs.data()).value());
+  KV_CHECK(pool->pin(more.list(), addrs.data()).status().code() == StatusCode::kResourceExhausted);
+  for (uint32_t h : held) KV_CHECK_OK(pool->unpin(h));
+  KV_CHECK_OK(Pool::unlink(name));
+}
+
+KV_MAIN()

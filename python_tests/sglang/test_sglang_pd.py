@@ -1,0 +1,138 @@
+# SPDX-License-Identifier: Apache-2.0
+"""End to end: real SGLang prefill + decode servers with ``--disaggregation-transfer-backend
+banaserve`` behind ``sglang_router`` in PD mode, on CPU, on 127.0.0.1.
+
+One module-scoped deployment (3 SGLang servers: a single reference server, a prefill and a
+decode; the box allows at most 3) serves every test in order, so start-up is paid once.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from sglang_testbed.cluster import Cluster, generate
+
+# Server start-up dominates; on a loaded 2-core box one test can take minutes.
+pytestmark = [pytest.mark.sglang, pytest.mark.slow, pytest.mark.timeout(900)]
+
+CHUNK = 64  # --chunked-prefill-size: prompts longer than this prefill in several chunks
+
+
+def _needs_cross_process_transport() -> None:
+    from banaserve_ext.transfer import available_backends
+
+    if not {"shm", "tcp"} & set(available_backends()):
+        pytest.skip("this build of banaserve_ext._core has no cross-process transfer backend")
+
+
+def _prompts() -> list[list[int]]:
+    """≥ 20 prompts as token ids: short, medium, longer than one chunk, and a repeated prefix.
+    Ids stay below 1000 < the tiny model's vocabulary (1024)."""
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    lengths = [1, 3, 5, 8, 13, 21, 34, 50, 63, 64, 65, 90, 128, 150, 200, 257, 300, 420]
+    prompts = [rng.integers(4, 1000, size=n).tolist() for n in lengths]
+    prefix = rng.integers(4, 1000, size=150).tolist()  # shared by the next three (> 2 chunks)
+    prompts += [prefix + [11, 12], prefix + [13, 14, 15, 16], prefix]
+    return prompts
+
+
+@pytest.fixture(scope="module")
+def deployment(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    _needs_cross_process_transport()
+    cluster = Cluster(tiny_model_dir, tmp_path_factory.mktemp("pd-logs"))
+    try:
+        single, _ = cluster.server("single", wait=False, chunked_prefill_size=CHUNK)
+        # a request whose decode side never shows up fails on the prefill side after this long
+        pre_env = {"SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": "30"}
+        prefill, pproc = cluster.server(
+            "prefill", wait=False, chunked_prefill_size=CHUNK, env=pre_env
+        )
+        decode, dproc = cluster.server("decode", wait=False, env={
+            "SGLANG_DISAGGREGATION_WAITING_TIMEOUT": "60"})
+        cluster.wait_all()
+        router, _ = cluster.router([prefill], [decode])
+        yield cluster, single, prefill, pproc, decode, dproc, router
+    finally:
+        cluster.close()
+
+
+def test_pd_output_ids_match_a_single_server(deployment) -> None:
+    _, single, _, _, _, _, router = deployment
+    prompts = _prompts()
+    assert len(prompts) >= 20 and max(map(len, prompts)) > CHUNK
+    for ids in prompts:
+        want = generate(single.url, input_ids=ids, max_new_tokens=12)
+        got = generate(router.url, input_ids=ids, max_new_tokens=12)
+        assert got["output_ids"] == want["output_ids"], f"prompt of {len(ids)} tokens"
+        assert got["meta_info"]["prompt_tokens"] == len(ids)
+
+
+def test_pd_eight_concurrent_requests(deployment) -> None:
+    _, single, _, _, _, _, router = deployment
+    prompts = _prompts()[-8:]
+    want = [generate(single.url, input_ids=p, max_new_tokens=16)["output_ids"] for p in prompts]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(
+            lambda p: generate(router.url, input_ids=p, max_new_tokens=16)["output_ids"], prompts
+        ))  # fmt: skip
+    assert got == want
+
+
+def _reports_failure(prefill_log: str) -> bool:
+    marks = ("Prefill transfer failed", "Prefill bootstrap failed", "banaserve transfer of room")
+    return any(m in prefill_log for m in marks)
+
+
+def test_decode_killed_mid_transfer_prefill_reports_and_keeps_serving(deployment) -> None:
+    """Runs last: kills the decode server with requests in flight. Depending on timing the
+    prefill side meets the dead peer inside a transfer (the engine reports "shm: peer ... exited")
+    or never gets the decode's page list (bootstrap timeout); either way each request must fail
+    on the prefill side with a reason in its log, the prefill must stay healthy, and it must serve
+    a fresh decode server afterwards."""
+    cluster, single, prefill, pproc, _, dproc, router = deployment
+    long_prompt = [4 + i % 990 for i in range(900)]
+    with ThreadPoolExecutor(6) as pool:
+        futures = [
+            pool.submit(generate, router.url, input_ids=long_prompt[i:], max_new_tokens=64,
+                        retry_503_s=0.0, timeout_s=90.0)
+            for i in range(6)
+        ]  # fmt: skip
+        time.sleep(0.3)
+        cluster.stop(dproc)  # SIGTERM then SIGKILL of the whole decode process group
+        outcomes = []
+        for f in futures:
+            try:
+                outcomes.append(f.result())
+            except AssertionError as exc:  # non-200 from the router
+                outcomes.append(exc)
+    assert any(isinstance(o, AssertionError) for o in outcomes) or not dproc.alive()
+
+    # Requests that reach the prefill server now cannot be handed to the dead decode: each must
+    # fail on the prefill side with a reason, and the server must stay up.
+    deadline = time.monotonic() + 120
+    log = ""
+    while time.monotonic() < deadline:
+        log = pproc.log_path.read_text(errors="replace")
+        if _reports_failure(log):
+            break
+        try:
+            generate(router.url, input_ids=long_prompt[:50], max_new_tokens=4, retry_503_s=0.0,
+                     timeout_s=30.0)
+        except Exception:
+            pass
+        time.sleep(1.0)
+    assert _reports_failure(log), log[-3000:]
+    assert pproc.alive()
+
+    # ...and a new decode server + router pair is served by the same prefill server.
+    decode2, _ = cluster.server("decode")
+    router2, _ = cluster.router([prefill], [decode2])
+    ids = _prompts()[12]
+    want = generate(single.url, input_ids=ids, max_new_tokens=12)
+    got = generate(router2.url, input_ids=ids, max_new_tokens=12)
+    assert got["output_ids"] == want["output_ids"]

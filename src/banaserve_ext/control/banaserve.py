@@ -1,0 +1,262 @@
+# SPDX-License-Identifier: Apache-2.0
+"""BanaServe's rebalancing controller, as a plain object.
+
+It sees per-instance views (utilisation over the last window, KV use, layers held) and returns
+actions; a runtime (the simulator's actuator, later the live controller) carries them out.
+
+Decision per tick:
+
+1. **Role flip** when one tier's mean utilisation stays above ``flip_high`` for ``persist``
+   windows while the other tier, after losing one instance, would stay below ``flip_low``
+   (``U * n / (n - 1)``): the idlest instance of the idle tier drains and changes role
+   (coarse, the Splitwise/TetriInfer move). The gap between the two thresholds is the
+   hysteresis that keeps a flip from undoing itself.
+2. Otherwise, when the busiest and the idlest instance stay more than ``high`` apart for
+   ``persist`` windows, solve ``min over plans of max_g U_g(plan)`` subject to
+   ``migration_latency(plan) <= budget_s`` over
+
+   * **layer-level migration** of a contiguous block of ``k`` layers with their weights and KV
+     (``latency = k * (W_layer + KV_layer) / bandwidth + sync``; the donor's iteration time falls
+     by ``k/L``, the receiver lends that share of its time), and
+   * **attention-level migration** of a share ``phi`` of a decode instance's KV and attention
+     (``latency = phi * KV / bandwidth``; per step the two exchange partial outputs and softmax
+     statistics, a fixed ``exchange_s``).
+
+3. **Hysteresis and cool-down**: nothing fires until the imbalance persisted, no two actions
+   within ``cooldown_s``, and a migration is undone only when the imbalance has reversed by more
+   than ``low`` (not as soon as it shrinks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..errors import InvalidArgumentError
+
+
+@dataclass
+class InstanceView:
+    idx: int
+    role: str  # "prefill" | "decode" | "colocated"
+    util: float  # busy share of the last window, 0..1
+    kv_frac: float = 0.0
+    kv_tokens: int = 0
+    layers_held: int = 0
+    #: share of this instance's step time that is decode attention (for attention migration)
+    attn_share: float = 0.0
+    accepting: bool = True
+
+
+@dataclass(frozen=True)
+class MigrateLayers:
+    src: int
+    dst: int
+    layers: int
+    latency_s: float
+
+
+@dataclass(frozen=True)
+class MigrateAttention:
+    src: int
+    dst: int
+    fraction: float
+    latency_s: float
+
+
+@dataclass(frozen=True)
+class FlipRole:
+    idx: int
+    new_role: str
+
+
+@dataclass(frozen=True)
+class Revert:
+    """Undo the migration ``index`` of :attr:`BanaServeController.active`."""
+
+    src: int
+    dst: int
+
+
+@dataclass
+class BanaServeConfig:
+    high: float = 0.3
+    low: float = 0.1
+    flip_high: float = 0.9
+    flip_low: float = 0.7
+    persist: int = 3
+    cooldown_s: float = 10.0
+    budget_s: float = 1.0
+    bandwidth_Bps: float = 50e9
+    sync_s: float = 0.005
+    max_layer_frac: float = 0.5
+    attn_fractions: tuple[float, ...] = (0.25, 0.5)
+    min_gain: float = 0.05
+    #: no action before this time (the first windows are the warm-up transient)
+    warmup_s: float = 0.0
+
+    def validate(self) -> None:
+        if not 0 <= self.low < self.high:
+            raise InvalidArgumentError(f"need 0 <= low < high, got {self.low}, {self.high}")
+        if self.persist < 1 or self.cooldown_s < 0 or self.budget_s <= 0:
+            raise InvalidArgumentError("persist >= 1, cooldown_s >= 0, budget_s > 0 required")
+        if self.bandwidth_Bps <= 0:
+            raise InvalidArgumentError("bandwidth_Bps must be > 0")
+
+
+@dataclass
+class _Active:
+    action: MigrateLayers | MigrateAttention
+    since: float
+
+
+@dataclass
+class BanaServeController:
+    total_layers: int
+    weight_bytes_per_layer: int
+    kv_bytes_per_token_layer: int
+    config: BanaServeConfig = field(default_factory=BanaServeConfig)
+    active: list[_Active] = field(default_factory=list)
+    decisions: list[tuple[float, object]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.config.validate()
+        if self.total_layers < 1:
+            raise InvalidArgumentError("total_layers must be >= 1")
+        self._imb_ticks = 0
+        self._flip_ticks = 0
+        self._rev_ticks = 0
+        self._last_action = float("-inf")
+
+    # -- costs -------------------------------------------------------------------------------
+    def layer_latency(self, k: int, kv_tokens: int) -> float:
+        c = self.config
+        nbytes = k * (self.weight_bytes_per_layer + self.kv_bytes_per_token_layer * kv_tokens)
+        return nbytes / c.bandwidth_Bps + c.sync_s
+
+    def attention_latency(self, fraction: float, kv_tokens: int) -> float:
+        nbytes = fraction * kv_tokens * self.kv_bytes_per_token_layer * self.total_layers
+        return nbytes / self.config.bandwidth_Bps + self.config.sync_s
+
+    # -- the decision ------------------------------------------------------------------------
+    def plan(self, views: Sequence[InstanceView], now_s: float) -> list[object]:
+        c = self.config
+        live = [v for v in views if v.accepting]
+        if len(live) < 2:
+            return []
+        if now_s - self._last_action < c.cooldown_s or now_s < c.warmup_s:
+            return []
+        acts = self._maybe_flip(live)
+        if acts:
+            return self._commit(acts, now_s)
+        acts = self._maybe_revert(views)
+        if acts:
+            return self._commit(acts, now_s)
+        hi = max(live, key=lambda v: v.util)
+        # layers move within a tier (a prefill hot spot to the idlest prefill instance); a hot
+        # decode instance lends attention to the idlest instance of any role
+        peers = [v for v in live if v.idx != hi.idx and (v.role == hi.role or hi.role == "decode")]
+        if not peers:
+            self._imb_ticks = 0
+            return []
+        lo = min(peers, key=lambda v: v.util)
+        if hi.util - lo.util > c.high:
+            self._imb_ticks += 1
+        else:
+            self._imb_ticks = 0
+        if self._imb_ticks < c.persist:
+            return []
+        if any(a.action.src == hi.idx or a.action.dst == lo.idx for a in self.active):
+            return []
+        best = self.solve(live, hi, lo)
+        if best is None:
+            return []
+        self._imb_ticks = 0
+        return self._commit([best], now_s)
+
+    def solve(self, views: Sequence[InstanceView], hi: InstanceView, lo: InstanceView
+              ) -> MigrateLayers | MigrateAttention | None:
+        """min over plans of max_g U_g(plan), subject to latency(plan) <= budget."""
+        c = self.config
+        others = max((v.util for v in views if v.idx not in (hi.idx, lo.idx)), default=0.0)
+        current = max(hi.util, lo.util, others)
+        best: tuple[float, float, MigrateLayers | MigrateAttention] | None = None
+        held = hi.layers_held or self.total_layers
+        # layer migration pipelines prefill chunks across two instances; a decode step cannot
+        # pipeline with itself, so hot decode instances get attention migration instead
+        max_k = max(0, int(held * c.max_layer_frac)) if hi.role != "decode" else 0
+        for k in range(1, max_k + 1):
+            lat = self.layer_latency(k, hi.kv_tokens)
+            if lat > c.budget_s:
+                break
+            moved = hi.util * k / self.total_layers
+            peak = max(hi.util - moved, lo.util + moved, others)
+            cand = (peak, lat, MigrateLayers(hi.idx, lo.idx, k, lat))
+            if best is None or cand[:2] < best[:2]:
+                best = cand
+        if hi.role == "decode" and hi.attn_share > 0:
+            for phi in c.attn_fractions:
+                lat = self.attention_latency(phi, hi.kv_tokens)
+                if lat > c.budget_s:
+                    continue
+                moved = hi.util * phi * hi.attn_share
+                peak = max(hi.util - moved, lo.util + moved, others)
+                cand = (peak, lat, MigrateAttention(hi.idx, lo.idx, phi, lat))
+                if best is None or cand[:2] < best[:2]:
+                    best = cand
+        if best is None or current - best[0] < c.min_gain:
+            return None
+        return best[2]
+
+    def _maybe_flip(self, live: Sequence[InstanceView]) -> list[object]:
+        pre = [v for v in live if v.role == "prefill"]
+        dec = [v for v in live if v.role == "decode"]
+        if not pre or not dec:
+            return []
+        c = self.config
+        up = sum(v.util for v in pre) / len(pre)
+        ud = sum(v.util for v in dec) / len(dec)
+        after_d = ud * len(dec) / (len(dec) - 1) if len(dec) > 1 else float("inf")
+        after_p = up * len(pre) / (len(pre) - 1) if len(pre) > 1 else float("inf")
+        if up > c.flip_high and after_d < c.flip_low:
+            donor_tier, role = dec, "prefill"
+        elif ud > c.flip_high and after_p < c.flip_low:
+            donor_tier, role = pre, "decode"
+        else:
+            self._flip_ticks = 0
+            return []
+        self._flip_ticks += 1
+        if self._flip_ticks < c.persist:
+            return []
+        busy = {a.action.src for a in self.active} | {a.action.dst for a in self.active}
+        cands = [v for v in donor_tier if v.idx not in busy]
+        if not cands:
+            return []
+        self._flip_ticks = 0
+        return [FlipRole(min(cands, key=lambda v: v.util).idx, role)]
+
+    def _maybe_revert(self, views: Sequence[InstanceView]) -> list[object]:
+        by = {v.idx: v for v in views}
+        for a in self.active:
+            s, d = by.get(a.action.src), by.get(a.action.dst)
+            if s is None or d is None:
+                continue
+            if d.util - s.util > self.config.low + self.config.high / 2:
+                self._rev_ticks += 1
+                if self._rev_ticks >= self.config.persist:
+                    self._rev_ticks = 0
+                    return [Revert(a.action.src, a.action.dst)]
+                return []
+        self._rev_ticks = 0
+        return []
+
+    def _commit(self, acts: list[object], now_s: float) -> list[object]:
+        self._last_action = now_s
+        for a in acts:
+            self.decisions.append((now_s, a))
+            if isinstance(a, (MigrateLayers, MigrateAttention)):
+                self.active.append(_Active(a, now_s))
+            elif isinstance(a, Revert):
+                self.active = [x for x in self.active
+                               if not (x.action.src == a.src and x.action.dst == a.dst)]
+        return acts

@@ -1,0 +1,22 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Global KV cache store: a shared-memory page pool every process on a host attaches to by name.
+
+``KVPool`` is the handle (``batch_exists``, ``batch_get``, ``batch_set``); ``banaserve pool serve``
+creates and owns a pool and exports its statistics.
+"""
+
+from __future__ import annotations
+
+from .memory import Span, page_addresses, parse_size, span_of
+from .metrics import prometheus_text
+from .pool import KVPool, PutResult
+
+__all__ = [
+    "KVPool",
+    "PutResult",
+    "Span",
+    "page_addresses",
+    "parse_size",
+    "prometheus_text",
+    "span_of",
+]

@@ -1,0 +1,321 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The Python façade of the shared-memory KV pool (``cpp/kvpool``).
+
+Every process on a host attaches to a pool by name and moves pages with one copy between its
+own memory and the shared segment; there is no server on the data path. Calls take whole
+batches, release the GIL in the core, and raise the typed errors of :mod:`banaserve_ext.errors`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+
+from ..errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from .memory import check_page_span, page_addresses, piece_addresses, span_of
+
+T = TypeVar("T")
+
+Keys = Sequence[str | bytes]
+
+
+class PutResult(enum.IntEnum):
+    """Outcome of a put, per key (the values of the core's ``PutResult``)."""
+
+    STORED = 0  #: written and committed by this call
+    EXISTS = 1  #: already committed; left untouched
+    IN_FLIGHT = 2  #: another live writer holds the reservation and will commit it
+    NO_SPACE = 3  #: no free or evictable page (everything pinned or reserved)
+
+
+def _core() -> Any:
+    from .. import _core as core
+
+    return core
+
+
+class KVPool:
+    """Handle on one named pool.
+
+    The constructor only stores the configuration; :meth:`start` (or ``with``) creates or
+    attaches the segment. ``create=True`` makes this handle the owner (the pool service does
+    that); the owner's :meth:`close` marks the segment closed and removes its name, after which
+    attached clients get :class:`UnavailableError` and, with ``reconnect=True``, attach to the
+    next segment of the same name on their next call.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        create: bool = False,
+        capacity_bytes: int | None = None,
+        page_size: int | None = None,
+        max_key_len: int = 128,
+        max_clients: int = 64,
+        high_watermark: float = 0.95,
+        low_watermark: float = 0.90,
+        populate: bool = True,
+        replace: bool = False,
+        reconnect: bool = True,
+    ) -> None:
+        if create and (capacity_bytes is None or page_size is None):
+            raise InvalidArgumentError("creating a pool needs capacity_bytes and page_size")
+        self.name = name
+        self._create = create
+        self._capacity_bytes = capacity_bytes
+        self._page_size = page_size
+        self._max_key_len = max_key_len
+        self._max_clients = max_clients
+        self._high = high_watermark
+        self._low = low_watermark
+        self._populate = populate
+        self._replace = replace
+        self._reconnect = reconnect
+        self._pool: Any = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> KVPool:
+        if self._pool is not None:
+            return self
+        core = _core()
+        if self._create:
+            if self._replace:
+                try:
+                    core.KVPool.unlink(self.name)
+                except NotFoundError:
+                    pass
+            self._pool = core.KVPool.create(
+                self.name,
+                int(self._capacity_bytes or 0),
+                int(self._page_size or 0),
+                max_key_len=self._max_key_len,
+                max_clients=self._max_clients,
+                high_watermark=self._high,
+                low_watermark=self._low,
+                populate=self._populate,
+            )
+        else:
+            self._pool = core.KVPool.open(self.name)
+            if self._page_size is not None and self._pool.page_size != self._page_size:
+                actual = self._pool.page_size
+                self._pool = None
+                raise InvalidArgumentError(
+                    f"pool {self.name!r} holds pages of {actual} bytes, not {self._page_size}"
+                )
+        return self
+
+    def close(self) -> None:
+        """Detaches; the owner also closes the segment for everyone and unlinks the name."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        if self._create:
+            pool.close_segment()
+            try:
+                _core().KVPool.unlink(self.name)
+            except NotFoundError:
+                pass
+        del pool
+
+    def __enter__(self) -> KVPool:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @classmethod
+    def attach(cls, name: str, **kwargs: Any) -> KVPool:
+        return cls(name, **kwargs).start()
+
+    @staticmethod
+    def unlink(name: str) -> None:
+        _core().KVPool.unlink(name)
+
+    # -- properties ----------------------------------------------------------------------------
+    @property
+    def page_size(self) -> int:
+        return int(self._live().page_size)
+
+    @property
+    def num_pages(self) -> int:
+        return int(self._live().num_pages)
+
+    @property
+    def max_key_len(self) -> int:
+        return int(self._live().max_key_len)
+
+    @property
+    def segment_id(self) -> int:
+        return int(self._live().segment_id)
+
+    # -- data path -----------------------------------------------------------------------------
+    def batch_exists(self, keys: Keys, *, suffix: str = "") -> int:
+        """Number of leading keys that are stored (stops at the first miss).
+
+        ``suffix`` is appended to every key in the core (a namespace, e.g. a TP rank) so callers
+        need not build new strings per key.
+        """
+        return int(self._call(lambda p: p.exists(keys, suffix)))
+
+    def exists_mask(self, keys: Keys, *, suffix: str = "") -> np.ndarray:
+        """A bool per key: stored or not."""
+        return self._call(lambda p: p.exists_mask(keys, suffix))
+
+    def batch_get(
+        self,
+        keys: Keys,
+        dst: Any = None,
+        *,
+        nbytes: int | None = None,
+        addrs: Any = None,
+        seg_lens: Any = None,
+        suffix: str = "",
+    ) -> np.ndarray:
+        """Copies each stored key's page into caller memory; returns a bool "found" per key.
+
+        ``dst`` is one contiguous buffer of ``len(keys) * page_size`` bytes (numpy array, CPU
+        torch tensor, any writable buffer, or an int pointer with ``nbytes``): page i lands at
+        offset ``i * page_size``. Alternatively ``addrs`` gives one address per page, or, with
+        ``seg_lens``, an (n, S) table of piece addresses whose lengths sum to the page size
+        (e.g. one piece per layer).
+        """
+        return self._call(
+            lambda p: p.get_into(
+                keys, *self._io(p, keys, dst, nbytes, addrs, seg_lens, True), suffix
+            )
+        )
+
+    def batch_set(
+        self,
+        keys: Keys,
+        src: Any = None,
+        *,
+        nbytes: int | None = None,
+        addrs: Any = None,
+        seg_lens: Any = None,
+        suffix: str = "",
+        raise_on_full: bool = True,
+    ) -> np.ndarray:
+        """Stores each key's page from caller memory (same forms as :meth:`batch_get`).
+
+        Returns a uint8 :class:`PutResult` per key. A key already stored is left untouched
+        (``EXISTS``); a key another process is writing right now is ``IN_FLIGHT``. When no page
+        can be freed (everything pinned or reserved) the key is ``NO_SPACE`` and, with
+        ``raise_on_full``, :class:`ResourceExhaustedError` is raised after the others are stored.
+        """
+        results = self._call(
+            lambda p: p.put_from(
+                keys, *self._io(p, keys, src, nbytes, addrs, seg_lens, False), suffix
+            )
+        )
+        if raise_on_full:
+            full = int(np.count_nonzero(results == PutResult.NO_SPACE))
+            if full:
+                raise ResourceExhaustedError(
+                    f"pool {self.name!r}: no space for {full} of {len(results)} pages "
+                    "(every page is pinned or reserved); the others were stored"
+                )
+        return results
+
+    def remove(self, keys: Keys) -> int:
+        return int(self._call(lambda p: p.remove(keys)))
+
+    def clear(self) -> int:
+        return int(self._call(lambda p: p.clear()))
+
+    def reap(self) -> int:
+        """Reclaims pins and reservations of dead processes now (also done lazily)."""
+        return int(self._call(lambda p: p.reap()))
+
+    def stats(self) -> dict[str, int | bool]:
+        return dict(self._call(lambda p: p.stats()))
+
+    def pin(self, keys: Keys) -> tuple[int, np.ndarray]:
+        """Zero-copy read of up to 256 keys: ``(handle, addrs)`` with addrs[i] the address of
+        key i's page in the shared segment (0 when missing). The pages are neither evicted nor
+        removed until :meth:`unpin`; a dead process's pins are reclaimed."""
+        handle, addrs = self._call(lambda p: p.pin(keys))
+        return int(handle), addrs
+
+    def unpin(self, handle: int) -> None:
+        self._call(lambda p: p.unpin(int(handle)))
+
+    # Two-phase put, step by step (tests and custom writers).
+    def reserve(self, keys: Keys) -> tuple[np.ndarray, np.ndarray]:
+        return self._call(lambda p: p.reserve(keys))
+
+    def page_address(self, slot: int) -> int:
+        return int(self._call(lambda p: p.page_address(int(slot))))
+
+    def commit(self, slots: Any) -> None:
+        self._call(lambda p: p.commit(np.asarray(slots, dtype=np.uint32)))
+
+    def abort(self, slots: Any) -> None:
+        self._call(lambda p: p.abort(np.asarray(slots, dtype=np.uint32)))
+
+    # -- internals -----------------------------------------------------------------------------
+    def _live(self) -> Any:
+        if self._pool is None:
+            raise UnavailableError(f"pool {self.name!r} is not started (call start())")
+        return self._pool
+
+    def _call(self, fn: Callable[[Any], T]) -> T:
+        pool = self._live()
+        try:
+            return fn(pool)
+        except UnavailableError:
+            if not self._reconnect or self._create:
+                raise
+            self._reattach(pool)
+            return fn(self._pool)
+
+    def _reattach(self, old: Any) -> None:
+        old_id = old.segment_id
+        try:
+            fresh = _core().KVPool.open(self.name)
+        except (NotFoundError, UnavailableError) as exc:
+            raise UnavailableError(
+                f"pool {self.name!r} was closed and no new pool of that name is up yet: {exc}"
+            ) from None
+        if fresh.segment_id == old_id:
+            raise UnavailableError(f"pool {self.name!r} is closed")
+        if self._page_size is not None and fresh.page_size != self._page_size:
+            raise InvalidArgumentError(
+                f"pool {self.name!r} came back with pages of {fresh.page_size} bytes, "
+                f"not {self._page_size}"
+            )
+        self._pool = fresh
+
+    def _io(
+        self,
+        pool: Any,
+        keys: Keys,
+        buf: Any,
+        nbytes: int | None,
+        addrs: Any,
+        seg_lens: Any,
+        writable: bool,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        page_size = int(pool.page_size)
+        n = len(keys)
+        if addrs is not None:
+            if buf is not None:
+                raise InvalidArgumentError("pass either a buffer or addrs, not both")
+            return piece_addresses(addrs, seg_lens, n, page_size)
+        if buf is None:
+            raise InvalidArgumentError("a buffer (or addrs) is required")
+        if seg_lens is not None:
+            raise InvalidArgumentError("seg_lens needs addrs")
+        span = span_of(buf, writable=writable, nbytes=nbytes)
+        check_page_span(span, n, page_size)
+        self._keepalive = span.keepalive
+        return page_addresses(span.address, n, page_size), np.array([page_size], np.uint64)

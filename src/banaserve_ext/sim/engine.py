@@ -1,0 +1,742 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The discrete-event core: instances, iteration-level batching, KV memory, KV transfer,
+prefix caches and the event loop.
+
+Instances run vLLM-V1-like iterations: running decodes first (one token each), then the chunks
+of partially prefilled requests, then new requests FCFS while ``max_num_seqs``, the token budget
+and KV memory allow. A decode-only stretch is simulated as one *macro step* up to the next
+request completion (step time is linear in the batch's total context, so the sum is closed-form);
+anything that changes the batch (an arrival, a KV handover, a controller action) cuts the macro
+step at the next iteration boundary. That keeps the cost per simulated request O(log n) rather
+than O(output tokens).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import InvalidArgumentError
+from ..policies.base import RequestInfo, WorkerLoad
+from .cache import PrefixCache
+from .cost import CostModel
+from .models import GpuSpec, ModelSpec
+from .traces import MOONCAKE_BLOCK_TOKENS, TraceRequest
+
+KINDS = ("colocated", "prefill", "decode")
+
+# event kinds (ordered: at equal times, completions before arrivals)
+_EV_STEP, _EV_TRANSFER, _EV_READY, _EV_ARRIVAL, _EV_TICK, _EV_CALL = range(6)
+
+
+class SimRequest:
+    __slots__ = (
+        "rid", "arrival", "input_len", "output_len", "hash_ids", "info",
+        "prefilled", "prefix_hit", "ready_at", "t_first", "t_done", "t_prefill_start",
+        "pinst", "dinst", "join_step", "tokens_at_join", "finish_step", "alive",
+        "handover_after", "handover_to", "generated", "migrations", "seg2",
+    )
+
+    def __init__(self, tr: TraceRequest) -> None:
+        self.rid = tr.rid
+        self.arrival = tr.arrival_s
+        self.input_len = tr.input_len
+        self.output_len = tr.output_len
+        self.hash_ids = tr.hash_ids
+        self.info = RequestInfo(str(tr.rid), tr.input_len, tr.hash_ids, None, tr.output_len)
+        self.prefilled = 0
+        self.prefix_hit = 0
+        self.ready_at = 0.0
+        self.t_first = -1.0
+        self.t_done = -1.0
+        self.t_prefill_start = -1.0
+        self.pinst: Instance | None = None
+        self.dinst: Instance | None = None
+        self.join_step = 0
+        self.tokens_at_join = 0  # output tokens generated before joining the current decode set
+        self.finish_step = 0
+        self.alive = False  # entry in a decode heap is current
+        self.handover_after = 0  # DynaServe: output tokens to make before moving (0 = never)
+        self.handover_to: Instance | None = None
+        self.generated = 0
+        self.migrations = 0
+        self.seg2 = False
+
+
+def _valid(entry: tuple[int, int, SimRequest], inst: Instance) -> bool:
+    r = entry[2]
+    return r.alive and r.dinst is inst and r.finish_step == entry[0]
+
+
+class KVPool:
+    """KV memory of one GPU group, in tokens; shared by the two halves of a semi-PD instance."""
+
+    __slots__ = ("capacity", "used")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = int(capacity)
+        self.used = 0
+
+    def fits(self, tokens: int) -> bool:
+        return self.used + tokens <= self.capacity
+
+    @property
+    def frac(self) -> float:
+        return self.used / self.capacity if self.capacity else 1.0
+
+
+@dataclass
+class ClusterConfig:
+    """A cluster: how many instances of each kind, their engine limits and the network."""
+
+    model: ModelSpec
+    gpu: GpuSpec
+    tp: int = 1
+    n_colocated: int = 0
+    n_prefill: int = 0
+    n_decode: int = 0
+    #: semi-PD instances (one prefill and one decode engine on the same GPUs)
+    n_split: int = 0
+    split_prefill_share: float = 0.5
+    max_num_seqs: int = 256
+    max_batched_tokens: int = 2048
+    #: prefill-instance token budget per iteration (long prompts are chunked by it)
+    prefill_max_tokens: int = 16384
+    #: KV capacity override (tokens per instance); None = from GPU memory and weights
+    kv_capacity_tokens: int | None = None
+    #: P->D KV transfer: per-transfer base latency and NIC bandwidth per instance (GB/s);
+    #: None = the GPU's inter-node bandwidth x TP
+    link_base_s: float = 0.0005
+    link_gbps: float | None = None
+    layerwise_transfer: bool = True
+    #: prefix caching: "none", "local" (per-instance caches) or "global" (Mooncake-style pool)
+    cache_mode: str = "none"
+    #: tokens of prefix cache per instance (CPU DRAM); the global pool is the sum
+    cache_tokens_per_instance: int = 0
+    #: bandwidth to load a cached prefix from local DRAM (GB/s per instance)
+    local_cache_gbps: float = 64.0
+    #: DynaServe local scheduler: cap each iteration so its predicted time stays under this
+    tbt_budget_s: float | None = None
+
+    def validate(self) -> None:
+        if self.tp < 1:
+            raise InvalidArgumentError(f"--tp must be >= 1, got {self.tp}")
+        if min(self.n_colocated, self.n_prefill, self.n_decode, self.n_split) < 0:
+            raise InvalidArgumentError("instance counts must be >= 0")
+        if self.n_colocated + self.n_prefill + self.n_split == 0:
+            raise InvalidArgumentError("the cluster has no instance that can run a prefill")
+        if self.n_prefill and not self.n_decode:
+            raise InvalidArgumentError(f"{self.n_prefill} prefill instances need >= 1 decode "
+                                       "instance (--decode)")
+        if self.cache_mode not in ("none", "local", "global"):
+            raise InvalidArgumentError(f"cache_mode must be none|local|global, got "
+                                       f"{self.cache_mode!r}")
+        if not 0.05 <= self.split_prefill_share <= 0.95:
+            raise InvalidArgumentError("split_prefill_share must be in [0.05, 0.95]")
+        if self.max_num_seqs < 1 or self.max_batched_tokens < 1:
+            raise InvalidArgumentError("max_num_seqs and max_batched_tokens must be >= 1")
+
+
+class Instance:
+    """One serving engine (a TP group, or one half of a semi-PD GPU group)."""
+
+    def __init__(self, sim: Simulator, idx: int, kind: str, pool: KVPool, cost: CostModel,
+                 max_num_seqs: int, max_tokens: int) -> None:
+        self.sim = sim
+        self.idx = idx
+        self.kind = kind
+        self.pool = pool
+        self.cost = cost
+        self.max_num_seqs = max_num_seqs
+        self.max_tokens = max_tokens
+        self.load = WorkerLoad(f"sim://{idx}", "colocated" if kind == "colocated" else kind)
+        self.load.kv_capacity_tokens = pool.capacity
+        self.load.extra["instance"] = idx
+        self.waiting: deque[SimRequest] = deque()
+        self.prefilling: list[SimRequest] = []
+        self.pending: deque[SimRequest] = deque()  # decode work waiting to join the batch
+        self.heap: list[tuple[int, int, SimRequest]] = []
+        self.n_dec = 0
+        self.dec_ctx = 0
+        self.finish_sum = 0  # sum of alive decodes' finish steps (remaining tokens in O(1))
+        self.step_count = 0
+        self.boundary_ops: list[Callable[[float], None]] = []
+        # the step in flight
+        self.busy = False
+        self.version = 0
+        self.step_start = 0.0
+        self.step_k = 0
+        self.step_alpha = 0.0
+        self.step_beta = 0.0
+        self.step_chunks: list[tuple[SimRequest, int]] = []
+        # knobs the controllers turn
+        self.time_scale = 1.0  # semi-PD: 1 / SM share
+        self.layer_frac = 1.0  # layers held / model layers (layer migration)
+        self.pipe_frac = 0.0  # share of layers running on another instance
+        self.remote_slow = 1.0  # slowdown of the instance holding our layers / attention
+        self.tail_s = 0.0  # pipeline tail of the last prefill step (layer migration)
+        self.assist = 0.0  # busy share lent to another instance's layers / attention
+        self.attn_frac = 1.0  # share of decode attention kept here (attention migration)
+        self.step_extra_s = 0.0  # per-iteration sync cost of split layers / attention
+        self.accepting = True  # False while draining for a role flip
+        self.partner: Instance | None = None  # semi-PD: the other half
+        self.cache: PrefixCache | None = None
+        self.transfers_active = 0
+        self.busy_s = 0.0
+        self.prefill_busy_s = 0.0
+        self.tokens_prefilled = 0
+        self.tokens_decoded = 0
+        self.completed = 0
+
+    # -- queries -------------------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return self.n_dec + len(self.prefilling)
+
+    def queued_prefill_tokens(self) -> int:
+        return sum(r.input_len - r.prefilled for r in self.waiting) + sum(
+            r.input_len - r.prefilled for r in self.prefilling)
+
+    def _scale(self) -> float:
+        return self.time_scale / max(1e-6, 1.0 - self.assist)
+
+    def iteration_s(self, chunks: Sequence[tuple[int, int]], n_dec: int, dec_ctx: int) -> float:
+        t = self.cost.iteration_s(chunks, n_dec, dec_ctx)
+        if self.attn_frac < 1.0 and n_dec:
+            # attention-level migration: the two KV parts are attended in parallel, then merged
+            bare = self.cost.iteration_s(chunks, n_dec, 0)
+            attn = t - bare
+            t = bare + max(attn * self.attn_frac, attn * (1.0 - self.attn_frac) * self.remote_slow)
+        if self.pipe_frac > 0.0:
+            # layer-level migration: the last pipe_frac of the layers run on another instance.
+            # Prefill chunks pipeline across the two (throughput = slower stage, one tail per
+            # request); a decode step cannot pipeline with itself.
+            if chunks and self.kind == "prefill":
+                remote = t * self.pipe_frac * self.remote_slow
+                self.tail_s = remote
+                t = max(t * (1.0 - self.pipe_frac), remote)
+            else:
+                t = t * (1.0 + self.pipe_frac * (self.remote_slow - 1.0))
+        return (t + self.step_extra_s) * self._scale()
+
+    # -- the step machine ----------------------------------------------------------------------
+    def kick(self, now: float) -> None:
+        """Something arrived: start a step if idle, or cut a decode macro step short."""
+        if not self.busy:
+            self._start_step(now)
+        elif self.step_k > 1:
+            self._truncate(now)
+
+    def _steps_time(self, k: int) -> float:
+        return k * self.step_alpha + self.step_beta * k * (k - 1) / 2.0
+
+    def _truncate(self, now: float) -> None:
+        elapsed = now - self.step_start
+        k = self.step_k
+        # smallest j with T(j) >= elapsed: solve the quadratic, then fix rounding
+        a, b = self.step_alpha, self.step_beta
+        if b > 1e-15:
+            j = math.ceil((-(a - b / 2) + math.sqrt((a - b / 2) ** 2 + 2 * b * elapsed)) / b)
+        else:
+            j = math.ceil(elapsed / a) if a > 0 else 1
+        j = max(1, j)
+        while j > 1 and self._steps_time(j - 1) >= elapsed:
+            j -= 1
+        while self._steps_time(j) < elapsed and j < k:
+            j += 1
+        if j >= k:
+            return
+        self.step_k = j
+        self.version += 1
+        self.sim.push(self.step_start + self._steps_time(j), _EV_STEP, (self, self.version))
+
+    def _admit_decodes(self) -> None:
+        pend = self.pending
+        while pend and self.n_dec < self.max_num_seqs:
+            r = pend[0]
+            need = 0 if self.partner is not None else r.input_len + r.output_len
+            if need and not self.pool.fits(need):
+                break
+            pend.popleft()
+            self.pool.used += need
+            self._join(r)
+
+    def _join(self, r: SimRequest) -> None:
+        r.dinst = self
+        r.join_step = self.step_count
+        r.tokens_at_join = r.generated
+        if r.handover_to is not None and not r.seg2 and 0 < r.handover_after < r.output_len:
+            left = r.handover_after - r.generated
+        else:
+            left = r.output_len - r.generated
+        if left <= 0:
+            left = 1
+        r.finish_step = self.step_count + left
+        r.alive = True
+        self.finish_sum += r.finish_step
+        self.n_dec += 1
+        self.dec_ctx += r.input_len + r.generated
+        self.sim._seq += 1
+        heapq.heappush(self.heap, (r.finish_step, self.sim._seq, r))
+
+    def remove_decode(self, r: SimRequest) -> None:
+        """Take a running decode out of this instance's batch (request migration)."""
+        r.generated = r.tokens_at_join + (self.step_count - r.join_step)
+        r.alive = False
+        self.finish_sum -= r.finish_step
+        self.n_dec -= 1
+        self.dec_ctx -= r.input_len + r.generated
+        self.pool.used -= r.input_len + r.output_len
+
+    def decode_remaining_tokens(self) -> int:
+        return self.finish_sum - self.n_dec * self.step_count
+
+    def at_boundary(self, now: float, op: Callable[[float], None]) -> None:
+        """Run ``op`` at the next iteration boundary (now, when idle)."""
+        if not self.busy:
+            op(now)
+            return
+        self.boundary_ops.append(op)
+        if self.step_k > 1:
+            self._truncate(now)
+
+    def _start_step(self, now: float) -> None:
+        self._admit_decodes()
+        chunks: list[tuple[SimRequest, int]] = []
+        budget = self.max_tokens - (self.n_dec if self.kind != "prefill" else 0)
+        if self.kind != "decode":
+            for r in self.prefilling:
+                if budget <= 0:
+                    break
+                c = min(r.input_len - r.prefilled, budget)
+                chunks.append((r, c))
+                budget -= c
+            wait = self.waiting
+            while wait and budget > 0 and self.num_running < self.max_num_seqs:
+                r = wait[0]
+                if r.ready_at > now:
+                    break
+                need = r.input_len + (r.output_len if self.kind == "colocated" or self.partner
+                                      is not None else 0)
+                if not self.pool.fits(need):
+                    break
+                wait.popleft()
+                self.pool.used += need
+                self.sim._on_admit(self, r, now)
+                self.prefilling.append(r)
+                c = min(r.input_len - r.prefilled, budget)
+                chunks.append((r, c))
+                budget -= c
+        tbt = self.sim.cfg.tbt_budget_s
+        if chunks and tbt is not None and self.n_dec:
+            chunks = self._fit_budget(chunks, tbt)
+        if not chunks and self.n_dec == 0:
+            self.busy = False
+            return
+        self.busy = True
+        self.version += 1
+        self.step_start = now
+        self.step_chunks = chunks
+        if chunks:
+            spec = [(c, r.prefilled) for r, c in chunks]
+            t = self.iteration_s(spec, self.n_dec, self.dec_ctx)
+            self.step_k, self.step_alpha, self.step_beta = 1, t, 0.0
+            self.prefill_busy_s += t
+            end = now + t
+        else:
+            heap = self.heap
+            while not _valid(heap[0], self):
+                heapq.heappop(heap)
+            k = max(1, heap[0][0] - self.step_count)
+            a = self.iteration_s((), self.n_dec, self.dec_ctx)
+            a2 = self.iteration_s((), self.n_dec, self.dec_ctx + self.n_dec * min(k, 64))
+            self.step_alpha = a
+            self.step_beta = (a2 - a) / min(k, 64) if k > 1 else 0.0
+            self.step_k = k
+            end = now + self._steps_time(k)
+        self.sim.push(end, _EV_STEP, (self, self.version))
+
+    def _fit_budget(self, chunks: list[tuple[SimRequest, int]], tbt: float
+                    ) -> list[tuple[SimRequest, int]]:
+        """DynaServe's local scheduler: shrink the prefill part until the step fits ``tbt``."""
+        spec = [(c, r.prefilled) for r, c in chunks]
+        if self.iteration_s(spec, self.n_dec, self.dec_ctx) <= tbt:
+            return chunks
+        total = sum(c for _, c in chunks)
+        lo, hi = 0, total
+        for _ in range(12):
+            mid = (lo + hi) // 2
+            left, out = mid, []
+            for r, c in chunks:
+                if left <= 0:
+                    break
+                out.append((r.prefilled, min(c, left)))
+                left -= min(c, left)
+            if self.iteration_s([(c, p) for p, c in out], self.n_dec, self.dec_ctx) <= tbt:
+                lo = mid
+            else:
+                hi = mid
+            if hi - lo <= 16:
+                break
+        keep = max(lo, 16)
+        res = []
+        for r, c in chunks:
+            if keep <= 0:
+                break
+            res.append((r, min(c, keep)))
+            keep -= min(c, keep)
+        return res
+
+    def on_step_end(self, now: float, version: int) -> None:
+        if version != self.version or not self.busy:
+            return
+        k = self.step_k
+        dt = now - self.step_start
+        self.busy_s += dt
+        sim = self.sim
+        if self.n_dec:
+            self.step_count += k
+            self.dec_ctx += k * self.n_dec
+            self.tokens_decoded += k * self.n_dec
+            heap = self.heap
+            while heap and heap[0][0] <= self.step_count:
+                entry = heapq.heappop(heap)
+                if not _valid(entry, self):
+                    continue
+                r = entry[2]
+                r.alive = False
+                self.finish_sum -= r.finish_step
+                r.generated = r.tokens_at_join + (self.step_count - r.join_step)
+                self.n_dec -= 1
+                self.dec_ctx -= r.input_len + r.generated
+                sim._on_decode_segment_done(self, r, now)
+        done_prefill = []
+        for r, c in self.step_chunks:
+            r.prefilled += c
+            self.tokens_prefilled += c
+            if r.prefilled >= r.input_len:
+                done_prefill.append(r)
+        if done_prefill:
+            self.prefilling = [r for r in self.prefilling if r.prefilled < r.input_len]
+            for r in done_prefill:
+                sim._on_prefill_done(self, r, now)
+        self.step_chunks = []
+        self.busy = False
+        if self.boundary_ops:
+            ops, self.boundary_ops = self.boundary_ops, []
+            for op in ops:
+                op(now)
+        if not self.busy:
+            self._start_step(now)
+
+
+class Simulator:
+    """Replays requests through a cluster under a routing policy and optional controller."""
+
+    def __init__(self, cfg: ClusterConfig, cost: CostModel, *, policy: Any,
+                 decode_policy: Any | None = None, controller: Any | None = None,
+                 splitter: Any | None = None, tick_s: float = 1.0,
+                 progress: Callable[[float], None] | None = None) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.cost = cost
+        self.model = cfg.model
+        self.policy = policy
+        self.decode_policy = decode_policy or policy
+        self.controller = controller
+        self.splitter = splitter
+        self.tick_s = tick_s
+        self.progress = progress
+        self._events: list[tuple[float, int, int, Any]] = []
+        self._seq = 0
+        self.now = 0.0
+        self.instances: list[Instance] = []
+        self.events_log: list[tuple[float, str, str]] = []
+        self.finished: list[SimRequest] = []
+        self.util_trace: list[tuple[float, list[float]]] = []
+        self._busy_mark: list[float] = []
+        self._build()
+
+    # -- construction --------------------------------------------------------------------------
+    def _capacity(self, layers_held: int | None = None) -> int:
+        from .models import kv_capacity_tokens
+
+        if self.cfg.kv_capacity_tokens is not None:
+            return self.cfg.kv_capacity_tokens
+        return kv_capacity_tokens(self.model, self.cfg.gpu, self.cfg.tp, layers_held)
+
+    def _new(self, kind: str, pool: KVPool) -> Instance:
+        cfg = self.cfg
+        max_tokens = cfg.prefill_max_tokens if kind == "prefill" else cfg.max_batched_tokens
+        inst = Instance(self, len(self.instances), kind, pool, self.cost, cfg.max_num_seqs,
+                        max_tokens)
+        self.instances.append(inst)
+        return inst
+
+    def _build(self) -> None:
+        cfg = self.cfg
+        cap = self._capacity()
+        for _ in range(cfg.n_colocated):
+            self._new("colocated", KVPool(cap))
+        for _ in range(cfg.n_prefill):
+            self._new("prefill", KVPool(cap))
+        for _ in range(cfg.n_decode):
+            self._new("decode", KVPool(cap))
+        for _ in range(cfg.n_split):
+            pool = KVPool(cap)
+            p = self._new("prefill", pool)
+            d = self._new("decode", pool)
+            p.partner, d.partner = d, p
+            p.max_tokens = cfg.max_batched_tokens
+            self.set_split(p, cfg.split_prefill_share)
+        blocks = cfg.cache_tokens_per_instance // MOONCAKE_BLOCK_TOKENS
+        if cfg.cache_mode != "none":
+            for inst in self.instances:
+                if inst.kind != "decode":
+                    inst.cache = PrefixCache(blocks)
+        n_front = sum(1 for i in self.instances if i.kind != "decode")
+        self.global_store = (PrefixCache(blocks * n_front) if cfg.cache_mode == "global"
+                             else None)
+        self._busy_mark = [0.0] * len(self.instances)
+        gbps = cfg.link_gbps if cfg.link_gbps is not None else cfg.gpu.nic_gbps * cfg.tp
+        self.link_Bps = gbps * 1e9
+
+    def set_split(self, prefill_half: Instance, share: float) -> None:
+        """semi-PD: give the prefill half ``share`` of the SMs and the decode half the rest.
+
+        Prefill is compute-bound: its time scales as 1/x (semi-PD's ``l_x = (100/x) l_100``).
+        Decode is mostly memory-bound: its time follows semi-PD's own fitted shape
+        ``TPOT_y = a2/y + b2`` (a2 = 0.6284, b2 = 0.3818 on Llama3-8B/ShareGPT), normalised to
+        1 at y = 1, so half the SMs cost a decode step 1.62x rather than 2x.
+        """
+        share = min(0.95, max(0.05, share))
+        prefill_half.time_scale = 1.0 / share
+        if prefill_half.partner is not None:
+            y = 1.0 - share
+            prefill_half.partner.time_scale = (0.6284 / y + 0.3818) / (0.6284 + 0.3818)
+        prefill_half.load.extra["sm_share"] = share
+
+    # -- events --------------------------------------------------------------------------------
+    def push(self, t: float, kind: int, payload: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self._events, (t, kind, self._seq, payload))
+
+    def call_at(self, t: float, fn: Callable[[float], None]) -> None:
+        self.push(t, _EV_CALL, fn)
+
+    def log(self, what: str, detail: str) -> None:
+        self.events_log.append((self.now, what, detail))
+
+    @property
+    def front(self) -> list[Instance]:
+        return [i for i in self.instances if i.kind != "decode" and i.accepting]
+
+    @property
+    def decoders(self) -> list[Instance]:
+        return [i for i in self.instances if i.kind == "decode" and i.accepting]
+
+    def run(self, trace: Sequence[TraceRequest]) -> list[SimRequest]:
+        reqs = [SimRequest(tr) for tr in trace]
+        for r in reqs:
+            self.push(r.arrival, _EV_ARRIVAL, r)
+        self.total = len(reqs)
+        if self.controller is not None or self.tick_s > 0:
+            self.push(self.tick_s, _EV_TICK, None)
+        next_progress = 0.0
+        events = self._events
+        pop = heapq.heappop
+        while events:
+            t, kind, _, payload = pop(events)
+            self.now = t
+            if kind == _EV_STEP:
+                payload[0].on_step_end(t, payload[1])
+            elif kind == _EV_ARRIVAL:
+                self._route(payload, t)
+            elif kind == _EV_TRANSFER:
+                inst, r = payload
+                inst.transfers_active = max(0, inst.transfers_active - 1)
+                self._deliver(r, t)
+            elif kind == _EV_READY:
+                payload.kick(t)
+            elif kind == _EV_CALL:
+                payload(t)
+            elif kind == _EV_TICK:
+                self._tick(t)
+                stuck = not events and not any(i.busy for i in self.instances)
+                if len(self.finished) < self.total and not stuck:
+                    self.push(t + self.tick_s, _EV_TICK, None)
+            if self.progress is not None and len(self.finished) >= next_progress:
+                self.progress(len(self.finished) / max(1, self.total))
+                next_progress = len(self.finished) + max(1, self.total // 100)
+        unfinished = [r for r in reqs if r.t_done < 0]
+        if unfinished:
+            raise InvalidArgumentError(
+                f"{len(unfinished)} requests never finished (first: request {unfinished[0].rid}, "
+                f"input {unfinished[0].input_len} tokens): does the KV capacity hold one request? "
+                f"({self.instances[0].pool.capacity} tokens per instance)"
+            )
+        return reqs
+
+    def _tick(self, now: float) -> None:
+        utils = []
+        for i, inst in enumerate(self.instances):
+            busy = inst.busy_s
+            if inst.busy:  # count the running step pro rata
+                busy += now - inst.step_start
+            utils.append(min(1.0, (busy - self._busy_mark[i]) / self.tick_s))
+            self._busy_mark[i] = busy
+        self.util_trace.append((now, utils))
+        if self.controller is not None:
+            self.controller.on_tick(self, now, utils)
+
+    # -- request lifecycle ---------------------------------------------------------------------
+    def _route(self, r: SimRequest, now: float) -> None:
+        cands = self.front
+        loads = [i.load for i in cands]
+        for inst in cands:
+            inst.load.queued_requests = len(inst.waiting)
+            inst.load.kv_used_tokens = inst.pool.used
+            inst.load.extra["queue_s"] = None
+        if self.splitter is not None:
+            inst = self.splitter.place(self, cands, r, now)
+        else:
+            inst = cands[self.policy.select(r.info, loads, now)]
+        self.policy.on_dispatch(r.info, inst.load, now)
+        r.pinst = inst
+        self._prefix_lookup(inst, r, now)
+        inst.waiting.append(r)
+        if r.ready_at > now:
+            self.push(r.ready_at, _EV_READY, inst)
+        inst.kick(now)
+
+    def _prefix_lookup(self, inst: Instance, r: SimRequest, now: float) -> None:
+        if inst.cache is None or not r.hash_ids:
+            return
+        local = inst.cache.match(r.hash_ids, record=True)
+        remote = 0
+        if self.global_store is not None:
+            remote = self.global_store.match(r.hash_ids, record=True)
+        blocks = max(local, remote)
+        hit = min(blocks * MOONCAKE_BLOCK_TOKENS, r.input_len - 1)
+        if hit <= 0:
+            return
+        r.prefix_hit = hit
+        r.prefilled = hit
+        kvb = self.model.kv_bytes_per_token
+        local_tok = min(local * MOONCAKE_BLOCK_TOKENS, hit)
+        remote_tok = hit - local_tok
+        t_load = local_tok * kvb / (self.cfg.local_cache_gbps * 1e9)
+        if remote_tok:
+            t_load += self.cfg.link_base_s + remote_tok * kvb / self.link_Bps
+        # layer-wise: the load overlaps the prefill of the suffix; only the excess and the last
+        # layer are exposed
+        compute = self.cost.prefill_s(r.input_len - hit, hit) * inst._scale()
+        exposed = t_load / self.model.layers + max(0.0, t_load - compute)
+        r.ready_at = now + exposed
+
+    def _on_admit(self, inst: Instance, r: SimRequest, now: float) -> None:
+        r.t_prefill_start = now
+
+    def _on_prefill_done(self, inst: Instance, r: SimRequest, now: float) -> None:
+        if inst.pipe_frac > 0.0:
+            now += inst.tail_s
+        r.t_first = now
+        r.generated = 1
+        self.policy.on_prefill_done(r.info, inst.load, now)
+        if inst.cache is not None and r.hash_ids:
+            inst.cache.insert(r.hash_ids)
+            if self.global_store is not None:
+                self.global_store.insert(r.hash_ids)
+        if r.output_len <= 1:
+            self._finish(inst, r, now, prefill_side=True)
+            return
+        if inst.kind == "colocated":
+            inst._join(r)  # its KV is already reserved
+            return
+        if inst.partner is not None:  # semi-PD: same memory, no transfer
+            self.policy.on_complete(r.info, inst.load, now)
+            d = inst.partner
+            d.load.active_requests += 1
+            r.pinst = inst
+            d.pending.append(r)
+            d.kick(now)
+            return
+        # PD: pick a decode instance, move the KV
+        decs = self.decoders or [i for i in self.instances if i.kind == "decode"]
+        for d in decs:
+            d.load.kv_used_tokens = d.pool.used
+            d.load.queued_requests = len(d.pending)
+        idx = self.decode_policy.select(r.info, [d.load for d in decs], now)
+        d = decs[idx]
+        self.decode_policy.on_dispatch(r.info, d.load, now)
+        self._transfer(inst, d, r, now, r.input_len, now - r.t_prefill_start)
+
+    def _transfer(self, src: Instance, dst: Instance, r: SimRequest, now: float, tokens: int,
+                  overlap_s: float) -> None:
+        nbytes = tokens * self.model.kv_bytes_per_token
+        src.transfers_active += 1
+        share = self.link_Bps / max(1, src.transfers_active, dst.transfers_active + 1)
+        total = nbytes / share
+        if self.cfg.layerwise_transfer:
+            exposed = total / self.model.layers + max(0.0, total - overlap_s)
+        else:
+            exposed = total
+        r.dinst = dst
+        self.push(now + self.cfg.link_base_s + exposed, _EV_TRANSFER, (src, r))
+
+    def _deliver(self, r: SimRequest, now: float) -> None:
+        src = r.pinst
+        if src is not None and src.kind == "prefill" and not r.seg2:
+            src.pool.used -= r.input_len
+            self.policy.on_complete(r.info, src.load, now)
+            src.kick(now)
+        d = r.dinst
+        assert d is not None
+        d.pending.append(r)
+        d.kick(now)
+
+    def _on_decode_segment_done(self, inst: Instance, r: SimRequest, now: float) -> None:
+        if (r.handover_to is not None and 0 < r.handover_after < r.output_len
+                and r.generated < r.output_len and not r.seg2):
+            # DynaServe: the second segment continues on another instance
+            dst = r.handover_to
+            r.seg2 = True
+            inst.pool.used -= r.input_len + r.output_len
+            self.policy.on_complete(r.info, inst.load, now)
+            dst.load.active_requests += 1
+            self._transfer(inst, dst, r, now, r.input_len + r.generated, 0.0)
+            return
+        self._finish(inst, r, now)
+
+    def _finish(self, inst: Instance, r: SimRequest, now: float, prefill_side: bool = False
+                ) -> None:
+        r.t_done = now
+        r.generated = r.output_len
+        inst.completed += 1
+        if prefill_side:
+            whole = inst.kind == "colocated" or inst.partner is not None
+            inst.pool.used -= r.input_len + (r.output_len if whole else 0)
+            self.policy.on_complete(r.info, inst.load, now)
+        else:
+            inst.pool.used -= r.input_len + r.output_len
+            if inst.kind == "colocated" and not r.seg2:
+                self.policy.on_complete(r.info, inst.load, now)
+            elif inst.kind == "decode" and inst.partner is None and not r.seg2:
+                self.decode_policy.on_complete(r.info, inst.load, now)
+            else:
+                inst.load.active_requests = max(0, inst.load.active_requests - 1)
+        self.finished.append(r)
+        if inst.partner is not None:  # semi-PD: memory freed for the other half
+            inst.partner.kick(now)
+
+
+@dataclass
+class RunResult:
+    requests: list[SimRequest]
+    sim: Simulator
+    wall_s: float = 0.0
+    extra: dict = field(default_factory=dict)
