@@ -38,7 +38,14 @@ T value_or_throw(StatusOr<T> result, const char* where) {
 pyb::dict region_to_dict(const RegionInfo& r) {
   return pyb::dict("id"_a = r.id, "addr"_a = r.addr, "nbytes"_a = r.nbytes,
                    "device_kind"_a = static_cast<int>(r.device.kind), "device_id"_a = r.device.id,
-                   "shm_fd"_a = r.shm_fd, "shm_offset"_a = r.shm_offset);
+                   "shm_fd"_a = r.shm_fd, "shm_offset"_a = r.shm_offset,
+                   "ipc_handle"_a = pyb::bytes(r.ipc_handle), "ipc_offset"_a = r.ipc_offset,
+                   "rkey"_a = pyb::bytes(r.rkey));
+}
+
+// Optional metadata fields: absent in metadata from older peers.
+std::string bytes_or_empty(const pyb::dict& d, const char* key) {
+  return d.contains(key) ? d[key].cast<std::string>() : std::string();
 }
 
 RegionInfo region_from_dict(const pyb::dict& d) {
@@ -50,6 +57,9 @@ RegionInfo region_from_dict(const pyb::dict& d) {
   r.device.id = d["device_id"].cast<int32_t>();
   r.shm_fd = d["shm_fd"].cast<int32_t>();
   r.shm_offset = d["shm_offset"].cast<uint64_t>();
+  r.ipc_handle = bytes_or_empty(d, "ipc_handle");
+  r.ipc_offset = d.contains("ipc_offset") ? d["ipc_offset"].cast<uint64_t>() : 0;
+  r.rkey = bytes_or_empty(d, "rkey");
   return r;
 }
 
@@ -58,7 +68,8 @@ pyb::dict metadata_to_dict(const EngineMetadata& md) {
   for (const auto& r : md.regions) regions.append(region_to_dict(r));
   return pyb::dict("engine_id"_a = md.engine_id, "host_id"_a = md.host_id, "pid"_a = md.pid,
                    "tcp_host"_a = md.tcp_host, "tcp_port"_a = md.tcp_port,
-                   "control_fd"_a = md.control_fd, "regions"_a = regions);
+                   "control_fd"_a = md.control_fd, "ucx_address"_a = pyb::bytes(md.ucx_address),
+                   "regions"_a = regions);
 }
 
 EngineMetadata metadata_from_dict(const pyb::dict& d) {
@@ -69,6 +80,7 @@ EngineMetadata metadata_from_dict(const pyb::dict& d) {
   md.tcp_host = d["tcp_host"].cast<std::string>();
   md.tcp_port = d["tcp_port"].cast<uint16_t>();
   md.control_fd = d["control_fd"].cast<int32_t>();
+  md.ucx_address = bytes_or_empty(d, "ucx_address");
   for (auto item : d["regions"].cast<pyb::list>()) {
     md.regions.push_back(region_from_dict(item.cast<pyb::dict>()));
   }
@@ -109,6 +121,8 @@ void bind_transfer(pyb::module_& m) {
       .def_readwrite("tcp_port", &EngineConfig::tcp_port)
       .def_readwrite("enable_tcp", &EngineConfig::enable_tcp)
       .def_readwrite("enable_shm", &EngineConfig::enable_shm)
+      .def_readwrite("enable_ucx", &EngineConfig::enable_ucx)
+      .def_readwrite("enable_cuda", &EngineConfig::enable_cuda)
       .def_readwrite("tcp_lanes", &EngineConfig::tcp_lanes)
       .def_readwrite("copy_threads", &EngineConfig::copy_threads)
       .def_readwrite("default_timeout_ms", &EngineConfig::default_timeout_ms)
@@ -163,6 +177,25 @@ void bind_transfer(pyb::module_& m) {
           "timeout_ms"_a)
       .def("cancel", &Batch::cancel);
 
+  pyb::class_<transfer::ReadyFence, std::shared_ptr<transfer::ReadyFence>>(m, "ReadyFence")
+      .def("query", [](transfer::ReadyFence& f) { return value_or_throw(f.query(), "fence"); });
+  pyb::class_<transfer::HostFence, transfer::ReadyFence, std::shared_ptr<transfer::HostFence>>(
+      m, "HostFence")
+      .def(pyb::init<>())
+      .def("signal", [](transfer::HostFence& f) { f.signal(); })
+      .def(
+          "fail",
+          [](transfer::HostFence& f, const std::string& why) {
+            f.signal(BANASERVE_STATUS(StatusCode::kInternal, why));
+          },
+          "why"_a);
+  m.def(
+      "cuda_event_fence",
+      [](uint64_t event_handle) {
+        return value_or_throw(transfer::make_device_event_fence(event_handle), "cuda_event_fence");
+      },
+      "event_handle"_a, "A fence on a recorded cudaEvent_t (its integer handle).");
+
   pyb::class_<SendStream, std::shared_ptr<SendStream>>(m, "SendStream")
       .def_property_readonly("transfer_id", &SendStream::transfer_id)
       .def_property_readonly("num_layers", &SendStream::num_layers)
@@ -179,6 +212,13 @@ void bind_transfer(pyb::module_& m) {
             throw_if_error(st, "mark_layer_ready");
           },
           "layer"_a)
+      .def(
+          "mark_layer_ready_after",
+          [](SendStream& s, uint32_t layer, std::shared_ptr<transfer::ReadyFence> fence) {
+            throw_if_error(s.mark_layer_ready_after(layer, std::move(fence)),
+                           "mark_layer_ready_after");
+          },
+          "layer"_a, "fence"_a)
       .def(
           "wait",
           [](SendStream& s, int64_t timeout_ms) {
@@ -294,6 +334,12 @@ void bind_transfer(pyb::module_& m) {
           "peer_backend",
           [](PyEngine& e, const std::string& id) {
             return value_or_throw(e.get().peer_backend(id), "peer_backend");
+          },
+          "engine_id"_a)
+      .def(
+          "peer_route",
+          [](PyEngine& e, const std::string& id) {
+            return value_or_throw(e.get().peer_route(id), "peer_route");
           },
           "engine_id"_a)
       .def("peers", [](PyEngine& e) { return e.get().peers(); })

@@ -13,7 +13,7 @@ from banaserve_ext import errors
 from banaserve_ext.transfer import Op, TransferEngine, TransferState, available_backends
 from banaserve_ext.transfer.testing import PeerProcess, digest, make_pool, pattern
 
-BACKENDS = [b for b in ("shm", "tcp") if b in available_backends()]
+BACKENDS = [b for b in ("shm", "tcp", "ucx") if b in available_backends()]
 PAGE = 16384
 POOL_PAGES = 256
 

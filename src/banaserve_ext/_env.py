@@ -86,6 +86,15 @@ def get(var: EnvVar[T]) -> T:
         return var.parse(raw)
     except ValueError as exc:
         raise InvalidArgumentError(f"environment variable {var.name}={raw!r}: {exc}") from None
+
+
+TRANSFER_UCX = _declare(
+    "BANASERVE_TRANSFER_UCX",
+    _bool,
+    False,
+    "also start the ucx (RDMA) backend by default when it is compiled in; peers that both have it "
+    "use it instead of tcp across hosts",
+)
 SGLANG_CPU_COMPAT = _declare(
     "BANASERVE_SGLANG_CPU_COMPAT",
     _bool,

@@ -96,6 +96,8 @@ Status Engine::start() {
   for (const auto& name : available_transports()) {
     if (name == "shm" && config_.enable_shm) wanted.push_back(name);
     if (name == "tcp" && config_.enable_tcp) wanted.push_back(name);
+    if (name == "ucx" && config_.enable_ucx) wanted.push_back(name);
+    if (name == "cuda" && config_.enable_cuda) wanted.push_back(name);
   }
   if (!config_.force_backend.empty() &&
       std::find(wanted.begin(), wanted.end(), config_.force_backend) == wanted.end()) {
@@ -186,21 +188,52 @@ std::shared_ptr<const RegionTable> Engine::local_regions() const {
 
 StatusOr<RegionInfo> Engine::register_memory(uint64_t addr, uint64_t nbytes, Device device) {
   if (device.kind != MemoryKind::kHost) {
-    return BANASERVE_STATUS(StatusCode::kNotImplemented,
-                            "device memory registration needs the CUDA backend, which is not "
-                            "part of this build");
+    bool device_capable = false;
+    for (const auto& t : transports_) device_capable = device_capable || t->capabilities().device_memory;
+    if (!device_capable) {
+      return BANASERVE_STATUS(StatusCode::kNotImplemented,
+                              "device memory registration needs the CUDA backend, which is not "
+                              "part of this build (or not enabled in this engine)");
+    }
   }
-  std::lock_guard<std::mutex> lock(mu_);
   RegionInfo info;
-  info.id = next_region_id_;
   info.addr = addr;
   info.nbytes = nbytes;
   info.device = device;
-  auto table = std::make_shared<RegionTable>(*regions_);  // copy-on-write: readers keep theirs
-  BANASERVE_RETURN_IF_ERROR(table->insert(info));
-  ++next_region_id_;
-  regions_ = std::move(table);
-  return info;
+  return insert_region(std::move(info), nullptr);
+}
+
+// Lets every backend add its handles (rkey, IPC handle), then publishes the region. On failure
+// every backend that saw the region forgets it again.
+StatusOr<RegionInfo> Engine::insert_region(RegionInfo info, const Allocation* allocation) {
+  {
+    // Reject overlaps before any backend pins or maps the memory.
+    std::lock_guard<std::mutex> lock(mu_);
+    RegionTable probe(*regions_);
+    RegionInfo check = info;
+    check.id = UINT64_MAX;
+    BANASERVE_RETURN_IF_ERROR(probe.insert(check));
+  }
+  size_t seen = 0;
+  Status st;
+  for (; seen < transports_.size() && st.ok(); ++seen) {
+    st = transports_[seen]->on_register(&info).with_context(std::string(transports_[seen]->name()) +
+                                                             " registration");
+  }
+  if (st.ok()) {
+    std::lock_guard<std::mutex> lock(mu_);
+    info.id = next_region_id_;
+    auto table = std::make_shared<RegionTable>(*regions_);  // copy-on-write: readers keep theirs
+    st = table->insert(info);
+    if (st.ok()) {
+      ++next_region_id_;
+      regions_ = std::move(table);
+      if (allocation != nullptr) allocations_[info.id] = *allocation;
+      return info;
+    }
+  }
+  for (size_t i = 0; i < seen; ++i) transports_[i]->on_unregister(info);
+  return st;
 }
 
 StatusOr<RegionInfo> Engine::allocate(uint64_t nbytes) {
@@ -219,31 +252,32 @@ StatusOr<RegionInfo> Engine::allocate(uint64_t nbytes) {
     return st;
   }
   prefault(addr, nbytes, config_.copy_threads);
-  std::lock_guard<std::mutex> lock(mu_);
   RegionInfo info;
-  info.id = next_region_id_;
   info.addr = reinterpret_cast<uint64_t>(addr);
   info.nbytes = nbytes;
   info.shm_fd = fd;
   info.shm_offset = 0;
-  auto table = std::make_shared<RegionTable>(*regions_);
-  Status st = table->insert(info);
-  if (!st.ok()) {
+  const Allocation allocation{fd, addr, nbytes};
+  StatusOr<RegionInfo> r = insert_region(std::move(info), &allocation);
+  if (!r.ok()) {
     munmap(addr, nbytes);
     close(fd);
-    return st;
   }
-  ++next_region_id_;
-  regions_ = std::move(table);
-  allocations_[info.id] = Allocation{fd, addr, nbytes};
-  return info;
+  return r;
 }
 
 Status Engine::unregister_memory(uint64_t region_id) {
+  RegionInfo gone;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    const RegionInfo* found = regions_->find_id(region_id);
+    if (found != nullptr) gone = *found;
+    auto table = std::make_shared<RegionTable>(*regions_);
+    BANASERVE_RETURN_IF_ERROR(table->erase(region_id));
+    regions_ = std::move(table);
+  }
+  for (auto& t : transports_) t->on_unregister(gone);  // before the memory may go away
   std::lock_guard<std::mutex> lock(mu_);
-  auto table = std::make_shared<RegionTable>(*regions_);
-  BANASERVE_RETURN_IF_ERROR(table->erase(region_id));
-  regions_ = std::move(table);
   auto it = allocations_.find(region_id);
   if (it != allocations_.end()) {
     munmap(it->second.addr, it->second.nbytes);
@@ -253,8 +287,19 @@ Status Engine::unregister_memory(uint64_t region_id) {
   return Status();
 }
 
+bool Engine::needs_device_memory(const PeerRecord& peer) const {
+  for (const RegionInfo& r : peer.regions.regions()) {
+    if (r.device.kind != MemoryKind::kHost) return true;
+  }
+  return false;
+}
+
+// Capability-driven: reachability (in process / same host / cross host), the memory the peer
+// publishes (device memory needs a device-capable backend, never a silent host fallback), and
+// whether the peer published what the backend needs (can_serve); then the highest priority.
 StatusOr<Transport*> Engine::choose_transport(const PeerRecord& peer) {
   const bool self = peer.metadata.engine_id == self_.engine_id;
+  const bool device = needs_device_memory(peer);
   Transport* best = nullptr;
   int best_priority = -1;
   // With fault injection on, start() appended one decorator per real backend.
@@ -268,6 +313,8 @@ StatusOr<Transport*> Engine::choose_transport(const PeerRecord& peer) {
                           : (peer.same_host ? caps.same_host || caps.cross_host : caps.cross_host);
     if (caps.in_process && !self) reachable = false;
     if (!reachable) continue;
+    if (device ? !caps.device_memory : !caps.host_memory) continue;
+    if (!t->can_serve(peer)) continue;
     if (caps.priority > best_priority) {
       best = t;
       best_priority = caps.priority;
@@ -278,6 +325,7 @@ StatusOr<Transport*> Engine::choose_transport(const PeerRecord& peer) {
         StatusCode::kUnavailable,
         "no enabled backend can reach peer " + peer.metadata.engine_id +
             (peer.same_host ? " (same host)" : " (another host)") +
+            (device ? " with device memory" : "") +
             (config_.force_backend.empty() ? "" : "; forced backend: " + config_.force_backend));
   }
   // With fault injection on, the decorator of the chosen backend stands in for it.
@@ -325,6 +373,21 @@ StatusOr<std::string> Engine::peer_backend(const std::string& engine_id) const {
   auto it = peers_.find(engine_id);
   if (it == peers_.end()) return BANASERVE_STATUS(StatusCode::kNotFound, "unknown peer " + engine_id);
   return std::string(it->second.transport->name());
+}
+
+StatusOr<std::string> Engine::peer_route(const std::string& engine_id) const {
+  Transport* t = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = peers_.find(engine_id);
+    if (it == peers_.end()) return BANASERVE_STATUS(StatusCode::kNotFound, "unknown peer " + engine_id);
+    t = it->second.transport;
+  }
+  // Decorators do not forward describe_peer: ask the real backend of that name.
+  for (const auto& real : transports_) {
+    if (std::strcmp(real->name(), t->name()) == 0) return real->describe_peer(engine_id);
+  }
+  return std::string();
 }
 
 std::vector<std::string> Engine::peers() const {
@@ -421,8 +484,20 @@ StatusOr<std::shared_ptr<Batch>> Engine::submit(const SubmitArgs& a) {
     self_record->same_host = true;
     record = std::move(self_record);
     transport = transports_.front().get();  // "local" is always first
-    for (size_t i = 1; i < transports_.size(); ++i) {
-      if (std::strcmp(transports_[i]->name(), "local") == 0) transport = transports_[i].get();
+    if (a.local->device.kind != MemoryKind::kHost || a.remote->device.kind != MemoryKind::kHost) {
+      // GPU memory inside this process (D2D, H2D, D2H): the device-capable backend.
+      transport = nullptr;
+      for (const auto& t : transports_) {
+        if (t->capabilities().device_memory) transport = t.get();  // decorators sit last
+      }
+      if (transport == nullptr) {
+        return BANASERVE_STATUS(StatusCode::kNotImplemented,
+                                "device memory transfers need the cuda backend");
+      }
+    } else {
+      for (size_t i = 1; i < transports_.size(); ++i) {
+        if (std::strcmp(transports_[i]->name(), "local") == 0) transport = transports_[i].get();
+      }
     }
   }
   if (!a.local->owner.empty()) {
@@ -579,7 +654,17 @@ SendStream::SendStream(Engine* engine, std::string peer_id, uint64_t transfer_id
     : engine_(engine), peer_id_(std::move(peer_id)), transfer_id_(transfer_id),
       num_layers_(num_layers), local_(std::move(local)), remote_(std::move(remote)),
       local_idx_(std::move(local_idx)), remote_idx_(std::move(remote_idx)),
-      buffers_per_layer_(buffers_per_layer), timeout_ms_(timeout_ms), batches_(num_layers) {}
+      buffers_per_layer_(buffers_per_layer), timeout_ms_(timeout_ms), batches_(num_layers),
+      claimed_(num_layers, false) {}
+
+SendStream::~SendStream() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    fence_stop_ = true;
+  }
+  fence_cv_.notify_all();
+  if (fence_thread_.joinable()) fence_thread_.join();
+}
 
 Status SendStream::mark_layer_ready(uint32_t layer) {
   if (layer >= num_layers_) {
@@ -588,11 +673,75 @@ Status SendStream::mark_layer_ready(uint32_t layer) {
   }
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (batches_[layer]) {
+    if (claimed_[layer]) {
       return BANASERVE_STATUS(StatusCode::kAlreadyExists,
                               "layer " + std::to_string(layer) + " already marked ready");
     }
+    claimed_[layer] = true;
   }
+  return post_layer(layer);
+}
+
+Status SendStream::mark_layer_ready_after(uint32_t layer, std::shared_ptr<ReadyFence> fence) {
+  if (layer >= num_layers_) {
+    return BANASERVE_STATUS(StatusCode::kOutOfRange, "layer " + std::to_string(layer) + " of a " +
+                                                         std::to_string(num_layers_) + "-layer stream");
+  }
+  if (!fence) return BANASERVE_INVALID("missing fence");
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (claimed_[layer]) {
+      return BANASERVE_STATUS(StatusCode::kAlreadyExists,
+                              "layer " + std::to_string(layer) + " already marked ready");
+    }
+    claimed_[layer] = true;
+    fenced_.emplace_back(layer, std::move(fence));
+    if (!fence_thread_.joinable()) fence_thread_ = std::thread([this] { fence_loop(); });
+  }
+  fence_cv_.notify_all();
+  return Status();
+}
+
+void SendStream::fence_loop() {
+  const uint64_t deadline = engine_->deadline_from(timeout_ms_);
+  std::unique_lock<std::mutex> lock(mu_);
+  for (;;) {
+    fence_cv_.wait(lock, [&] { return fence_stop_ || !fenced_.empty(); });
+    if (fence_stop_) return;
+    auto [layer, fence] = fenced_.front();
+    fenced_.pop_front();
+    lock.unlock();
+    Status failed;
+    for (uint32_t polls = 0;; ++polls) {
+      StatusOr<bool> ready = fence->query();
+      if (!ready.ok()) {
+        failed = ready.status().with_context("fence of layer " + std::to_string(layer));
+        break;
+      }
+      if (ready.value()) break;
+      if (now_ns() >= deadline) {
+        failed = BANASERVE_STATUS(StatusCode::kTimeout, "the fence of layer " + std::to_string(layer) +
+                                                            " was not ready before the deadline");
+        break;
+      }
+      {
+        std::lock_guard<std::mutex> stop_lock(mu_);
+        if (fence_stop_) return;
+      }
+      // Spin briefly (a GPU layer takes ~100 us-ms), then back off to 50 us polls.
+      if (polls > 64) std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+    if (failed.ok()) {
+      (void)post_layer(layer);  // a submit error lands in post_error_
+    } else {
+      std::lock_guard<std::mutex> err_lock(mu_);
+      if (post_error_.ok()) post_error_ = failed;
+    }
+    lock.lock();
+  }
+}
+
+Status SendStream::post_layer(uint32_t layer) {
   Engine::SubmitArgs args;
   args.op = Op::kWrite;
   args.peer_id = peer_id_;

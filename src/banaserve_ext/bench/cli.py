@@ -9,6 +9,7 @@ import importlib
 # name -> (module exposing add_arguments(parser) and main(args) -> int, help)
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "transfer": ("banaserve_ext.bench.transfer", "transfer engine vs Mooncake TE (two processes)"),
+    "cuda": ("banaserve_ext.bench.cuda", "GPU data paths vs cudaMemcpy (needs a CUDA build + GPU)"),
     "store": ("banaserve_ext.bench.store", "shared-memory KV pool vs Mooncake Store"),
 }
 

@@ -33,7 +33,7 @@ PEER_SCRIPT = Path(__file__).with_name("peers") / "mooncake_te.py"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=["shm", "tcp"], default="shm")
+    p.add_argument("--backend", choices=["shm", "tcp", "ucx"], default="shm")
     p.add_argument("--pages", type=int, default=1000)
     p.add_argument("--page-kib", type=int, default=16)
     p.add_argument(

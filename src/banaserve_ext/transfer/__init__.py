@@ -11,14 +11,18 @@ Prepare once, post many::
         with eng.submit(Op.WRITE, local, idx, remote, idx) as h:
             h.wait(timeout_s=5)
 
-Backends are chosen per peer: ``shm`` for a peer on the same host, ``tcp`` otherwise (``local``
-within one engine). Errors are :mod:`banaserve_ext.errors` classes, converted from the C++
-``Status`` in one place. See docs/design.md for the cancellation contract.
+Backends are chosen per peer from their capabilities: ``cuda`` (CUDA IPC) for a same-host peer
+that publishes GPU memory, ``shm`` for a peer on the same host, ``ucx`` (RDMA) across hosts when
+both engines run it, ``tcp`` otherwise (``local`` within one engine). The choice is logged and
+reported by :meth:`TransferEngine.backend_for` / :meth:`TransferEngine.route_for`. Errors are
+:mod:`banaserve_ext.errors` classes, converted from the C++ ``Status`` in one place. See
+docs/design.md for the cancellation contract.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,7 +45,11 @@ __all__ = [
     "FaultSpec",
     "EngineMetadata",
     "available_backends",
+    "HostFence",
 ]
+
+_log = logging.getLogger("banaserve_ext.transfer")
+_KNOWN_BACKENDS = ("shm", "tcp", "ucx", "cuda")
 
 
 class Op(enum.IntEnum):
@@ -69,6 +77,9 @@ class RegionMetadata(msgspec.Struct, array_like=True):
     device_id: int
     shm_fd: int
     shm_offset: int
+    ipc_handle: bytes = b""  # cudaIpcMemHandle_t of the allocation (cuda backend)
+    ipc_offset: int = 0
+    rkey: bytes = b""  # packed UCX rkey (ucx backend)
 
 
 class EngineMetadata(msgspec.Struct):
@@ -81,6 +92,7 @@ class EngineMetadata(msgspec.Struct):
     tcp_port: int
     control_fd: int
     regions: list[RegionMetadata]
+    ucx_address: bytes = b""  # packed UCP worker address (ucx backend)
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -113,6 +125,17 @@ def _timeout_ms(timeout_s: float | None) -> int:
     if timeout_s < 0:
         raise InvalidArgumentError(f"timeout_s must be >= 0 or None, got {timeout_s}")
     return int(timeout_s * 1000)
+
+
+def _device_args(device: tuple[str, int] | None) -> tuple[int, int]:
+    """``None``/``("cpu", 0)`` → host memory; ``("cuda", n)`` → GPU n (the ranges of a prepared
+    list are checked against registrations on that device)."""
+    if device is None:
+        return 0, 0
+    kind, ordinal = device
+    if kind not in ("cpu", "cuda") or int(ordinal) < 0:
+        raise InvalidArgumentError(f"device must be ('cpu', 0) or ('cuda', n), got {device!r}")
+    return (0 if kind == "cpu" else 1), int(ordinal)
 
 
 def _index_array(idx: Any, name: str) -> np.ndarray:
@@ -239,8 +262,28 @@ class SendStream:
     def state(self) -> TransferState:
         return TransferState(self._s.state)
 
+    @property
+    def layers_posted(self) -> int:
+        """Layers handed to the backend so far (fenced layers count once their fence fired)."""
+        return int(self._s.layers_posted)
+
     def mark_layer_ready(self, layer: int) -> None:
         self._s.mark_layer_ready(layer)
+
+    def mark_layer_ready_after(self, layer: int, fence: Any) -> None:
+        """Posts layer ``layer`` once ``fence`` is ready, from a helper thread, in call order;
+        returns at once. ``fence``: a :class:`HostFence`, or a fence from
+        :meth:`mark_layer_ready_after_event`'s event. A failed fence fails the stream."""
+        core_fence = fence._f if isinstance(fence, HostFence) else fence
+        self._s.mark_layer_ready_after(layer, core_fence)
+
+    def mark_layer_ready_after_event(self, layer: int, event: Any) -> None:
+        """Layer-wise streaming driven by the producing GPU stream: record a CUDA event on that
+        stream after layer ``layer`` (``torch.cuda.Event``, or its raw ``cudaEvent_t`` as int)
+        and hand it here; the layer is posted once the event completed, and the caller's thread
+        never blocks on the GPU. Needs the cuda backend (NotSupportedError otherwise)."""
+        handle = int(getattr(event, "cuda_event", event))
+        self._s.mark_layer_ready_after(layer, _core().cuda_event_fence(handle))
 
     def wait(self, timeout_s: float | None = None) -> bool:
         return bool(self._s.wait(_timeout_ms(timeout_s)))
@@ -254,6 +297,24 @@ class SendStream:
     def __exit__(self, *exc: object) -> None:
         if not self.state.terminal:
             self.cancel()
+
+
+class HostFence:
+    """A fence signalled from the host: a CPU producer (or a test) calls :meth:`signal` when a
+    layer's bytes are final, or :meth:`fail` when they never will be."""
+
+    def __init__(self) -> None:
+        self._f = _core().HostFence()
+
+    def signal(self) -> None:
+        self._f.signal()
+
+    def fail(self, why: str) -> None:
+        self._f.fail(why)
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._f.query())
 
 
 class RecvStream:
@@ -324,9 +385,13 @@ class TransferEngine:
         self.engine_id_hint = engine_id or ""
         self.tcp_host = tcp_host
         self.tcp_port = tcp_port
-        self.backends = tuple(backends) if backends is not None else ("shm", "tcp")
         env_backend = _env.get(_env.TRANSFER_BACKEND)
         self.force_backend = force_backend or ("" if env_backend == "auto" else env_backend)
+        if backends is None:
+            backends = ("shm", "tcp", "cuda") + (("ucx",) if _env.get(_env.TRANSFER_UCX) else ())
+            if self.force_backend in _KNOWN_BACKENDS and self.force_backend not in backends:
+                backends = (*backends, self.force_backend)
+        self.backends = tuple(backends)
         self.tcp_lanes = tcp_lanes if tcp_lanes is not None else _env.get(_env.TRANSFER_TCP_LANES)
         self.copy_threads = (
             copy_threads if copy_threads is not None else _env.get(_env.TRANSFER_THREADS)
@@ -344,9 +409,11 @@ class TransferEngine:
     def start(self) -> TransferEngine:
         if self._core_engine is not None:
             return self
-        unknown = set(self.backends) - {"shm", "tcp"}
+        unknown = set(self.backends) - set(_KNOWN_BACKENDS)
         if unknown:
-            raise InvalidArgumentError(f"unknown backends {sorted(unknown)}; choose from shm, tcp")
+            raise InvalidArgumentError(
+                f"unknown backends {sorted(unknown)}; choose from {', '.join(_KNOWN_BACKENDS)}"
+            )
         core = _core()
         cfg = core.EngineConfig()
         cfg.engine_id = self.engine_id_hint
@@ -354,6 +421,8 @@ class TransferEngine:
         cfg.tcp_port = self.tcp_port
         cfg.enable_tcp = "tcp" in self.backends
         cfg.enable_shm = "shm" in self.backends
+        cfg.enable_ucx = "ucx" in self.backends
+        cfg.enable_cuda = "cuda" in self.backends
         cfg.tcp_lanes = self.tcp_lanes
         cfg.copy_threads = self.copy_threads
         cfg.default_timeout_ms = int(self.default_timeout_s * 1000)
@@ -416,15 +485,25 @@ class TransferEngine:
         md = self.decode_metadata(metadata)
         as_dict = msgspec.structs.asdict(md)
         as_dict["regions"] = [msgspec.structs.asdict(r) for r in md.regions]
-        self._eng().add_peer(as_dict)
+        backend = self._eng().add_peer(as_dict)
+        route = self._eng().peer_route(md.engine_id)
+        _log.info(
+            "transfer peer %s (pid %d): backend %s%s",
+            md.engine_id, md.pid, backend, f" via {route}" if route else "",
+        )  # fmt: skip
         return md.engine_id
 
     def remove_peer(self, peer: str) -> None:
         self._eng().remove_peer(peer)
 
     def backend_for(self, peer: str) -> str:
-        """The backend serving ``peer``: 'shm', 'tcp' or 'local'."""
+        """The backend serving ``peer``: 'cuda', 'shm', 'ucx', 'tcp' or 'local'."""
         return str(self._eng().peer_backend(peer))
+
+    def route_for(self, peer: str) -> str:
+        """What the backend of ``peer`` reports about its route, e.g. the UCX transports and
+        devices it picked (``'tcp/lo(rma_bw,am_bw,am)'``); '' when there is nothing to add."""
+        return str(self._eng().peer_route(peer))
 
     def peers(self) -> list[str]:
         return list(self._eng().peers())
@@ -445,7 +524,9 @@ class TransferEngine:
         return Registration(self, info, None, allocated=True)
 
     # ---- prepare -----------------------------------------------------------------------------
-    def prepare(self, descs: Any, *, peer: str | None = None) -> PreparedList:
+    def prepare(
+        self, descs: Any, *, peer: str | None = None, device: tuple[str, int] | None = None
+    ) -> PreparedList:
         """Validates an (N, 2) table of (addr, nbytes) once, against this engine's registrations
         or, with ``peer``, against that peer's."""
         table = np.ascontiguousarray(descs, dtype=np.uint64)
@@ -453,10 +534,17 @@ class TransferEngine:
             raise InvalidArgumentError(
                 f"descriptor table must have shape (N, 2), got {table.shape}"
             )
-        return PreparedList(self._eng().prepare_descs(peer or "", table))
+        kind, ordinal = _device_args(device)
+        return PreparedList(self._eng().prepare_descs(peer or "", table, kind, ordinal))
 
     def prepare_layout(
-        self, bases: Any, item_nbytes: int, num_items: int, *, peer: str | None = None
+        self,
+        bases: Any,
+        item_nbytes: int,
+        num_items: int,
+        *,
+        peer: str | None = None,
+        device: tuple[str, int] | None = None,
     ) -> PreparedList:
         """Validates a layout once: buffers ``bases[b]`` each holding ``num_items`` items of
         ``item_nbytes`` (e.g. one buffer per (layer, K/V)); index i then means item i of every
@@ -464,8 +552,11 @@ class TransferEngine:
         arr = np.ascontiguousarray(bases, dtype=np.uint64)
         if arr.ndim != 1:
             raise InvalidArgumentError(f"layout bases must be 1-D, got shape {arr.shape}")
+        kind, ordinal = _device_args(device)
         return PreparedList(
-            self._eng().prepare_layout(peer or "", arr, int(item_nbytes), int(num_items))
+            self._eng().prepare_layout(
+                peer or "", arr, int(item_nbytes), int(num_items), kind, ordinal
+            )
         )
 
     # ---- post --------------------------------------------------------------------------------

@@ -10,6 +10,7 @@
 
 #include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -20,6 +21,7 @@
 
 #include "banaserve/common/status.h"
 #include "banaserve/transfer/completion.h"
+#include "banaserve/transfer/fence.h"
 #include "banaserve/transfer/inbox.h"
 #include "banaserve/transfer/plan.h"
 #include "banaserve/transfer/transport.h"
@@ -86,6 +88,9 @@ class Engine {
   Status remove_peer(const std::string& engine_id);
   /// The backend serving a peer ("local" for this engine itself); kNotFound if unknown.
   StatusOr<std::string> peer_backend(const std::string& engine_id) const;
+  /// What the backend of that peer reports about its route (e.g. the transports UCX chose);
+  /// "" when it has nothing to add. kNotFound if unknown.
+  StatusOr<std::string> peer_route(const std::string& engine_id) const;
   std::vector<std::string> peers() const;
 
   // ---- prepare once ---------------------------------------------------------------------------
@@ -136,6 +141,7 @@ class Engine {
   EngineStats stats() const;
 
  private:
+  friend class SendStream;  // deadline_from
   struct Peer {
     std::shared_ptr<const PeerRecord> record;
     Transport* transport = nullptr;
@@ -147,6 +153,8 @@ class Engine {
   };
 
   StatusOr<Transport*> choose_transport(const PeerRecord& peer);
+  bool needs_device_memory(const PeerRecord& peer) const;
+  StatusOr<RegionInfo> insert_region(RegionInfo info, const Allocation* allocation);
   void on_peer_lost(const std::string& engine_id, const Status& why);
   void track(const std::shared_ptr<Batch>& batch);
   void watchdog_loop();
@@ -190,6 +198,12 @@ class SendStream {
   uint32_t num_layers() const { return num_layers_; }
   /// kOutOfRange for a bad layer, kAlreadyExists if marked before.
   Status mark_layer_ready(uint32_t layer);
+  /// Posts layer `layer` once `fence` is ready (e.g. a CUDA event recorded on the producing
+  /// stream after that layer), from a helper thread of this stream, in the order called; returns
+  /// at once. Bad layer / double mark fail here; a fence error, or a fence still not ready at the
+  /// stream's deadline, fails the stream (wait() returns it).
+  Status mark_layer_ready_after(uint32_t layer, std::shared_ptr<ReadyFence> fence);
+  ~SendStream();
   /// Waits for every layer's batch; OK, the first failure, or kTimeout. Layers never marked
   /// count as not done.
   Status wait(int64_t timeout_ms);
@@ -208,7 +222,15 @@ class SendStream {
   const int64_t timeout_ms_;
   mutable std::mutex mu_;
   std::vector<std::shared_ptr<Batch>> batches_;  // by layer; null until marked
+  std::vector<bool> claimed_;                     // by layer: marked, possibly behind a fence
   Status post_error_;
+  // Fenced layers, posted in order by fence_thread_ (started on first use).
+  void fence_loop();
+  Status post_layer(uint32_t layer);
+  std::deque<std::pair<uint32_t, std::shared_ptr<ReadyFence>>> fenced_;  // guarded by mu_
+  std::condition_variable fence_cv_;
+  bool fence_stop_ = false;
+  std::thread fence_thread_;
 };
 
 }  // namespace banaserve::transfer

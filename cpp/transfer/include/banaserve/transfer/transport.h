@@ -70,6 +70,18 @@ class Transport {
   /// Publishes this backend's endpoint (tcp port, control fd) into *md.
   virtual void fill_metadata(EngineMetadata* md) const = 0;
 
+  /// Whether this peer published what this backend needs (e.g. a UCX worker address). The engine
+  /// skips a backend for a peer that it cannot serve; the default serves every peer.
+  virtual bool can_serve(const PeerRecord& /*peer*/) const { return true; }
+  /// Called for every region this engine registers, before it is published: a backend may fill
+  /// its handle fields (RegionInfo::rkey, ::ipc_handle). region->id is not assigned yet; key by
+  /// addr. on_unregister undoes it (also when the engine then rejects the region).
+  virtual Status on_register(RegionInfo* /*region*/) { return Status(); }
+  virtual void on_unregister(const RegionInfo& /*region*/) {}
+  /// Human-readable route this backend uses for a connected peer (e.g. the UCX transports);
+  /// "" when there is nothing to add to the backend name.
+  virtual std::string describe_peer(const std::string& /*engine_id*/) const { return ""; }
+
   /// Makes the peer reachable. Must not block on the network: connect lazily or in a background
   /// thread. May fail fast (e.g. kUnavailable when a same-host peer's memory cannot be mapped).
   virtual Status connect(std::shared_ptr<const PeerRecord> peer) = 0;

@@ -37,6 +37,12 @@ struct RegionInfo {
   /// may then map it through /proc/<pid>/fd/<shm_fd>. -1 for plain user memory.
   int32_t shm_fd = -1;
   uint64_t shm_offset = 0;  // offset of addr inside that memfd
+  /// Opaque per-backend handles a peer needs to reach this region without a round trip:
+  /// cudaIpcMemHandle_t of the allocation (cuda backend) and the packed UCX rkey (ucx backend).
+  /// Empty when that backend is not compiled in or the region is not eligible.
+  std::string ipc_handle;
+  uint64_t ipc_offset = 0;  // offset of addr inside the allocation that ipc_handle names
+  std::string rkey;
 };
 
 /// What an engine publishes about itself for peers (serialised by the Python façade with
@@ -48,6 +54,7 @@ struct EngineMetadata {
   std::string tcp_host;   // where the tcp backend listens ("" when it does not)
   uint16_t tcp_port = 0;
   int32_t control_fd = -1;  // memfd of the shm backend's notification area (-1: none)
+  std::string ucx_address;  // packed UCP worker address of the ucx backend ("": none)
   std::vector<RegionInfo> regions;
 };
 
@@ -78,10 +85,12 @@ struct EngineConfig {
   uint16_t tcp_port = 0;          // 0 → ephemeral
   bool enable_tcp = true;
   bool enable_shm = true;
+  bool enable_ucx = true;   // used only when the ucx backend is compiled in
+  bool enable_cuda = true;  // used only when the cuda backend is compiled in
   int tcp_lanes = 2;              // persistent connections per peer
   int copy_threads = 2;           // shm copy workers
   uint64_t default_timeout_ms = 30000;
-  std::string force_backend;      // "" (auto) | "local" | "shm" | "tcp"
+  std::string force_backend;      // "" (auto) | "local" | "shm" | "tcp" | "ucx" | "cuda"
   uint32_t peer_check_interval_ms = 100;  // liveness check of same-host peers
 };
 
