@@ -66,6 +66,15 @@ void prefault(void* addr, uint64_t nbytes, int threads) {
   for (auto& t : pool) t.join();
 }
 
+// Table generations are unique across all engines of the process (never reused, unlike
+// addresses), so a prepared list can tell whether the table that validated it changed.
+std::atomic<uint64_t> g_generation{1};
+uint64_t next_generation() { return g_generation.fetch_add(1, std::memory_order_relaxed); }
+std::shared_ptr<RegionTable> stamped(std::shared_ptr<RegionTable> table) {
+  table->set_generation(next_generation());
+  return table;
+}
+
 std::shared_ptr<const RegionTable> regions_trampoline(void* engine) {
   return static_cast<Engine*>(engine)->local_regions();
 }
@@ -73,7 +82,7 @@ std::shared_ptr<const RegionTable> regions_trampoline(void* engine) {
 }  // namespace
 
 Engine::Engine(EngineConfig config)
-    : config_(std::move(config)), regions_(std::make_shared<RegionTable>()) {}
+    : config_(std::move(config)), regions_(stamped(std::make_shared<RegionTable>())) {}
 
 Engine::~Engine() { stop(); }
 
@@ -168,7 +177,7 @@ void Engine::stop() {
       close(a.fd);
     }
     allocations_.clear();
-    regions_ = std::make_shared<RegionTable>();
+    regions_ = stamped(std::make_shared<RegionTable>());
   }
   transports_.clear();
   started_ = false;
@@ -227,7 +236,7 @@ StatusOr<RegionInfo> Engine::insert_region(RegionInfo info, const Allocation* al
     st = table->insert(info);
     if (st.ok()) {
       ++next_region_id_;
-      regions_ = std::move(table);
+      regions_ = stamped(std::move(table));
       if (allocation != nullptr) allocations_[info.id] = *allocation;
       return info;
     }
@@ -274,7 +283,7 @@ Status Engine::unregister_memory(uint64_t region_id) {
     if (found != nullptr) gone = *found;
     auto table = std::make_shared<RegionTable>(*regions_);
     BANASERVE_RETURN_IF_ERROR(table->erase(region_id));
-    regions_ = std::move(table);
+    regions_ = stamped(std::move(table));
   }
   for (auto& t : transports_) t->on_unregister(gone);  // before the memory may go away
   std::lock_guard<std::mutex> lock(mu_);
@@ -341,6 +350,7 @@ StatusOr<std::string> Engine::add_peer(const EngineMetadata& md) {
   auto record = std::make_shared<PeerRecord>();
   record->metadata = md;
   record->same_host = md.host_id == self_.host_id;
+  record->regions.set_generation(next_generation());
   for (const RegionInfo& r : md.regions) {
     Status st = record->regions.insert(r);
     if (!st.ok()) return st.with_context("peer " + md.engine_id + " published bad regions");
@@ -398,30 +408,36 @@ std::vector<std::string> Engine::peers() const {
 }
 
 namespace {
-// The generation of a table is its identity: every change replaces the shared_ptr.
-uint64_t generation_of(const void* table) { return reinterpret_cast<uint64_t>(table); }
+uint64_t generation_of(const RegionTable* table) { return table->generation(); }
 }  // namespace
+
+StatusOr<Engine::ValidationTable> Engine::validation_table(const std::string& peer_id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  ValidationTable t;
+  if (peer_id.empty() || peer_id == self_.engine_id) {
+    t.local = regions_;
+    t.table = regions_.get();
+    t.generation = generation_of(regions_.get());
+    return t;
+  }
+  auto it = peers_.find(peer_id);
+  if (it == peers_.end()) return BANASERVE_STATUS(StatusCode::kNotFound, "unknown peer " + peer_id);
+  t.peer = it->second.record;
+  t.table = &t.peer->regions;
+  t.owner = peer_id;
+  t.generation = generation_of(&t.peer->regions);
+  return t;
+}
 
 StatusOr<std::shared_ptr<const PreparedList>> Engine::prepare_descs(const std::string& peer_id,
                                                                     const uint64_t* addrs,
                                                                     const uint64_t* nbytes,
                                                                     size_t n, Device device) {
-  std::shared_ptr<const RegionTable> local;
-  std::shared_ptr<const PeerRecord> peer;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (peer_id.empty() || peer_id == self_.engine_id) {
-      local = regions_;
-    } else {
-      auto it = peers_.find(peer_id);
-      if (it == peers_.end()) return BANASERVE_STATUS(StatusCode::kNotFound, "unknown peer " + peer_id);
-      peer = it->second.record;
-    }
-  }
-  const RegionTable& table = local ? *local : peer->regions;
-  BANASERVE_ASSIGN_OR_RETURN(PreparedList list, transfer::prepare_descs(table, addrs, nbytes, n, device));
-  list.owner = (peer_id == self_.engine_id) ? "" : peer_id;
-  list.generation = local ? generation_of(local.get()) : generation_of(peer.get());
+  BANASERVE_ASSIGN_OR_RETURN(ValidationTable t, validation_table(peer_id));
+  BANASERVE_ASSIGN_OR_RETURN(PreparedList list,
+                             transfer::prepare_descs(*t.table, addrs, nbytes, n, device));
+  list.owner = t.owner;
+  list.generation = t.generation;
   return std::shared_ptr<const PreparedList>(std::make_shared<PreparedList>(std::move(list)));
 }
 
@@ -431,24 +447,12 @@ StatusOr<std::shared_ptr<const PreparedList>> Engine::prepare_layout(const std::
                                                                      uint64_t item_nbytes,
                                                                      uint64_t num_items,
                                                                      Device device) {
-  std::shared_ptr<const RegionTable> local;
-  std::shared_ptr<const PeerRecord> peer;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (peer_id.empty() || peer_id == self_.engine_id) {
-      local = regions_;
-    } else {
-      auto it = peers_.find(peer_id);
-      if (it == peers_.end()) return BANASERVE_STATUS(StatusCode::kNotFound, "unknown peer " + peer_id);
-      peer = it->second.record;
-    }
-  }
-  const RegionTable& table = local ? *local : peer->regions;
+  BANASERVE_ASSIGN_OR_RETURN(ValidationTable t, validation_table(peer_id));
   BANASERVE_ASSIGN_OR_RETURN(
       PreparedList list,
-      transfer::prepare_layout(table, bases, num_buffers, item_nbytes, num_items, device));
-  list.owner = (peer_id == self_.engine_id) ? "" : peer_id;
-  list.generation = local ? generation_of(local.get()) : generation_of(peer.get());
+      transfer::prepare_layout(*t.table, bases, num_buffers, item_nbytes, num_items, device));
+  list.owner = t.owner;
+  list.generation = t.generation;
   return std::shared_ptr<const PreparedList>(std::make_shared<PreparedList>(std::move(list)));
 }
 
@@ -517,7 +521,7 @@ StatusOr<std::shared_ptr<Batch>> Engine::submit(const SubmitArgs& a) {
   // Registrations changed since prepare: validate the runs themselves (slow path, rare).
   const bool local_stale = a.local->generation != generation_of(local_table.get());
   const bool remote_stale =
-      a.remote->generation != (to_self ? generation_of(local_table.get()) : generation_of(record.get()));
+      a.remote->generation != (to_self ? generation_of(local_table.get()) : generation_of(&record->regions));
   if (local_stale || remote_stale) {
     const RegionTable& rt = record->regions;
     for (const CopyRun& r : runs) {

@@ -152,6 +152,16 @@ class Engine {
     uint64_t nbytes;
   };
 
+  // The registrations that validate a list prepared for peer_id ("" or self: this engine's),
+  // kept alive by the shared pointers, with the owner and generation recorded in the list.
+  struct ValidationTable {
+    std::shared_ptr<const RegionTable> local;
+    std::shared_ptr<const PeerRecord> peer;
+    const RegionTable* table = nullptr;
+    std::string owner;
+    uint64_t generation = 0;
+  };
+  StatusOr<ValidationTable> validation_table(const std::string& peer_id) const;
   StatusOr<Transport*> choose_transport(const PeerRecord& peer);
   bool needs_device_memory(const PeerRecord& peer) const;
   StatusOr<RegionInfo> insert_region(RegionInfo info, const Allocation* allocation);

@@ -38,9 +38,14 @@ class RegionTable {
   const RegionInfo* find_id(uint64_t region_id) const;
   const std::vector<RegionInfo>& regions() const { return regions_; }
   size_t size() const { return regions_.size(); }
+  /// Identity of this version of the table, stamped by its owner (the engine) whenever it
+  /// publishes a changed table; prepared lists remember it to notice later changes.
+  uint64_t generation() const { return generation_; }
+  void set_generation(uint64_t generation) { generation_ = generation; }
 
  private:
   std::vector<RegionInfo> regions_;  // sorted by addr
+  uint64_t generation_ = 0;
 };
 
 /// Validates [addr, addr+nbytes) against table; the error names `what` and the offending range.
