@@ -52,8 +52,9 @@ def deployment(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
         prefill, pproc = cluster.server(
             "prefill", wait=False, chunked_prefill_size=CHUNK, env=pre_env
         )
-        decode, dproc = cluster.server("decode", wait=False, env={
-            "SGLANG_DISAGGREGATION_WAITING_TIMEOUT": "60"})
+        decode, dproc = cluster.server(
+            "decode", wait=False, env={"SGLANG_DISAGGREGATION_WAITING_TIMEOUT": "60"}
+        )
         cluster.wait_all()
         router, _ = cluster.router([prefill], [decode])
         yield cluster, single, prefill, pproc, decode, dproc, router
@@ -81,6 +82,70 @@ def test_pd_eight_concurrent_requests(deployment) -> None:
             lambda p: generate(router.url, input_ids=p, max_new_tokens=16)["output_ids"], prompts
         ))  # fmt: skip
     assert got == want
+
+
+@pytest.fixture(scope="module")
+def banaserve_router(deployment):
+    """This project's router (python -m banaserve_ext.router, same flags as sglang_router) in
+    front of the same prefill and decode servers."""
+    cluster, _, prefill, _, decode, _, _ = deployment
+    cfg, _ = cluster.router([prefill], [decode], module="banaserve")
+    return cfg
+
+
+def test_banaserve_router_passes_real_sglang_outputs_through(deployment, banaserve_router) -> None:
+    _, single, *_ = deployment
+    for ids in _prompts()[::4]:
+        want = generate(single.url, input_ids=ids, max_new_tokens=12)
+        got = generate(banaserve_router.url, input_ids=ids, max_new_tokens=12)
+        assert got["output_ids"] == want["output_ids"], f"prompt of {len(ids)} tokens"
+        assert got["text"] == want["text"]
+
+
+def test_banaserve_router_streams_real_sglang_chunk_by_chunk(deployment, banaserve_router) -> None:
+    import http.client
+    import json
+
+    _, single, *_ = deployment
+    ids = _prompts()[12]
+    want = generate(single.url, input_ids=ids, max_new_tokens=10)["output_ids"]
+    body = json.dumps(
+        {
+            "input_ids": ids,
+            "stream": True,
+            "sampling_params": {"max_new_tokens": 10, "temperature": 0.0},
+        }
+    )
+    conn = http.client.HTTPConnection(
+        "127.0.0.1", int(banaserve_router.url.rsplit(":", 1)[1]), timeout=120
+    )
+    conn.request("POST", "/generate", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    events = []
+    for raw in resp:
+        line = raw.decode().strip()
+        if line.startswith("data:") and line != "data: [DONE]":
+            events.append(json.loads(line[5:]))
+    conn.close()
+    assert len(events) >= 2, "the stream arrived as one piece"
+    cumulative = events[-1]["output_ids"]
+    incremental = [t for e in events for t in e["output_ids"]]
+    assert want in (cumulative, incremental)
+
+
+def test_banaserve_router_rejects_malformed_requests(banaserve_router) -> None:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(
+        f"{banaserve_router.url}/generate",
+        data=b"{not json",
+        headers={"Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=30)
+    assert err.value.code == 400
 
 
 def _reports_failure(prefill_log: str) -> bool:
@@ -121,8 +186,13 @@ def test_decode_killed_mid_transfer_prefill_reports_and_keeps_serving(deployment
         if _reports_failure(log):
             break
         try:
-            generate(router.url, input_ids=long_prompt[:50], max_new_tokens=4, retry_503_s=0.0,
-                     timeout_s=30.0)
+            generate(
+                router.url,
+                input_ids=long_prompt[:50],
+                max_new_tokens=4,
+                retry_503_s=0.0,
+                timeout_s=30.0,
+            )
         except Exception:
             pass
         time.sleep(1.0)

@@ -36,7 +36,11 @@ class Cluster:
         return proc
 
     def server(
-        self, role: str = "single", *, wait: bool = True, env: dict[str, str] | None = None,
+        self,
+        role: str = "single",
+        *,
+        wait: bool = True,
+        env: dict[str, str] | None = None,
         **kw: object,
     ) -> tuple[SGLangServerConfig, ServerProcess]:
         if sum(p.group_alive() for p in self._servers) >= MAX_SERVERS:
@@ -49,7 +53,10 @@ class Cluster:
         ready = f"{cfg.url}/health_generate" if role == "single" else f"{cfg.url}/health"
         name = f"{role}-{port}"
         proc = ServerProcess(
-            name, cfg.command(), ready, self.log_dir / f"{name}.log",
+            name,
+            cfg.command(),
+            ready,
+            self.log_dir / f"{name}.log",
             {**cfg.env(), **self.env, **(env or {})},
         )
         self._servers.append(proc)
@@ -59,12 +66,16 @@ class Cluster:
         return cfg, proc
 
     def router(
-        self, prefill: list[SGLangServerConfig], decode: list[SGLangServerConfig]
+        self,
+        prefill: list[SGLangServerConfig],
+        decode: list[SGLangServerConfig],
+        module: str = "sglang_router",
     ) -> tuple[RouterConfig, ServerProcess]:
         cfg = RouterConfig(
             port=free_port(),
             prefill=tuple((p.url, int(p.bootstrap_port or 0)) for p in prefill),
             decode=tuple(d.url for d in decode),
+            module=module,
         )
         name = f"router-{cfg.port}"
         proc = self._add(

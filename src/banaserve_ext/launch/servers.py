@@ -58,7 +58,8 @@ class SGLangServerConfig:
             raise InvalidArgumentError("a prefill server needs a bootstrap_port")
         # On CPU, start through our compat launcher (see adapters/sglang/cpu_compat.py).
         module = (
-            "banaserve_ext.adapters.sglang.serve_cpu" if self.device == "cpu"
+            "banaserve_ext.adapters.sglang.serve_cpu"
+            if self.device == "cpu"
             else "sglang.launch_server"
         )
         cmd = [
@@ -107,7 +108,9 @@ class SGLangServerConfig:
 
 @dataclass(frozen=True)
 class RouterConfig:
-    """``sglang_router`` in PD mode in front of prefill (url, bootstrap port) and decode urls."""
+    """A PD router in front of prefill (url, bootstrap port) and decode urls: ``sglang_router``
+    (``module="sglang_router"``) or this project's drop-in (``module="banaserve"``), started with
+    the same flags."""
 
     port: int
     prefill: tuple[tuple[str, int], ...]
@@ -117,19 +120,31 @@ class RouterConfig:
     #: the router always exports Prometheus metrics (default 0.0.0.0:29000); bind them beside
     #: the router instead, on a port of their own, so several routers can run on one host
     prometheus_port: int = 0
+    module: str = "sglang_router"
 
     def command(self, python: str = sys.executable) -> list[str]:
         if not self.prefill or not self.decode:
             raise InvalidArgumentError("a PD router needs at least one prefill and one decode")
-        # through our wrapper: the router's imports reach torchvision (see cpu_compat)
-        cmd = [python, "-m", "banaserve_ext.adapters.sglang.router_cpu", "--pd-disaggregation"]
+        if self.module == "banaserve":
+            cmd = [python, "-m", "banaserve_ext.router", "--pd-disaggregation"]
+        elif self.module == "sglang_router":
+            # through our wrapper: the router's imports reach torchvision (see cpu_compat)
+            cmd = [python, "-m", "banaserve_ext.adapters.sglang.router_cpu", "--pd-disaggregation"]
+        else:
+            raise InvalidArgumentError(
+                f"unknown router {self.module!r}: sglang_router or banaserve"
+            )
         for url, bootstrap in self.prefill:
             cmd += ["--prefill", url, str(bootstrap)]
         for url in self.decode:
             cmd += ["--decode", url]
         cmd += ["--host", self.host, "--port", str(self.port), "--policy", self.policy]
-        cmd += ["--prometheus-host", self.host,
-                "--prometheus-port", str(self.prometheus_port or free_port(self.host))]
+        cmd += [
+            "--prometheus-host",
+            self.host,
+            "--prometheus-port",
+            str(self.prometheus_port or free_port(self.host)),
+        ]
         return cmd
 
     @property
