@@ -49,6 +49,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--op-repeats", type=int, default=2000, help="single-page ops (median)")
     p.add_argument("--layers", type=int, default=8, help="layers of the streaming case")
     p.add_argument(
+        "--compute",
+        choices=["sleep", "spin"],
+        default="sleep",
+        help="simulated per-layer compute of the streaming case: 'sleep' leaves the CPU free "
+        "(a GPU kernel), 'spin' occupies a core (CPU compute competing with CPU copies)",
+    )
+    p.add_argument(
         "--peer-python",
         default=None,
         help="python of a scratch venv with mooncake-transfer-engine-non-cuda "
@@ -143,8 +150,8 @@ def _streaming(
 ) -> dict[str, Any]:
     """L layers, each a buffer of pool_pages/L pages; a batch moves pages/L random pages of
     every layer. Simulated compute per layer = one layer's measured transfer time (the balanced
-    case). Reported: how long the transfer runs on after the last layer's compute, relative to
-    one layer's transfer time."""
+    case), either sleeping (host idle, as with GPU compute) or spinning a core. Reported: how long
+    the transfer runs on after the last layer's compute, relative to one layer's transfer time."""
     layers = args.layers
     pool_pages = args.pages * args.pool_factor
     per_layer_items = pool_pages // layers
@@ -155,14 +162,23 @@ def _streaming(
     remote = eng.prepare_layout(rb, page, per_layer_items, peer=peer)
     li = rng.choice(per_layer_items, size=per_batch, replace=False).astype(np.int64)
     ri = rng.choice(per_layer_items, size=per_batch, replace=False).astype(np.int64)
+    # One layer through the same path a stream layer takes (a notified batch), posted and
+    # awaited alone.
+    tids = iter(range(1 << 40, 1 << 41))
     one_layer = median(
         time_calls(
-            lambda: eng.submit(Op.WRITE, local, li, remote, ri, buffers=(0, 1)).wait(30), 31, 3
+            lambda: eng.submit(
+                Op.WRITE, local, li, remote, ri, buffers=(0, 1), notify=(next(tids), 0, 1)
+            ).wait(30),
+            31,
+            3,
         )
     )
 
-    def spin(seconds: float) -> None:
+    def compute(seconds: float) -> None:
         end = time.perf_counter() + seconds
+        if args.compute == "sleep":
+            time.sleep(seconds)  # the host waits while the "kernel" runs
         while time.perf_counter() < end:
             pass
 
@@ -171,13 +187,14 @@ def _streaming(
         tid = 1000 + rep
         s = eng.open_stream(tid, layers, local, li, remote, ri, buffers_per_layer=1, timeout_s=30)
         for layer in range(layers):
-            spin(one_layer)  # "compute" of this layer
+            compute(one_layer)  # "compute" of this layer
             s.mark_layer_ready(layer)
         t_last = time.perf_counter()
         s.wait(30)
         tails.append(time.perf_counter() - t_last)
     tail = median(tails)
     return {
+        "compute": args.compute,
         "layers": layers,
         "pages_per_layer": per_batch,
         "one_layer_us": one_layer * 1e6,
