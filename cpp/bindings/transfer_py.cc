@@ -106,6 +106,20 @@ class PyEngine {
   std::unique_ptr<Engine> engine_;
 };
 
+// Runs wait() without the GIL. True when done; false when the wait timed out while the object is
+// still running (it goes on); raises the failure otherwise (a missed deadline included).
+template <typename Wait, typename StateOf>
+bool wait_released(Wait wait, StateOf state_of, const char* where) {
+  Status st;
+  {
+    pyb::gil_scoped_release release;
+    st = wait();
+  }
+  if (st.code() == StatusCode::kTimeout && !transfer::is_terminal(state_of())) return false;
+  throw_if_error(st, where);
+  return true;
+}
+
 std::vector<int64_t> to_vector(const IndexArray& a) {
   if (a.ndim() != 1) throw_if_error(BANASERVE_INVALID("index arrays must be 1-D"), "index array");
   return std::vector<int64_t>(a.data(), a.data() + a.shape(0));
@@ -165,14 +179,8 @@ void bind_transfer(pyb::module_& m) {
       .def(
           "wait",
           [](Batch& b, int64_t timeout_ms) {
-            Status st;
-            {
-              pyb::gil_scoped_release release;
-              st = b.wait(timeout_ms);
-            }
-            if (st.code() == StatusCode::kTimeout && !transfer::is_terminal(b.state())) return false;
-            throw_if_error(st, "transfer");
-            return true;
+            return wait_released([&] { return b.wait(timeout_ms); },
+                                 [&] { return b.state(); }, "transfer");
           },
           "timeout_ms"_a)
       .def("cancel", &Batch::cancel);
@@ -222,14 +230,8 @@ void bind_transfer(pyb::module_& m) {
       .def(
           "wait",
           [](SendStream& s, int64_t timeout_ms) {
-            Status st;
-            {
-              pyb::gil_scoped_release release;
-              st = s.wait(timeout_ms);
-            }
-            if (st.code() == StatusCode::kTimeout) return false;
-            throw_if_error(st, "send stream");
-            return true;
+            return wait_released([&] { return s.wait(timeout_ms); },
+                                 [&] { return s.state(); }, "send stream");
           },
           "timeout_ms"_a)
       .def("cancel", &SendStream::cancel);
@@ -243,27 +245,15 @@ void bind_transfer(pyb::module_& m) {
       .def(
           "wait_layer",
           [](RecvStream& s, uint32_t layer, int64_t timeout_ms) {
-            Status st;
-            {
-              pyb::gil_scoped_release release;
-              st = s.wait_layer(layer, timeout_ms);
-            }
-            if (st.code() == StatusCode::kTimeout && !transfer::is_terminal(s.state())) return false;
-            throw_if_error(st, "receive stream");
-            return true;
+            return wait_released([&] { return s.wait_layer(layer, timeout_ms); },
+                                 [&] { return s.state(); }, "receive stream");
           },
           "layer"_a, "timeout_ms"_a)
       .def(
           "wait_all",
           [](RecvStream& s, int64_t timeout_ms) {
-            Status st;
-            {
-              pyb::gil_scoped_release release;
-              st = s.wait_all(timeout_ms);
-            }
-            if (st.code() == StatusCode::kTimeout && !transfer::is_terminal(s.state())) return false;
-            throw_if_error(st, "receive stream");
-            return true;
+            return wait_released([&] { return s.wait_all(timeout_ms); },
+                                 [&] { return s.state(); }, "receive stream");
           },
           "timeout_ms"_a)
       .def("cancel", &RecvStream::cancel);

@@ -367,6 +367,9 @@ class Lane {
   bool send_next_frame(Part& part, const std::shared_ptr<Part>& ref, Status* why);
   void send_part(const std::shared_ptr<Part>& part);  // sender thread
   void fail_connection(uint64_t gen, const Status& why, bool peer_gone);
+  // Fails every part in flight or queued on this lane with why (mu_ held); the parts now
+  // complete are appended to *done, to be completed once mu_ is released.
+  void fail_pending_locked(const Status& why, std::vector<std::shared_ptr<Part>>* done);
   void finish_sending(const std::shared_ptr<Part>& part, const Status& status);
   void finish_frame(const std::shared_ptr<Part>& part, const Status& status);
   Status serve_replies(int fd, uint64_t gen);
@@ -518,6 +521,21 @@ void Lane::submit(std::shared_ptr<Part> part) {
   finish_sending(part, why);
 }
 
+void Lane::fail_pending_locked(const Status& why, std::vector<std::shared_ptr<Part>>* done) {
+  for (InFlight& f : inflight_) {
+    f.part->outstanding--;
+    if (f.part->status.ok()) f.part->status = why;
+    if (ready_locked(*f.part)) done->push_back(f.part);
+  }
+  inflight_.clear();
+  for (auto& p : queue_) {
+    p->sending_done = true;
+    if (p->status.ok()) p->status = why;
+    if (ready_locked(*p)) done->push_back(p);
+  }
+  queue_.clear();
+}
+
 void Lane::shut(const Status& why) {
   std::vector<std::shared_ptr<Part>> done;
   {
@@ -528,18 +546,7 @@ void Lane::shut(const Status& why) {
       connected_ = false;
       ::shutdown(active_fd_, SHUT_RDWR);
     }
-    for (InFlight& f : inflight_) {
-      f.part->outstanding--;
-      if (f.part->status.ok()) f.part->status = why;
-      if (ready_locked(*f.part)) done.push_back(f.part);
-    }
-    inflight_.clear();
-    for (auto& p : queue_) {
-      p->sending_done = true;
-      if (p->status.ok()) p->status = why;
-      if (ready_locked(*p)) done.push_back(p);
-    }
-    queue_.clear();
+    fail_pending_locked(why, &done);
     if (recv_fd_ >= 0) {
       ::close(recv_fd_);
       recv_fd_ = -1;
@@ -556,19 +563,8 @@ void Lane::fail_connection(uint64_t gen, const Status& why, bool peer_gone) {
     if (!connected_ || gen_ != gen) return;
     connected_ = false;
     ::shutdown(active_fd_, SHUT_RDWR);
-    for (InFlight& f : inflight_) {
-      f.part->outstanding--;
-      if (f.part->status.ok()) f.part->status = why;
-      if (ready_locked(*f.part)) done.push_back(f.part);
-    }
-    inflight_.clear();
-    // Posted before the loss was seen: these were in flight to the dead peer too.
-    for (auto& p : queue_) {
-      p->sending_done = true;
-      if (p->status.ok()) p->status = why;
-      if (ready_locked(*p)) done.push_back(p);
-    }
-    queue_.clear();
+    // Queued parts were posted before the loss was seen: they were bound for the dead peer too.
+    fail_pending_locked(why, &done);
   }
   // The engine hears of the loss first, so by the time a batch reports kUnavailable the loss is
   // already recorded (and the peer's other batches and streams are being failed).
