@@ -8,6 +8,7 @@ decode; the box allows at most 3) serves every test in order, so start-up is pai
 
 from __future__ import annotations
 
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -48,7 +49,11 @@ def deployment(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     try:
         single, _ = cluster.server("single", wait=False, chunked_prefill_size=CHUNK)
         # a request whose decode side never shows up fails on the prefill side after this long
-        pre_env = {"SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": "30"}
+        pre_env = {
+            "SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": "30",
+            # one line per request with the bytes sent layer by layer vs per chunk
+            "BANASERVE_SGLANG_TRANSFER_LOG": "1",
+        }
         prefill, pproc = cluster.server(
             "prefill", wait=False, chunked_prefill_size=CHUNK, env=pre_env
         )
@@ -82,6 +87,53 @@ def test_pd_eight_concurrent_requests(deployment) -> None:
             lambda p: generate(router.url, input_ids=p, max_new_tokens=16)["output_ids"], prompts
         ))  # fmt: skip
     assert got == want
+
+
+_TRANSFER_LINE = re.compile(
+    r"banaserve transfer: room=(\d+) layer_bytes=(\d+) late_layer_bytes=(\d+) "
+    r"chunk_bytes=(\d+) tail_ms=([-0-9.]+)"
+)
+_POOL_LINE = re.compile(r"(\d+) KV buffers x \d+ pages of (\d+) B")
+
+
+def _transfer_lines(log_path: Path) -> list[tuple[int, ...]]:
+    text = log_path.read_text(errors="replace")
+    return [tuple(int(float(x)) for x in m.groups()[:4]) for m in _TRANSFER_LINE.finditer(text)]
+
+
+def test_pd_kv_goes_layer_by_layer_during_the_forward(deployment) -> None:
+    """The layer-wise path is really used: a fresh prompt (no cached prefix) is carried entirely
+    by the per-layer streams, every layer posted from the attention hook while the forward pass
+    ran (none late, after it), nothing by the per-chunk WRITE, and output ids equal a single
+    server's. A prompt sharing a cached prefix sends that prefix per chunk and the rest by layer."""
+    _, single, _, pproc, _, _, router = deployment
+    log = pproc.log_path
+    assert "layer-wise KV overlap on" in log.read_text(errors="replace")
+    pool = _POOL_LINE.search(log.read_text(errors="replace"))
+    assert pool is not None
+    num_buffers, item_nbytes = int(pool.group(1)), int(pool.group(2))
+
+    def run(ids: list[int]) -> tuple[int, ...]:
+        before = len(_transfer_lines(log))
+        want = generate(single.url, input_ids=ids, max_new_tokens=8)["output_ids"]
+        got = generate(router.url, input_ids=ids, max_new_tokens=8)["output_ids"]
+        assert got == want
+        deadline = time.monotonic() + 30
+        while len(lines := _transfer_lines(log)) == before and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(lines) == before + 1, lines[before:]
+        return lines[-1]
+
+    import numpy as np
+
+    rng = np.random.default_rng(1234)
+    fresh = rng.integers(4, 1000, size=3 * CHUNK + 17).tolist()  # four prefill chunks
+    _, layer_bytes, late, chunk_bytes = run(fresh)
+    assert (layer_bytes, late, chunk_bytes) == (len(fresh) * num_buffers * item_nbytes, 0, 0)
+
+    _, layer_bytes, late, chunk_bytes = run(fresh[: 2 * CHUNK] + [5, 6, 7])  # cached prefix
+    assert late == 0 and layer_bytes > 0 and chunk_bytes > 0
+    assert (layer_bytes + chunk_bytes) % (num_buffers * item_nbytes) == 0
 
 
 @pytest.fixture(scope="module")

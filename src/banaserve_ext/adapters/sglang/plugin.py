@@ -9,7 +9,9 @@ runs in every SGLang process (launcher, schedulers, detokenizer) and
 2. adds a ``TransferBackend.BANASERVE`` member, so ``TransferBackend("banaserve")`` resolves;
 3. wraps ``get_kv_class`` (an AROUND hook) so that for that member it returns our classes from
    :mod:`.conn` and otherwise defers to SGLang;
-4. applies :mod:`.cpu_compat`'s SGLang patches, only in processes started through the CPU
+4. wraps ``Scheduler.run_batch`` (an AROUND hook, :mod:`.layerwise`) so that prefill batches
+   of ``banaserve`` requests stream their KV layer by layer while the model computes;
+5. applies :mod:`.cpu_compat`'s SGLang patches, only in processes started through the CPU
    launcher.
 
 Nothing here starts threads or opens sockets; the conn classes do, when SGLang creates them.
@@ -89,6 +91,10 @@ def register() -> None:
         choices.add_disagg_transfer_backend_choices([BACKEND_NAME])
     add_enum_member(TransferBackend, ENUM_MEMBER, BACKEND_NAME)
     HookRegistry.register(GET_KV_CLASS, around_get_kv_class, HookType.AROUND)
+
+    from . import layerwise
+
+    layerwise.register()
 
     from . import cpu_compat
 
