@@ -116,3 +116,16 @@ SGLANG_TRANSFER_LOG = _declare(
     "banaserve SGLang backend: log one INFO line per request on the prefill side with the bytes "
     "sent layer by layer vs per chunk and the layer-wise tail (used by tests and transfer_bench)",
 )
+SGLANG_FAULT_HOLD_MS = _declare(
+    "BANASERVE_SGLANG_FAULT_HOLD_MS",
+    int,
+    0,
+    "tests only: the banaserve prefill side holds a large request's last chunk this long before "
+    "posting it (logging 'fault hold: room N'), so a test can kill the decode mid-transfer",
+)
+SGLANG_FAULT_HOLD_MIN_PAGES = _declare(
+    "BANASERVE_SGLANG_FAULT_HOLD_MIN_PAGES",
+    int,
+    1,
+    "tests only: BANASERVE_SGLANG_FAULT_HOLD_MS applies to requests of at least this many pages",
+)

@@ -87,6 +87,8 @@ class _LayerSend:
     forward pass that computes it. ``positions`` are page positions in SGLang's index_slice
     coordinates; ``pages`` the source pages at those positions."""
 
+    warned_all_late = False
+
     def __init__(self, mgr: BanaserveKVManager, room: int, first_pos: int,
                  pages: npt.NDArray[np.int64], streams: list[Any], layer_nbytes: int,
                  num_layers: int) -> None:  # fmt: skip
@@ -104,6 +106,7 @@ class _LayerSend:
         self.t_done: float | None = None  # when every stream completed (the watcher's clock)
         self.done = threading.Event()
         self.queued = False
+        self.failed: str | None = None  # set when a layer could not be posted
 
     def mark(self, layer: int, *, late: bool = False) -> None:
         """Layer ``layer`` is final in the pool: post it to every peer (scheduler thread)."""
@@ -123,9 +126,21 @@ class _LayerSend:
 
     def finish_forward(self) -> None:
         """The forward pass returned: layers the hook did not see are final now too."""
-        for layer, marked in enumerate(self.marked):
-            if not marked:
-                self.mark(layer, late=True)
+        if self.failed is not None:
+            self.abandon()
+            return
+        try:
+            for layer, marked in enumerate(self.marked):
+                if not marked:
+                    self.mark(layer, late=True)
+        except Exception as exc:
+            self.failed = f"layers could not be posted after the forward pass: {exc}"
+            self.abandon()
+            return
+        if self.late_layers == len(self.marked) and not _LayerSend.warned_all_late:
+            _LayerSend.warned_all_late = True
+            logger.warning("banaserve: no layer was marked from the attention hook during the "
+                           "forward pass (hooks not called?); layers are sent after it")  # fmt: skip
 
     def abandon(self) -> None:
         for s in self.streams:
@@ -138,6 +153,8 @@ class _LayerSend:
             self.mgr._watch_queue.put(self)
 
     def wait(self, timeout_s: float) -> None:
+        if self.failed is not None:
+            raise BanaserveError(self.failed)
         if not self.done.wait(timeout_s):
             for s in self.streams:
                 s.cancel()
@@ -205,6 +222,7 @@ class BanaserveKVManager(CommonKVManager):
             self.counters = {"layer_bytes": 0, "late_layer_bytes": 0, "chunk_bytes": 0,
                              "fallback_requests": 0}  # fmt: skip
             self._log_transfers = _env.get(_env.SGLANG_TRANSFER_LOG)
+            self._fault_hold_ms = _env.get(_env.SGLANG_FAULT_HOLD_MS)
             self._spawn("banaserve-prefill-control", self._prefill_control_loop)
             self._spawn("banaserve-prefill-transfer", self._transfer_loop)
             self._spawn("banaserve-prefill-layer-watch", self._watch_loop)
@@ -468,6 +486,8 @@ class BanaserveKVManager(CommonKVManager):
             sends = list(self._layer_sends.get(chunk.room, ()))
         used, ranges = [], []
         for send in sends:
+            if send.failed is not None:  # its pages go per chunk (same bytes, same places)
+                continue
             lo, hi = max(a, send.positions[0]), min(b, send.positions[1])
             if lo >= hi:
                 continue
@@ -534,10 +554,12 @@ class BanaserveKVManager(CommonKVManager):
         infos = self.transfer_infos.get(chunk.room)
         if not infos or self.request_status.get(chunk.room) == KVPoll.Failed:
             return
+        self._maybe_hold(chunk)
         a = chunk.index_slice.start or 0
         sends, todo = self._covered(chunk)
         stats = self._room_stats.setdefault(chunk.room, _RoomStats())
         handles = []
+        aux_posts = []
         for session, info in list(infos.items()):
             if info.is_dummy:
                 continue
@@ -560,10 +582,34 @@ class BanaserveKVManager(CommonKVManager):
                         self._buffers.bases
                     )
             if chunk.is_last and chunk.aux_index is not None and info.aux_index >= 0:
-                one_src = np.array([chunk.aux_index], dtype=np.int64)
-                one_dst = np.array([info.aux_index], dtype=np.int64)
-                for local, remote in zip(self._local_aux, peer.aux, strict=False):
-                    handles.append(self.engine.submit(Op.WRITE, local, one_src, remote, one_dst))
+                aux_posts.append((peer, info.aux_index))
+        self._wait_all(handles)
+        if chunk.is_last:  # every layer send of the room, also any no chunk claimed
+            with self._layer_lock:
+                sends = self._layer_sends.pop(chunk.room, [])
+        for send in sends:
+            if send.failed is not None:
+                continue
+            send.wait(self.transfer_timeout_s)
+            if id(send) not in stats.seen:
+                stats.layer_bytes += send.num_marked * send.layer_nbytes
+                stats.late_bytes += send.late_layers * send.layer_nbytes
+                stats.last = send
+                stats.seen.add(id(send))
+        if aux_posts:  # the aux row last, once every KV byte of the request is in place
+            one_src = np.array([chunk.aux_index], dtype=np.int64)
+            self._wait_all([
+                self.engine.submit(Op.WRITE, local, one_src, remote,
+                                   np.array([aux_index], dtype=np.int64))
+                for peer, aux_index in aux_posts
+                for local, remote in zip(self._local_aux, peer.aux, strict=False)
+            ])  # fmt: skip
+        if chunk.is_last:
+            self._room_stats.pop(chunk.room, None)
+            self._account(chunk.room, stats)
+            self.conclude_transfer(bootstrap_room=chunk.room, status=KVPoll.Success)
+
+    def _wait_all(self, handles: list[Any]) -> None:
         for h in handles:
             if not h.wait(self.transfer_timeout_s):
                 h.cancel()
@@ -572,20 +618,18 @@ class BanaserveKVManager(CommonKVManager):
                 )
             if h.state.name != "DONE":
                 raise BanaserveError(f"transfer ended {h.state.name}")
-        if chunk.is_last:  # every layer send of the room, also any no chunk claimed
-            with self._layer_lock:
-                sends = self._layer_sends.pop(chunk.room, [])
-        for send in sends:
-            send.wait(self.transfer_timeout_s)
-            if id(send) not in stats.seen:
-                stats.layer_bytes += send.num_marked * send.layer_nbytes
-                stats.late_bytes += send.late_layers * send.layer_nbytes
-                stats.last = send
-                stats.seen.add(id(send))
-        if chunk.is_last:
-            self._room_stats.pop(chunk.room, None)
-            self._account(chunk.room, stats)
-            self.conclude_transfer(bootstrap_room=chunk.room, status=KVPoll.Success)
+
+    def _maybe_hold(self, chunk: _Chunk) -> None:
+        """Test-only fault injection (BANASERVE_SGLANG_FAULT_HOLD_MS): holds a large request's
+        last chunk before its posts, so a test can kill the decode side mid-transfer."""
+        hold_ms = self._fault_hold_ms
+        if hold_ms <= 0 or not chunk.is_last:
+            return
+        if (chunk.index_slice.stop or 0) < _env.get(_env.SGLANG_FAULT_HOLD_MIN_PAGES):
+            return
+        logger.warning("banaserve: fault hold: room %d held %d ms before its last posts",
+                       chunk.room, hold_ms)  # fmt: skip
+        time.sleep(hold_ms / 1000)
 
     def _account(self, room: int, stats: _RoomStats) -> None:
         c = self.counters

@@ -142,7 +142,10 @@ class _ModelHooks:
         if layer is None:
             return
         for send in self.active:
-            send.mark(layer)
+            try:
+                send.mark(layer)
+            except Exception as exc:  # never break the forward pass; the chunk path decides
+                send.failed = f"layer {layer} could not be posted: {exc}"
 
 
 _hooks = _ModelHooks()
@@ -223,21 +226,31 @@ def _plan(scheduler: Any, batch: Any) -> list[Any]:
         if getattr(req, "pending_bootstrap", False) or req.extend_end is None:
             mgr.count_fallback("destination unknown at forward time")
             continue
-        base = int(getattr(req, "disagg_decode_prefix_len", 0) or 0)
-        start, end, is_last = written_token_range(
-            int(req.prefix_len), int(req.extend_end), len(req.origin_input_ids), page, base
-        )
-        if start >= end:
+        try:
+            send = _open(scheduler, req, mgr, page, req_to_token, translate)
+        except Exception:  # this request goes per chunk; the others still stream
+            logger.exception("banaserve: layer streams of room %s not opened", req.bootstrap_room)
             continue
-        tokens = req_to_token[req.kv.req_pool_idx, start:end]
-        if translate is not None:
-            tokens = translate(tokens)
-        pages = (tokens[::page] // page).cpu().numpy().astype(np.int64)
-        first_pos = (start - base) // page
-        send = mgr.open_layer_send(int(req.bootstrap_room), pages, first_pos, _hooks.num_layers)
         if send is not None:
             sends.append(send)
     return sends
+
+
+def _open(scheduler: Any, req: Any, mgr: Any, page: int, req_to_token: Any,
+          translate: Any) -> Any:  # fmt: skip
+    """Opens one request's layer streams for this forward pass (None: nothing to stream)."""
+    base = int(getattr(req, "disagg_decode_prefix_len", 0) or 0)
+    start, end, _ = written_token_range(
+        int(req.prefix_len), int(req.extend_end), len(req.origin_input_ids), page, base
+    )
+    if start >= end:
+        return None
+    tokens = req_to_token[req.kv.req_pool_idx, start:end]
+    if translate is not None:
+        tokens = translate(tokens)
+    pages = (tokens[::page] // page).cpu().numpy().astype(np.int64)
+    first_pos = (start - base) // page
+    return mgr.open_layer_send(int(req.bootstrap_room), pages, first_pos, _hooks.num_layers)
 
 
 def around_run_batch(original: Callable[..., Any], scheduler: Any, batch: Any,
