@@ -80,6 +80,7 @@ class _Chunk:
     aux_index: int | None
     wait_event: Any = None
     extra: dict = field(default_factory=dict)
+    t_enqueued: float = field(default_factory=time.perf_counter)
 
 
 class _LayerSend:
@@ -155,6 +156,10 @@ class _LayerSend:
     def wait(self, timeout_s: float) -> None:
         if self.failed is not None:
             raise BanaserveError(self.failed)
+        if not self.done.is_set() and all(s.state.terminal for s in self.streams):
+            if self.t_done is None:  # noticed here before the watcher thread got the GIL
+                self.t_done = time.perf_counter()
+            self.done.set()
         if not self.done.wait(timeout_s):
             for s in self.streams:
                 s.cancel()
@@ -171,6 +176,8 @@ class _RoomStats:
     chunk_bytes: int = 0
     last: _LayerSend | None = None
     seen: set[int] = field(default_factory=set)
+    t_first_enqueued: float | None = None  # the room's first chunk handed over by SGLang
+    write_s: float = 0.0  # time the per-chunk KV WRITEs took, submit to completion
 
 
 class BanaserveKVManager(CommonKVManager):
@@ -216,6 +223,7 @@ class BanaserveKVManager(CommonKVManager):
             self._layer_bpl = 0
             self._local_kv_layered: Any = None
             self._layer_sends: dict[int, list[_LayerSend]] = {}
+            self._pending: dict[int, int] = {}  # chunks of a room queued for the transfer thread
             self._room_stats: dict[int, _RoomStats] = {}
             self._layer_lock = threading.Lock()
             self._watch_queue: queue.Queue = queue.Queue()
@@ -522,12 +530,32 @@ class BanaserveKVManager(CommonKVManager):
             or bootstrap_room not in self.transfer_infos
         ):
             return
-        self._queue.put(
-            _Chunk(
-                bootstrap_room, np.asarray(kv_indices), index_slice, is_last_chunk,
-                aux_index, wait_event,
-            )
+        chunk = _Chunk(
+            bootstrap_room, np.asarray(kv_indices), index_slice, is_last_chunk, aux_index,
+            wait_event,
         )  # fmt: skip
+        if self._inline_ready(chunk):
+            self._run_chunk(chunk)
+            return
+        with self._layer_lock:
+            self._pending[bootstrap_room] = self._pending.get(bootstrap_room, 0) + 1
+        self._queue.put(chunk)
+
+    def _inline_ready(self, chunk: _Chunk) -> bool:
+        """True when layer streams already delivered every page of ``chunk`` and no earlier
+        chunk of its room is still queued: what is left (at most the aux row, microseconds) is
+        done on the caller's thread, saving the hand-over to the transfer thread (which waits
+        for the GIL behind the busy scheduler thread for up to the interpreter's switch
+        interval, 5 ms)."""
+        if self._layer_order is None or chunk.wait_event is not None or self._fault_hold_ms:
+            return False
+        with self._layer_lock:
+            if self._pending.get(chunk.room, 0):
+                return False
+        sends, todo = self._covered(chunk)
+        return not todo and bool(sends) and all(
+            s.state.terminal for send in sends for s in send.streams
+        )
 
     def _transfer_loop(self) -> None:
         while True:
@@ -535,16 +563,27 @@ class BanaserveKVManager(CommonKVManager):
             if chunk is _STOP:
                 return
             try:
-                self._transfer_chunk(chunk)
-            except Exception as exc:
-                reason = f"banaserve transfer of room {chunk.room} failed: {exc}"
-                logger.error(reason)
+                self._run_chunk(chunk)
+            finally:
                 with self._layer_lock:
-                    dropped = self._layer_sends.pop(chunk.room, [])
-                    self._room_stats.pop(chunk.room, None)
-                for send in dropped:
-                    send.abandon()
-                self.conclude_failure(bootstrap_room=chunk.room, failure_reason=reason)
+                    left = self._pending.get(chunk.room, 1) - 1
+                    if left > 0:
+                        self._pending[chunk.room] = left
+                    else:
+                        self._pending.pop(chunk.room, None)
+
+    def _run_chunk(self, chunk: _Chunk) -> None:
+        try:
+            self._transfer_chunk(chunk)
+        except Exception as exc:
+            reason = f"banaserve transfer of room {chunk.room} failed: {exc}"
+            logger.error(reason)
+            with self._layer_lock:
+                dropped = self._layer_sends.pop(chunk.room, [])
+                self._room_stats.pop(chunk.room, None)
+            for send in dropped:
+                send.abandon()
+            self.conclude_failure(bootstrap_room=chunk.room, failure_reason=reason)
 
     def _transfer_chunk(self, chunk: _Chunk) -> None:
         from ...transfer import Op
@@ -558,6 +597,9 @@ class BanaserveKVManager(CommonKVManager):
         a = chunk.index_slice.start or 0
         sends, todo = self._covered(chunk)
         stats = self._room_stats.setdefault(chunk.room, _RoomStats())
+        if stats.t_first_enqueued is None:
+            stats.t_first_enqueued = chunk.t_enqueued
+        t_write = time.perf_counter()
         handles = []
         aux_posts = []
         for session, info in list(infos.items()):
@@ -584,6 +626,8 @@ class BanaserveKVManager(CommonKVManager):
             if chunk.is_last and chunk.aux_index is not None and info.aux_index >= 0:
                 aux_posts.append((peer, info.aux_index))
         self._wait_all(handles)
+        if handles:
+            stats.write_s += time.perf_counter() - t_write
         if chunk.is_last:  # every layer send of the room, also any no chunk claimed
             with self._layer_lock:
                 sends = self._layer_sends.pop(chunk.room, [])
@@ -643,12 +687,14 @@ class BanaserveKVManager(CommonKVManager):
         if last is not None and last.t_done is not None and last.t_last is not None:
             tail_ms = (last.t_done - last.t_last) * 1e3
             stream_ms = (last.t_done - (last.t_first or last.t_last)) * 1e3
+        backend_ms = (time.perf_counter() - (stats.t_first_enqueued or 0.0)) * 1e3
         logger.info(
             "banaserve transfer: room=%d layer_bytes=%d late_layer_bytes=%d chunk_bytes=%d "
-            "tail_ms=%.3f stream_ms=%.3f | totals layer_bytes=%d late_layer_bytes=%d "
-            "chunk_bytes=%d fallback_requests=%d",
+            "tail_ms=%.3f stream_ms=%.3f chunk_write_ms=%.3f backend_ms=%.3f | totals "
+            "layer_bytes=%d late_layer_bytes=%d chunk_bytes=%d fallback_requests=%d",
             room, stats.layer_bytes, stats.late_bytes, stats.chunk_bytes, tail_ms, stream_ms,
-            c["layer_bytes"], c["late_layer_bytes"], c["chunk_bytes"], c["fallback_requests"],
+            stats.write_s * 1e3, backend_ms, c["layer_bytes"], c["late_layer_bytes"],
+            c["chunk_bytes"], c["fallback_requests"],
         )  # fmt: skip
 
     def _prefix_pages(self, info: wire.RequestMsg) -> int:
