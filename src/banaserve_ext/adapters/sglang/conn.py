@@ -140,8 +140,10 @@ class _LayerSend:
             return
         if self.late_layers == len(self.marked) and not _LayerSend.warned_all_late:
             _LayerSend.warned_all_late = True
-            logger.warning("banaserve: no layer was marked from the attention hook during the "
-                           "forward pass (hooks not called?); layers are sent after it")  # fmt: skip
+            logger.warning(
+                "banaserve: no layer was marked from the attention hook during the forward "
+                "pass (hooks not called?); layers are sent after it"
+            )
 
     def abandon(self) -> None:
         for s in self.streams:
