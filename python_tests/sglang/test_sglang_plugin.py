@@ -76,7 +76,6 @@ def test_sglang_loads_the_plugin_and_routes_our_backend(tiny_model_dir) -> None:
         "BOOTSTRAP_SERVER": base + "KVBootstrapServer",
     }
     assert out["mooncake"] == "MooncakeKVManager"  # other backends still go to SGLang
-    # the layer-wise overlap wraps the scheduler's run_batch (AROUND, composable)
-    assert out["run_batch_hooks"] == [
-        "banaserve_ext.adapters.sglang.layerwise.around_run_batch"
-    ]
+    # the layer-wise overlap wraps the scheduler's run_batch (AROUND; other AROUND hooks on it,
+    # e.g. layer migration's, compose with it)
+    assert "banaserve_ext.adapters.sglang.layerwise.around_run_batch" in out["run_batch_hooks"]
