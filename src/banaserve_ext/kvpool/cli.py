@@ -129,7 +129,7 @@ def _serve(args: argparse.Namespace) -> int:
         populate=not args.no_populate,
         replace=args.replace,
     )
-    listen = parse_address(args.listen) if args.listen else None
+    listen = parse_address(args.listen, listen=True) if args.listen else None
     with pool:
         server = None
         remote: PoolServer | None = None

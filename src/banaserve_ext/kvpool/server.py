@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BanaserveError, InvalidArgumentError, NotFoundError, ProtocolError
-from ..transfer import Op, TransferEngine
+from ..transfer import FaultSpec, Op, TransferEngine
 from . import wire
 from .memory import page_piece_descriptors, piece_descriptors, slot_addresses
 from .pool import KVPool, PutResult
@@ -100,6 +100,7 @@ class PoolServer:
         pin_handles: int = 8,
         transfer_timeout_s: float = 30.0,
         tcp_lanes: int | None = None,
+        fault: FaultSpec | None = None,
     ) -> None:
         if pin_handles < 1:
             raise InvalidArgumentError(f"pin_handles must be >= 1, got {pin_handles}")
@@ -109,6 +110,7 @@ class PoolServer:
         self.pin_handles = pin_handles
         self.transfer_timeout_s = transfer_timeout_s
         self.tcp_lanes = tcp_lanes
+        self.fault = fault  # tests: slow or failing page batches
         self._engine: TransferEngine | None = None
         self._listener: socket.socket | None = None
         self._stop = threading.Event()
@@ -124,7 +126,7 @@ class PoolServer:
         if self._engine is not None:
             return self
         engine = TransferEngine(
-            backends=("tcp",), tcp_host=self.host, tcp_lanes=self.tcp_lanes
+            backends=("tcp",), tcp_host=self.host, tcp_lanes=self.tcp_lanes, fault=self.fault
         ).start()
         try:
             self._region = self.pool.page_region

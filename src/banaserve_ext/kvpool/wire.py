@@ -142,11 +142,13 @@ def recv_reply(sock: socket.socket) -> Any:
         raise ProtocolError(f"malformed reply: {exc}") from None
 
 
-def parse_address(address: str) -> tuple[str, int]:
-    """``"host:port"`` → ``(host, port)``; InvalidArgumentError otherwise."""
+def parse_address(address: str, *, listen: bool = False) -> tuple[str, int]:
+    """``"host:port"`` → ``(host, port)``; InvalidArgumentError otherwise. Port 0 (any free
+    port) only where ``listen``."""
     from ..errors import InvalidArgumentError
 
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    lowest = 0 if listen else 1
+    if not sep or not host or not port.isdigit() or not lowest <= int(port) < 65536:
         raise InvalidArgumentError(f"pool address must be HOST:PORT, got {address!r}")
     return host.strip("[]"), int(port)
