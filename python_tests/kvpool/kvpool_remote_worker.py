@@ -51,23 +51,21 @@ def get(address: str, prefix: str, n: int, page: int) -> dict[str, object]:
     return {"found": found.tolist(), "intact": intact, "owners": owners}
 
 
-def _writer(address: str, n_keys: int, page: int, writer: int, w: int) -> None:
-    rng = np.random.default_rng(writer)
-    keys = [f"kill-{i}" for i in range(n_keys)]
+def _writer(address: str, keys: list[str], pages: np.ndarray, seed: int, w: int) -> None:
+    rng = np.random.default_rng(seed)
     batch = 64
-    src = np.zeros((batch, page), np.uint8)
-    pool = RemoteKVPool(address, page_size=page).start()
+    pool = RemoteKVPool(address, page_size=pages.shape[1]).start()
     os.write(w, b"x")
-    while True:
-        ids = np.sort(rng.choice(n_keys, batch, replace=False))
-        for j, i in enumerate(ids):
-            src[j] = checksummed_page(keys[i], writer, page)
-        pool.batch_set([keys[i] for i in ids], src, raise_on_full=False)
+    while True:  # back-to-back puts: a kill lands mostly inside one
+        ids = np.sort(rng.choice(len(keys), batch, replace=False))
+        pool.batch_set([keys[i] for i in ids], pages[ids], raise_on_full=False)
         os.write(w, b"b")
 
 
 def killloop(address: str, rounds: int, n_keys: int, page: int, seed: int) -> dict[str, object]:
     rng = np.random.default_rng(seed)
+    keys = [f"kill-{i}" for i in range(n_keys)]
+    pages = np.stack([checksummed_page(k, 7, page) for k in keys])  # inherited by the children
     batches = 0
     for r in range(rounds):
         rfd, wfd = os.pipe()
@@ -75,7 +73,7 @@ def killloop(address: str, rounds: int, n_keys: int, page: int, seed: int) -> di
         if pid == 0:
             os.close(rfd)
             try:
-                _writer(address, n_keys, page, 100 + r, wfd)
+                _writer(address, keys, pages, seed * 1000 + r, wfd)
             finally:
                 os._exit(1)
         os.close(wfd)

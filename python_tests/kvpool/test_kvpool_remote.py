@@ -61,7 +61,9 @@ def serve_remote(
     try:
         line = proc.stdout.readline() if proc.stdout else ""
         match = re.search(r"remote=(127\.0\.0\.1:\d+)", line)
-        assert match, f"unexpected first line {line!r}; stderr: {proc.stderr.read() if proc.stderr else ''}"  # noqa: E501
+        assert match, (
+            f"unexpected first line {line!r}; stderr: {proc.stderr.read() if proc.stderr else ''}"
+        )
         yield proc, match.group(1)
     finally:
         if proc.poll() is None:
@@ -289,9 +291,11 @@ def test_malformed_requests_are_refused_and_the_service_keeps_serving(
 
 def test_reads_pin_their_pages_and_writes_stay_invisible_until_committed() -> None:
     """Slow page batches (fault injection in the service's engine) keep the two windows open."""
-    with owned_pool("pinwin", 8, PAGE) as pool, PoolServer(
-        pool, fault=FaultSpec(delay_ms=400)
-    ) as server, RemoteKVPool(server.address) as remote:
+    with (
+        owned_pool("pinwin", 8, PAGE) as pool,
+        PoolServer(pool, fault=FaultSpec(delay_ms=400)) as server,
+        RemoteKVPool(server.address) as remote,
+    ):
         keys = [f"pinned-{i}" for i in range(4)]
         want = pages_for(keys, 2)
         assert pool.batch_set(keys, want).tolist() == [0] * 4
@@ -339,6 +343,9 @@ def test_clients_killed_mid_put_leave_no_partial_page_and_the_pool_stays_usable(
                 assert page_is_intact(dst[i]), f"partial page under {keys[i]}"
                 assert np.array_equal(dst[i], checksummed_page(keys[i], owner, PAGE))
         with RemoteKVPool(address) as remote:
+            stats = remote.stats()
+            assert stats["remote_puts_aborted"] > 0, stats  # kills did land in the middle of puts
+            assert stats["remote_puts"] > 0 and stats["reserved_pages"] == 0
             fresh = [f"after-{i}" for i in range(32)]
             assert remote.batch_set(fresh, pages_for(fresh, 1)).tolist() == [0] * 32
             back = np.zeros((32, PAGE), np.uint8)
@@ -380,9 +387,19 @@ def test_concurrent_remote_and_local_clients_on_overlapping_keys_see_no_corrupti
     with serve_remote(name, size=f"{40 * page}") as (_, address):
         procs = [
             subprocess.Popen(
-                [sys.executable, str(HERE / "kvpool_hammer.py"), name, str(w), "150", "64",
-                 str(page), *([address] if w < 3 else [])],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                [
+                    sys.executable,
+                    str(HERE / "kvpool_hammer.py"),
+                    name,
+                    str(w),
+                    "150",
+                    "64",
+                    str(page),
+                    *([address] if w < 3 else []),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
             )  # fmt: skip
             for w in range(4)
         ]

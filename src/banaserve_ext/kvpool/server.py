@@ -65,9 +65,9 @@ class _Conn:
         self.peer: str | None = None
 
 
-def check_pieces(n_keys: int, addrs: bytes, seg_lens: bytes, page_size: int) -> tuple[
-    np.ndarray, np.ndarray
-]:
+def check_pieces(
+    n_keys: int, addrs: bytes, seg_lens: bytes, page_size: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Decodes and checks a request's piece table: (n, S) client addresses and S lengths."""
     if len(addrs) % 8 or len(seg_lens) % 8:
         raise InvalidArgumentError("piece tables must be uint64 arrays")
@@ -120,6 +120,15 @@ class PoolServer:
         self._lock = threading.Lock()
         self._budget = _Budget(pin_handles)
         self._region: tuple[int, int, int] = (0, 0, 0)
+        #: remote_* counters, added to the pool statistics a remote client reads
+        self.counters = {
+            "remote_connections": 0,
+            "remote_gets": 0,
+            "remote_puts": 0,
+            "remote_puts_aborted": 0,
+            "remote_bytes_out": 0,
+            "remote_bytes_in": 0,
+        }
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> PoolServer:
@@ -187,6 +196,7 @@ class PoolServer:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = _Conn(sock)
             with self._lock:
+                self.counters["remote_connections"] += 1
                 self._conns.add(conn)
                 self._threads = [t for t in self._threads if t.is_alive()]
                 t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
@@ -282,7 +292,9 @@ class PoolServer:
         if isinstance(req, wire.Remove):
             return wire.Count(self.pool.remove(req.keys))
         if isinstance(req, wire.Stats):
-            return wire.StatsReply(self.pool.stats())
+            with self._lock:
+                counters = dict(self.counters)
+            return wire.StatsReply({**self.pool.stats(), **counters})
         raise ProtocolError(f"unexpected request {type(req).__name__}")
 
     def _move(self, op: Op, local: np.ndarray, remote: np.ndarray, peer: str) -> None:
@@ -323,6 +335,7 @@ class PoolServer:
                 finally:
                     for handle in handles:
                         self.pool.unpin(handle)
+        self._count(remote_gets=1, remote_bytes_out=int(found.sum()) * int(lens.sum()))
         return found
 
     def _put(self, conn: _Conn, req: wire.Put) -> np.ndarray:
@@ -344,9 +357,16 @@ class PoolServer:
                 self._move(Op.READ, local, remote, conn.peer)
             except BaseException:
                 self.pool.abort(ours)
+                self._count(remote_puts_aborted=1)
                 raise
             self.pool.commit(ours)
+        self._count(remote_puts=1, remote_bytes_in=int(mine.sum()) * int(lens.sum()))
         return np.asarray(results, dtype=np.uint8)
+
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            for key, delta in deltas.items():
+                self.counters[key] += delta
 
     def _region_page_size(self) -> int:
         return self.pool.page_size
