@@ -140,7 +140,7 @@ def test_pages_round_trip_between_client_processes_with_checksums(
     service: tuple[str, str],
 ) -> None:
     name, address = service
-    n = 300
+    n = 128
     out = run_worker("put", address, "rt", n, PAGE, 5)
     assert out["results"] == [PutResult.STORED] * n
     keys = [f"rt-{i}" for i in range(n)]
@@ -221,6 +221,25 @@ def test_scattered_pieces_move_like_the_local_pool(service: tuple[str, str]) -> 
         assert remote.batch_get(keys, addrs=starts + np.uint64(base), seg_lens=lens).all()
         s = int(starts[n - 1, 2])
         assert np.array_equal(host[s : s + 4096], want[n - 1, -4096:])
+
+
+def test_memory_on_both_sides_of_a_kept_registration(service: tuple[str, str]) -> None:
+    """Pieces before, inside and after a kept registration: it grows to cover them (the engine
+    coalesces neighbouring pieces into one run, which must lie in one registered region)."""
+    name, address = service
+    keys = [f"around-{i}" for i in range(3)]
+    want = pages_for(keys, 6)
+    big = np.zeros(3 * PAGE, np.uint8)
+    base = big.ctypes.data
+    addrs = np.array([base, base + PAGE, base + 2 * PAGE], np.uint64)
+    with RemoteKVPool(address) as remote:
+        assert remote.batch_set(keys, want).tolist() == [0] * 3
+        remote.register(base + PAGE, PAGE)  # only the middle page stays registered
+        for _ in range(2):  # the second call reuses the per-call ranges
+            big[:] = 0
+            assert remote.batch_get(keys, addrs=addrs).all()
+            assert np.array_equal(big.reshape(3, PAGE), want)
+        assert remote.batch_get(keys, big).all()  # one buffer straddling the kept one
 
 
 def test_bad_input_gives_typed_errors_and_the_connection_lives_on(

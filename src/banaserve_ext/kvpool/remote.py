@@ -7,7 +7,7 @@ HiCache backend can hold either. Each call is one request on a control connectio
 ``batch_get``/``batch_set``, one transfer-engine batch that the service runs between the pool's
 pages and this process's memory (TCP). This process's memory is registered with a local engine:
 buffers given to :meth:`register` stay registered; any other memory is registered for the call
-(the last such range is kept for the next call).
+(and kept until a later call needs other memory).
 
 When the service goes away (restart, crash, network), the call in progress raises
 :class:`UnavailableError` and the next call connects again.
@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,25 @@ from ..transfer import Registration, TransferEngine
 from . import wire
 from .memory import caller_pieces, covering_range, piece_descriptors, span_of
 from .pool import Keys, PutResult
+
+
+@dataclass
+class _Kept:
+    """A registration of [lo, hi) with the objects whose memory it covers (kept alive)."""
+
+    lo: int
+    hi: int
+    reg: Registration
+    owners: list[Any]
+
+
+def _uncovered(table: np.ndarray, regs: Sequence[_Kept]) -> np.ndarray:
+    """A bool per ``(addr, nbytes)`` row: inside none of ``regs``."""
+    ends = table[:, 0] + table[:, 1]
+    out = np.ones(table.shape[0], dtype=bool)
+    for k in regs:
+        out &= ~((table[:, 0] >= np.uint64(k.lo)) & (ends <= np.uint64(k.hi)))
+    return out
 
 
 def _key_list(keys: Keys) -> list[Any] | tuple[Any, ...]:
@@ -70,8 +90,8 @@ class RemoteKVPool:
         self._engine: TransferEngine | None = None
         self._sock: socket.socket | None = None
         self._welcome: wire.Welcome | None = None
-        self._regs: list[tuple[int, int, Registration]] = []  # (lo, hi, registration)
-        self._temp: tuple[int, int, Registration] | None = None
+        self._regs: list[_Kept] = []  # kept for every call (register())
+        self._temps: list[_Kept] = []  # the last call's own range, kept until a call needs more
         self._reg_gen = 0
         self._sent_gen = -1
 
@@ -85,8 +105,8 @@ class RemoteKVPool:
     def close(self) -> None:
         with self._lock:
             self._drop()
-            for _, _, reg in self._regs:
-                reg.release()
+            for k in self._regs:
+                k.reg.release()
             self._regs.clear()
             if self._engine is not None:
                 self._engine.stop()
@@ -133,9 +153,7 @@ class RemoteKVPool:
         span = span_of(buf, writable=False, nbytes=nbytes)
         with self._lock:
             self._release_temp()
-            reg = self._engine_live().register(buf if nbytes is None else span.address, nbytes)
-            self._regs.append((span.address, span.address + span.nbytes, reg))
-            self._reg_gen += 1
+            self._keep(span.address, span.address + span.nbytes, [buf, span.keepalive])
 
     # -- data path -----------------------------------------------------------------------------
     def batch_exists(self, keys: Keys, *, suffix: str = "") -> int:
@@ -276,9 +294,10 @@ class RemoteKVPool:
         self._release_temp()
 
     def _release_temp(self) -> None:
-        temp, self._temp = self._temp, None
-        if temp is not None:
-            temp[2].release()
+        temps, self._temps = self._temps, []
+        for k in temps:
+            k.reg.release()
+        if temps:
             self._reg_gen += 1
 
     def _rpc(self, build: Callable[[], Any]) -> Any:
@@ -300,32 +319,55 @@ class RemoteKVPool:
         self, kind: type, keys: Keys, flat: np.ndarray, lens: np.ndarray, suffix: str
     ) -> Callable[[], Any]:
         def build() -> Any:
-            lo, hi = covering_range(piece_descriptors(flat, lens))
             return kind(
                 keys=_key_list(keys),
                 addrs=flat.tobytes(),
                 seg_lens=lens.tobytes(),
                 suffix=suffix,
-                engine=self._registered(lo, hi),
+                engine=self._registered(piece_descriptors(flat, lens)),
             )
 
         return build
 
-    def _registered(self, lo: int, hi: int) -> bytes:
-        """Makes [lo, hi) registered; returns fresh engine metadata when registrations changed
-        since the service last saw them (else b"")."""
-        covered = any(a <= lo and hi <= b for a, b, _ in self._regs) or (
-            self._temp is not None and self._temp[0] <= lo and hi <= self._temp[1]
-        )
+    def _registered(self, table: np.ndarray) -> bytes:
+        """Makes every ``(addr, nbytes)`` row of ``table`` registered; returns fresh engine
+        metadata when registrations changed since the service last saw them (else b"").
+
+        Memory outside the kept registrations gets one per-call range. Where that range would
+        touch a kept registration, the kept one grows to cover it instead: the engine coalesces
+        neighbouring pieces into one run, and a run must lie inside one registered region."""
         engine = self._engine_live()
-        if not covered:
+        if _uncovered(table, (*self._regs, *self._temps)).any():
             self._release_temp()
-            self._temp = (lo, hi, engine.register(lo, nbytes=hi - lo))
-            self._reg_gen += 1
+            rows = table[_uncovered(table, self._regs)]
+            if rows.shape[0]:
+                lo, hi = covering_range(rows)
+                if any(k.lo <= hi and lo <= k.hi for k in self._regs):
+                    self._keep(lo, hi, [])
+                else:
+                    self._temps.append(_Kept(lo, hi, engine.register(lo, nbytes=hi - lo), []))
+                    self._reg_gen += 1
         if self._sent_gen == self._reg_gen:
             return b""
         self._sent_gen = self._reg_gen
         return engine.metadata()
+
+    def _keep(self, lo: int, hi: int, owners: list[Any]) -> None:
+        """Keeps [lo, hi) registered, merged with every kept registration it touches."""
+        engine = self._engine_live()
+        absorbed: list[_Kept] = []
+        touching = [k for k in self._regs if k.lo <= hi and lo <= k.hi]
+        while touching:
+            for k in touching:
+                self._regs.remove(k)
+                absorbed.append(k)
+                lo, hi = min(lo, k.lo), max(hi, k.hi)
+            touching = [k for k in self._regs if k.lo <= hi and lo <= k.hi]
+        for k in absorbed:
+            k.reg.release()
+            owners.extend(k.owners)
+        self._reg_gen += 1
+        self._regs.append(_Kept(lo, hi, engine.register(lo, nbytes=hi - lo), owners))
 
     @staticmethod
     def _expect(reply: Any, kind: type) -> Any:
