@@ -430,3 +430,15 @@ def test_concurrent_remote_and_local_clients_on_overlapping_keys_see_no_corrupti
     assert sum(o["corrupt"] for o in outs) == 0
     assert all(o["hits"] > 0 for o in outs)
     assert sum(o["stored"] for o in outs) > 40  # eviction ran
+
+
+def test_store_benchmark_measures_the_remote_path_with_verified_data() -> None:
+    argv = [
+        sys.executable, "-m", "banaserve_ext.bench", "store", "--pages", "16", "--repeats", "1",
+        "--exists-repeats", "2", "--pool-size", "4MiB", "--no-peer", "--remote", "--json",
+    ]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["verified"] and result["remote"]["verified"]
+    assert result["remote"]["put_gbps"] > 0 and result["remote"]["exists_us"] > 0
