@@ -312,7 +312,7 @@ def test_reads_pin_their_pages_and_writes_stay_invisible_until_committed() -> No
     """Slow page batches (fault injection in the service's engine) keep the two windows open."""
     with (
         owned_pool("pinwin", 8, PAGE) as pool,
-        PoolServer(pool, fault=FaultSpec(delay_ms=400)) as server,
+        PoolServer(pool, fault=FaultSpec(delay_ms=800)) as server,
         RemoteKVPool(server.address) as remote,
     ):
         keys = [f"pinned-{i}" for i in range(4)]
