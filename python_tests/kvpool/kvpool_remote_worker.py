@@ -7,6 +7,8 @@ usage:
   kvpool_remote_worker.py killloop ADDRESS ROUNDS N_KEYS PAGE_SIZE SEED
       forks ROUNDS writers in turn; each connects and puts random batches of checksummed pages
       until it is SIGKILLed at a random moment (mostly mid-put)   → {"rounds", "batches"}
+  kvpool_remote_worker.py killgets ADDRESS ROUNDS N_KEYS PAGE_SIZE SEED
+      the same with readers: batch_get of the keys "kill-*" until SIGKILLed
 """
 
 from __future__ import annotations
@@ -51,6 +53,15 @@ def get(address: str, prefix: str, n: int, page: int) -> dict[str, object]:
     return {"found": found.tolist(), "intact": intact, "owners": owners}
 
 
+def _reader(address: str, keys: list[str], pages: np.ndarray, seed: int, w: int) -> None:
+    dst = np.zeros_like(pages)
+    pool = RemoteKVPool(address, page_size=pages.shape[1]).start()
+    os.write(w, b"x")
+    while True:
+        pool.batch_get(keys, dst)
+        os.write(w, b"b")
+
+
 def _writer(address: str, keys: list[str], pages: np.ndarray, seed: int, w: int) -> None:
     rng = np.random.default_rng(seed)
     batch = 64
@@ -62,7 +73,9 @@ def _writer(address: str, keys: list[str], pages: np.ndarray, seed: int, w: int)
         os.write(w, b"b")
 
 
-def killloop(address: str, rounds: int, n_keys: int, page: int, seed: int) -> dict[str, object]:
+def killloop(
+    address: str, rounds: int, n_keys: int, page: int, seed: int, *, readers: bool = False
+) -> dict[str, object]:
     rng = np.random.default_rng(seed)
     keys = [f"kill-{i}" for i in range(n_keys)]
     pages = np.stack([checksummed_page(k, 7, page) for k in keys])  # inherited by the children
@@ -73,7 +86,8 @@ def killloop(address: str, rounds: int, n_keys: int, page: int, seed: int) -> di
         if pid == 0:
             os.close(rfd)
             try:
-                _writer(address, keys, pages, seed * 1000 + r, wfd)
+                body = _reader if readers else _writer
+                body(address, keys, pages, seed * 1000 + r, wfd)
             finally:
                 os._exit(1)
         os.close(wfd)
@@ -98,6 +112,8 @@ def main() -> int:
         out = get(address, rest[0], int(rest[1]), int(rest[2]))
     elif mode == "killloop":
         out = killloop(address, *map(int, rest))
+    elif mode == "killgets":
+        out = killloop(address, *map(int, rest), readers=True)
     else:
         raise SystemExit(f"unknown mode {mode}")
     print(json.dumps(out), flush=True)

@@ -372,6 +372,24 @@ def test_clients_killed_mid_put_leave_no_partial_page_and_the_pool_stays_usable(
             assert np.array_equal(back, pages_for(fresh, 1))
 
 
+def test_readers_killed_mid_get_leave_no_pin_behind() -> None:
+    name = unique_name("remote-killget")
+    n_keys = 128
+    keys = [f"kill-{i}" for i in range(n_keys)]
+    with serve_remote(name, size=f"{256 * PAGE}") as (_, address):
+        with RemoteKVPool(address) as remote:
+            assert remote.batch_set(keys, pages_for(keys, 7)).tolist() == [0] * n_keys
+        out = run_worker("killgets", address, 20, n_keys, PAGE, 5)
+        assert out["rounds"] == 20 and out["batches"] > 0
+        with KVPool.attach(name) as local:
+            assert wait_for(lambda: local.stats()["pinned_pages"] == 0), local.stats()
+            assert local.remove(keys) == n_keys  # nothing is left pinned
+        with RemoteKVPool(address) as remote:
+            stats = remote.stats()
+            assert stats["remote_gets"] > 0 and stats["remote_gets_failed"] > 0, stats
+            assert remote.batch_exists(keys) == 0
+
+
 def test_service_restart_gives_a_typed_error_then_the_next_call_reconnects() -> None:
     name, port = unique_name("remote-restart"), free_port()
     keys = [f"r-{i}" for i in range(8)]

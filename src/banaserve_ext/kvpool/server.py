@@ -126,6 +126,7 @@ class PoolServer:
             "remote_gets": 0,
             "remote_puts": 0,
             "remote_puts_aborted": 0,
+            "remote_gets_failed": 0,
             "remote_bytes_out": 0,
             "remote_bytes_in": 0,
         }
@@ -331,7 +332,11 @@ class PoolServer:
                     if hit.any():
                         local = page_piece_descriptors(pages[hit], lens)
                         remote = piece_descriptors(client[begin:end][hit], lens)
-                        self._move(Op.WRITE, local, remote, conn.peer)
+                        try:
+                            self._move(Op.WRITE, local, remote, conn.peer)
+                        except BaseException:
+                            self._count(remote_gets_failed=1)
+                            raise
                 finally:
                     for handle in handles:
                         self.pool.unpin(handle)
