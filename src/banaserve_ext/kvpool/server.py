@@ -115,6 +115,7 @@ class PoolServer:
         self._listener: socket.socket | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._acceptor: threading.Thread | None = None
         self._conns: set[_Conn] = set()
         self._peers: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -150,9 +151,10 @@ class PoolServer:
         self.port = int(listener.getsockname()[1])
         self._engine, self._listener = engine, listener
         self._stop.clear()
-        t = threading.Thread(target=self._accept_loop, name="kvpool-accept", daemon=True)
-        t.start()
-        self._threads.append(t)
+        self._acceptor = threading.Thread(
+            target=self._accept_loop, name="kvpool-accept", daemon=True
+        )
+        self._acceptor.start()
         return self
 
     @property
@@ -163,14 +165,17 @@ class PoolServer:
         if self._engine is None:
             return
         self._stop.set()
+        if self._acceptor is not None:
+            self._acceptor.join()  # no connection is added after this
+            self._acceptor = None
         with self._lock:
-            conns = list(self._conns)
+            conns, threads = list(self._conns), list(self._threads)
+            self._threads.clear()
         for conn in conns:
             with contextlib.suppress(OSError):
                 conn.sock.shutdown(socket.SHUT_RDWR)
-        for t in self._threads:
+        for t in threads:  # a batch in flight ends within its timeout
             t.join(timeout=self.transfer_timeout_s + 5)
-        self._threads.clear()
         if self._listener is not None:
             self._listener.close()
             self._listener = None
