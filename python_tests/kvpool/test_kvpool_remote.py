@@ -117,17 +117,6 @@ def test_descriptor_tables_pair_pool_pieces_with_client_pieces() -> None:
         piece_descriptors(np.arange(5, dtype=np.uint64), lens)
 
 
-def test_keys_travel_as_one_blob_where_they_can() -> None:
-    assert wire.pack_keys(["ab", "c"]) == b"ab\0c"
-    assert wire.pack_keys((b"ab", b"c")) == b"ab\0c"
-    assert wire.pack_keys(["ключ", ""]) == "ключ\0".encode()
-    for odd in (["a\0b", "c"], ["a", b"b"], [], ["\ud800"], [1, 2]):
-        assert wire.pack_keys(odd) is None  # sent as a list instead
-    assert wire.request_keys([], b"ab\0c") == [b"ab", b"c"]
-    assert wire.request_keys(["x"], None) == ["x"]
-    assert wire.request_keys([], wire.pack_keys(["", ""])) == [b"", b""]
-
-
 def test_request_tables_and_addresses_are_checked() -> None:
     addrs = np.arange(4, dtype=np.uint64).tobytes()
     table, lens = check_pieces(2, addrs, np.array([60, 4], np.uint64).tobytes(), 64)
@@ -189,12 +178,6 @@ def test_exists_and_get_semantics_match_the_local_pool(service: tuple[str, str])
                     == local.exists_mask(probe, suffix=suffix).tolist()
                 )
         assert remote.batch_exists(keys, suffix="|tp0") == 3
-        # Keys that cannot be packed into one blob (NUL inside, mixed types) go as a list.
-        odd = ["nul\0inside", b"bytes-key", "ключ"]
-        assert remote.batch_set(odd, pages_for(["a", "b", "c"], 1)).tolist() == [0] * 3
-        assert local.exists_mask(["nul\0inside", "bytes-key", "ключ".encode()]).all()
-        assert remote.batch_exists([b"nul\0inside", "bytes-key", "ключ"]) == 3
-        assert remote.remove(odd) == 3
         probe = ["absent", *keys]
         got_r, got_l = np.zeros((11, PAGE), np.uint8), np.zeros((11, PAGE), np.uint8)
         found_r = remote.batch_get(probe, got_r, suffix="|tp0")

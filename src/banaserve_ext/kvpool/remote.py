@@ -55,11 +55,8 @@ def _uncovered(table: np.ndarray, regs: Sequence[_Kept]) -> np.ndarray:
     return out
 
 
-def _key_fields(keys: Keys) -> dict[str, Any]:
-    """``keys``/``packed`` fields of a request (one blob where possible; see wire.pack_keys)."""
-    seq = keys if isinstance(keys, (list, tuple)) else list(keys)
-    packed = wire.pack_keys(seq)
-    return {"keys": [], "packed": packed} if packed is not None else {"keys": list(seq)}
+def _key_list(keys: Keys) -> list[Any] | tuple[Any, ...]:
+    return keys if isinstance(keys, (list, tuple)) else list(keys)
 
 
 class RemoteKVPool:
@@ -163,13 +160,13 @@ class RemoteKVPool:
         """Number of leading keys that are stored (stops at the first miss)."""
         if len(keys) == 0:
             return 0
-        reply = self._rpc(lambda: wire.Exists(**_key_fields(keys), suffix=suffix))
+        reply = self._rpc(lambda: wire.Exists(keys=_key_list(keys), suffix=suffix))
         return int(self._expect(reply, wire.Count).value)
 
     def exists_mask(self, keys: Keys, *, suffix: str = "") -> np.ndarray:
         if len(keys) == 0:
             return np.zeros(0, dtype=bool)
-        reply = self._rpc(lambda: wire.Exists(**_key_fields(keys), suffix=suffix, mask=True))
+        reply = self._rpc(lambda: wire.Exists(keys=_key_list(keys), suffix=suffix, mask=True))
         return np.frombuffer(self._expect(reply, wire.Mask).data, dtype=np.uint8).astype(bool)
 
     def batch_get(
@@ -227,8 +224,7 @@ class RemoteKVPool:
     def remove(self, keys: Keys) -> int:
         if len(keys) == 0:
             return 0
-        reply = self._rpc(lambda: wire.Remove(**_key_fields(keys)))
-        return int(self._expect(reply, wire.Count).value)
+        return int(self._expect(self._rpc(lambda: wire.Remove(_key_list(keys))), wire.Count).value)
 
     def stats(self) -> dict[str, int | bool]:
         return dict(self._expect(self._rpc(wire.Stats), wire.StatsReply).stats)
@@ -324,7 +320,7 @@ class RemoteKVPool:
     ) -> Callable[[], Any]:
         def build() -> Any:
             return kind(
-                **_key_fields(keys),
+                keys=_key_list(keys),
                 addrs=flat.tobytes(),
                 seg_lens=lens.tobytes(),
                 suffix=suffix,

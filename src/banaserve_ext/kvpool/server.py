@@ -287,17 +287,16 @@ class PoolServer:
         if conn.peer is None:
             raise ProtocolError("the first request on a connection must be hello")
         if isinstance(req, wire.Exists):
-            keys = wire.request_keys(req.keys, req.packed)
             if req.mask:
-                mask = self.pool.exists_mask(keys, suffix=req.suffix)
+                mask = self.pool.exists_mask(req.keys, suffix=req.suffix)
                 return wire.Mask(np.asarray(mask, dtype=np.uint8).tobytes())
-            return wire.Count(self.pool.batch_exists(keys, suffix=req.suffix))
+            return wire.Count(self.pool.batch_exists(req.keys, suffix=req.suffix))
         if isinstance(req, wire.Get):
             return wire.Mask(self._get(conn, req).tobytes())
         if isinstance(req, wire.Put):
             return wire.Mask(self._put(conn, req).tobytes())
         if isinstance(req, wire.Remove):
-            return wire.Count(self.pool.remove(wire.request_keys(req.keys, req.packed)))
+            return wire.Count(self.pool.remove(req.keys))
         if isinstance(req, wire.Stats):
             with self._lock:
                 counters = dict(self.counters)
@@ -314,8 +313,7 @@ class PoolServer:
             h.wait()
 
     def _get(self, conn: _Conn, req: wire.Get) -> np.ndarray:
-        keys = wire.request_keys(req.keys, req.packed)
-        n = len(keys)
+        n = len(req.keys)
         client, lens = check_pieces(n, req.addrs, req.seg_lens, self._region_page_size())
         if req.engine:
             self._add_peer(conn, req.engine)
@@ -331,7 +329,7 @@ class PoolServer:
                     pages = np.zeros(end - begin, dtype=np.uint64)
                     for s in starts:
                         e = min(end, s + PIN_CHUNK)
-                        handle, addrs = self.pool.pin(keys[s:e], suffix=req.suffix)
+                        handle, addrs = self.pool.pin(req.keys[s:e], suffix=req.suffix)
                         handles.append(handle)
                         pages[s - begin : e - begin] = addrs
                     hit = pages != 0
@@ -351,15 +349,14 @@ class PoolServer:
         return found
 
     def _put(self, conn: _Conn, req: wire.Put) -> np.ndarray:
-        keys = wire.request_keys(req.keys, req.packed)
-        n = len(keys)
+        n = len(req.keys)
         client, lens = check_pieces(n, req.addrs, req.seg_lens, self._region_page_size())
         if req.engine:
             self._add_peer(conn, req.engine)
         assert conn.peer is not None
         if n == 0:
             return np.zeros(0, dtype=np.uint8)
-        slots, results = self.pool.reserve(keys, suffix=req.suffix)
+        slots, results = self.pool.reserve(req.keys, suffix=req.suffix)
         mine = results == PutResult.STORED
         if mine.any():
             ours = np.ascontiguousarray(slots[mine])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -30,10 +29,9 @@ class Hello(msgspec.Struct, tag="hello", array_like=True):
 
 
 class Exists(msgspec.Struct, tag="exists", array_like=True):
-    keys: list[Any]  # empty when ``packed`` carries them
+    keys: list[Any]
     suffix: str = ""
     mask: bool = False  # reply a mask per key instead of the count of leading hits
-    packed: bytes | None = None  # the keys joined by NUL (see pack_keys)
 
 
 class Get(msgspec.Struct, tag="get", array_like=True):
@@ -42,7 +40,6 @@ class Get(msgspec.Struct, tag="get", array_like=True):
     seg_lens: bytes  # uint64 piece lengths, summing to the page size
     suffix: str = ""
     engine: bytes = b""  # fresh client metadata when its registrations changed
-    packed: bytes | None = None
 
 
 class Put(msgspec.Struct, tag="put", array_like=True):
@@ -51,12 +48,10 @@ class Put(msgspec.Struct, tag="put", array_like=True):
     seg_lens: bytes
     suffix: str = ""
     engine: bytes = b""
-    packed: bytes | None = None
 
 
 class Remove(msgspec.Struct, tag="remove", array_like=True):
     keys: list[Any]
-    packed: bytes | None = None
 
 
 class Stats(msgspec.Struct, tag="stats", array_like=True):
@@ -96,32 +91,6 @@ Reply = Welcome | Count | Mask | StatsReply | Error
 _encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(Request)
 _reply_decoder = msgspec.msgpack.Decoder(Reply)
-
-
-def pack_keys(keys: Sequence[str | bytes]) -> bytes | None:
-    """All-str or all-bytes keys without NUL → one NUL-joined UTF-8 blob (decoding one blob is
-    far cheaper than decoding a thousand strings); None when the keys do not qualify (mixed
-    types, a NUL inside a key, no keys): send them as a list then."""
-    if not keys:
-        return None
-    try:
-        blob = "\0".join(keys).encode()  # type: ignore[arg-type]
-    except UnicodeError:
-        return None
-    except TypeError:
-        try:
-            blob = b"\0".join(keys)  # type: ignore[arg-type]
-        except TypeError:
-            return None
-    if blob.count(b"\0") != len(keys) - 1:
-        return None
-    return blob
-
-
-def request_keys(keys: list[Any], packed: bytes | None) -> list[Any]:
-    """The keys of a request: the list, or the blob of :func:`pack_keys` split again (as bytes,
-    which name the same keys as their UTF-8 strings)."""
-    return keys if packed is None else packed.split(b"\0")
 
 
 def error_reply(exc: BaseException) -> Error:
