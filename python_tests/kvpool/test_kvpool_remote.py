@@ -178,6 +178,12 @@ def test_exists_and_get_semantics_match_the_local_pool(service: tuple[str, str])
                     == local.exists_mask(probe, suffix=suffix).tolist()
                 )
         assert remote.batch_exists(keys, suffix="|tp0") == 3
+        # str and bytes name the same key; NUL and non-ASCII are ordinary key bytes.
+        odd = ["nul\0inside", b"bytes-key", "ключ"]
+        assert remote.batch_set(odd, pages_for(["a", "b", "c"], 1)).tolist() == [0] * 3
+        assert local.exists_mask(["nul\0inside", "bytes-key", "ключ".encode()]).all()
+        assert remote.batch_exists([b"nul\0inside", "bytes-key", "ключ"]) == 3
+        assert remote.remove(odd) == 3
         probe = ["absent", *keys]
         got_r, got_l = np.zeros((11, PAGE), np.uint8), np.zeros((11, PAGE), np.uint8)
         found_r = remote.batch_get(probe, got_r, suffix="|tp0")
