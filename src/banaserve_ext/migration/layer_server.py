@@ -243,6 +243,8 @@ class LayerServerClient:
         self._engine: Any = None
         self.peer: str | None = None
         self.broken: str | None = None
+        #: the server's compute time of the last step (the rest of a step call is the hop)
+        self.last_compute_s = 0.0
 
     def start(self) -> LayerServerClient:
         from ..transfer import TransferEngine
@@ -412,6 +414,7 @@ def remote_step(client: LayerServerClient, mode: str, tensors: dict[str, Any],
     extend_prefix_lens (extend) and token_rows; returns (hidden, residual) after the block."""
     bufs = [(k, v) for k, v in tensors.items() if v is not None]
     reply, arrays = client.call({"op": "step", "mode": mode}, bufs, timeout_s)
+    client.last_compute_s = float(reply.get("compute_s", 0.0))
     return to_tensor(reply, arrays, "hidden"), to_tensor(reply, arrays, "residual")
 
 
