@@ -34,6 +34,7 @@ def make_tensors(seed: int = 0) -> dict[int, dict[str, torch.Tensor]]:
     cache = torch.cat(((pos * inv).cos(), (pos * inv).sin()), dim=-1)
     out = {}
     for layer in range(LAYERS):
+
         def r(*shape: int) -> torch.Tensor:
             return torch.randn(*shape, generator=g) * 0.1
 
@@ -94,9 +95,8 @@ def run_local(stack, mode: str, t: dict, h: torch.Tensor, r: torch.Tensor):
                                 t["extend_prefix_lens"], t["token_rows"]), h, r)  # fmt: skip
 
 
-@pytest.fixture
-def server_proc(tmp_path: Path):
-    ready = tmp_path / "port"
+def start_server(tmp: Path) -> tuple[subprocess.Popen, int]:
+    ready = tmp / "port"
     proc = subprocess.Popen(
         [sys.executable, "-m", "banaserve_ext.migration.layer_server", "--ready-file", str(ready)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -105,12 +105,31 @@ def server_proc(tmp_path: Path):
     while not (ready.exists() and ready.read_text()):
         assert proc.poll() is None and time.monotonic() < deadline, "layer server did not start"
         time.sleep(0.05)
+    return proc, int(ready.read_text())
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server_proc(tmp_path_factory: pytest.TempPathFactory):
+    proc, port = start_server(tmp_path_factory.mktemp("layer-server"))
     try:
-        yield proc, int(ready.read_text())
+        yield proc, port
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        stop_server(proc)
+
+
+@pytest.fixture
+def victim_proc(tmp_path: Path):
+    proc, port = start_server(tmp_path)
+    try:
+        yield proc, port
+    finally:
+        stop_server(proc)
 
 
 def test_split_stack_is_bit_identical_and_migrates_back(server_proc) -> None:
@@ -169,13 +188,15 @@ def test_split_stack_is_bit_identical_and_migrates_back(server_proc) -> None:
         client.close()
 
 
-def test_server_killed_mid_step_fails_fast_and_stays_failed(server_proc) -> None:
-    proc, port = server_proc
+def test_server_killed_mid_step_fails_fast_and_stays_failed(victim_proc) -> None:
+    proc, port = victim_proc
     own_t = make_tensors()
     client = ls.LayerServerClient("127.0.0.1", port, timeout_s=20).start()
     try:
-        ship = {3: [ls.ShipTensor(n, own_t[3][n]) for n in WEIGHT_NAMES]
-                + [ls.ShipTensor(n, own_t[3][n], np.array([1, 2])) for n in KV_NAMES]}
+        ship = {
+            3: [ls.ShipTensor(n, own_t[3][n]) for n in WEIGHT_NAMES]
+            + [ls.ShipTensor(n, own_t[3][n], np.array([1, 2])) for n in KV_NAMES]
+        }
         ls.ship_layers(client, ship, EXECUTOR, msgspec.msgpack.encode(config([3])))
         mode, t = Batch().extend()
         h = torch.zeros(8, HIDDEN)

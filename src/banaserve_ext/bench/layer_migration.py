@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--tokens", type=int, nargs="+", default=[0, 2048, 8192])
-    p.add_argument("--rows", type=int, default=8192, help="KV pool rows (token slots)")
+    p.add_argument("--rows", type=int, default=16384, help="KV pool rows (token slots)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--ctx", type=int, default=512, help="context per request in the step bench")
     p.add_argument("--repeat", type=int, default=5)
@@ -188,7 +188,8 @@ def bench_step(a: argparse.Namespace, client: Any) -> list[dict]:
     tail = list(range(n // 2, n))
     used = np.arange(1, a.rows)
     ship = {i: [ls.ShipTensor(nm, tensors[i][nm]) for nm in WEIGHT_NAMES]
-            + [ls.ShipTensor(nm, tensors[i][nm], used) for nm in KV_NAMES] for i in tail}  # fmt: skip
+            + [ls.ShipTensor(nm, tensors[i][nm], used) for nm in KV_NAMES]
+            for i in tail}  # fmt: skip
     ls.ship_layers(client, ship, EXECUTOR, msgspec.msgpack.encode(_cfg(a, tail)))
     out = []
     for b in a.batch:
@@ -239,7 +240,7 @@ def main(args: argparse.Namespace) -> int:
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
-    print("migration (median of %d):" % args.repeat)
+    print(f"migration (median of {args.repeat}):")
     print(f"{'k':>2} {'tokens':>6} {'MB':>8} {'migrate ms':>10} {'raw ms':>8} "
           f"{'model(def) ms':>13} {'err':>7} {'model(bw) ms':>12} {'err':>7} {'fit err':>7}")
     for r in mig[:-1]:
