@@ -213,6 +213,20 @@ def test_server_killed_mid_step_fails_fast_and_stays_failed(victim_proc) -> None
         client.close()
 
 
+def test_a_reserved_arena_is_taken_by_the_next_prepare_that_fits(server_proc) -> None:
+    _, port = server_proc
+    client = ls.LayerServerClient("127.0.0.1", port).start()
+    try:
+        res, _ = client.call({"op": "reserve", "nbytes": 1 << 16})
+        spec = {"layer": 0, "tensors": [{"name": "w", "dtype": "float32", "shape": [8, 8]}]}
+        body = {"op": "prepare", "executor": EXECUTOR, "config": b"", "layers": [spec]}
+        first, _ = client.call(body)
+        assert first["addrs"][0][0] == res["addr"]  # the reserved arena
+        client.call({"op": "release"})
+    finally:
+        client.close()
+
+
 def test_bad_requests_are_typed_errors(server_proc) -> None:
     _, port = server_proc
     client = ls.LayerServerClient("127.0.0.1", port).start()

@@ -74,8 +74,11 @@ def layer_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LayerServ
 
 
 def generate(url: str, ids: list[int], n: int, rid: str) -> tuple[int, dict]:
-    payload = {"input_ids": ids, "rid": rid,
-               "sampling_params": {"max_new_tokens": n, "temperature": 0.0, "ignore_eos": True}}
+    payload = {
+        "input_ids": ids,
+        "rid": rid,
+        "sampling_params": {"max_new_tokens": n, "temperature": 0.0, "ignore_eos": True},
+    }
     status, body = http_json(f"{url}/generate", payload, timeout_s=180)
     assert isinstance(body, dict), (status, body)
     return status, body

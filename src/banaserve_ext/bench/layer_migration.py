@@ -47,6 +47,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", type=int, default=512, help="context per request in the step bench")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--json", default="", help="write the results here")
+    p.add_argument(
+        "--sglang",
+        action="store_true",
+        help="instead: a real CPU SGLang server (tiny Llama, float32): migration "
+        "time of layer 1 and decode time per token unsplit vs split",
+    )
+    p.add_argument("--new-tokens", type=int, default=200)
 
 
 def _start_server() -> tuple[subprocess.Popen, int]:
@@ -100,8 +107,16 @@ def _raw_write_s(client: Any, nbytes: int) -> float:
     from ..migration import layer_server as ls
     from ..transfer import Op
 
-    reply, _ = client.call({"op": "prepare", "executor": EXECUTOR, "config": b"", "layers": [
-        {"layer": 0, "tensors": [{"name": "blob", "dtype": "uint8", "shape": [nbytes]}]}]})
+    reply, _ = client.call(
+        {
+            "op": "prepare",
+            "executor": EXECUTOR,
+            "config": b"",
+            "layers": [
+                {"layer": 0, "tensors": [{"name": "blob", "dtype": "uint8", "shape": [nbytes]}]}
+            ],
+        }
+    )
     client.engine.add_peer(reply["metadata"])
     src = np.ones(nbytes, np.uint8)
     import torch
@@ -109,6 +124,13 @@ def _raw_write_s(client: Any, nbytes: int) -> float:
     t = torch.from_numpy(src)
     return ls._move(client, Op.WRITE, {0: [ls.ShipTensor("blob", t)]},
                     {0: list(reply["addrs"][0])}, 60.0)  # fmt: skip
+
+
+def _arena_bytes(tensors: dict, k: int, tok: int) -> int:
+    from ..migration.layer_layout import align_up
+
+    return sum(align_up(t.numel() * t.element_size()) for i in range(k)
+               for t in tensors[i].values())  # fmt: skip
 
 
 def bench_migration(a: argparse.Namespace, client: Any) -> list[dict]:
@@ -125,8 +147,10 @@ def bench_migration(a: argparse.Namespace, client: Any) -> list[dict]:
     d = a.hidden // a.heads
     kv_tok_layer = 2 * a.kv_heads * d * 4
     rows: list[dict] = []
-    warm = {0: [ls.ShipTensor(n, tensors[0][n]) for n in WEIGHT_NAMES]
-            + [ls.ShipTensor(n, tensors[0][n], np.arange(1, 9)) for n in KV_NAMES]}
+    warm = {
+        0: [ls.ShipTensor(n, tensors[0][n]) for n in WEIGHT_NAMES]
+        + [ls.ShipTensor(n, tensors[0][n], np.arange(1, 9)) for n in KV_NAMES]
+    }
     ls.ship_layers(client, warm, EXECUTOR, msgspec.msgpack.encode(_cfg(a, [0])))
     client.call({"op": "release"})
     _raw_write_s(client, 1 << 20)
@@ -134,23 +158,27 @@ def bench_migration(a: argparse.Namespace, client: Any) -> list[dict]:
     for k in a.layers:
         for tok in a.tokens:
             used = np.arange(1, tok + 1)
-            times, raws = [], []
+            times, warm_times, raws = [], [], []
             rep: dict = {}
             for _ in range(a.repeat):
-                ship = {i: [ls.ShipTensor(n, tensors[i][n]) for n in WEIGHT_NAMES]
+                for reserved in (False, True):
+                    if reserved:  # the target allocated its arena ahead of the migration
+                        client.call({"op": "reserve", "nbytes": _arena_bytes(tensors, k, tok)})
+                    ship = {i: [ls.ShipTensor(n, tensors[i][n]) for n in WEIGHT_NAMES]
                         + [ls.ShipTensor(n, tensors[i][n], used) for n in KV_NAMES]
-                        for i in range(k)}  # fmt: skip
-                cfg = msgspec.msgpack.encode(_cfg(a, list(range(k))))
-                rep = ls.ship_layers(client, ship, EXECUTOR, cfg)
-                times.append(rep["total_s"])
-                client.call({"op": "release"})
+                            for i in range(k)}  # fmt: skip
+                    cfg = msgspec.msgpack.encode(_cfg(a, list(range(k))))
+                    rep = ls.ship_layers(client, ship, EXECUTOR, cfg)
+                    (warm_times if reserved else times).append(rep["total_s"])
+                    client.call({"op": "release"})
                 raws.append(_raw_write_s(client, rep["weight_bytes"] + rep["kv_bytes"]))
                 client.call({"op": "release"})
             moved = rep["weight_bytes"] + rep["kv_bytes"]
             t_med, raw_med = statistics.median(times), statistics.median(raws)
             rows.append({"layers": k, "kv_tokens": tok, "bytes": moved,
                          "weight_bytes": rep["weight_bytes"], "kv_bytes": rep["kv_bytes"],
-                         "migrate_s": t_med, "raw_write_s": raw_med})  # fmt: skip
+                         "migrate_s": t_med, "migrate_reserved_s": statistics.median(warm_times),
+                         "raw_write_s": raw_med})  # fmt: skip
     # the cost model: default constants, and the bandwidth of the link measured here
     big = max(rows, key=lambda r: r["bytes"])
     bw = big["bytes"] / big["raw_write_s"]
@@ -161,16 +189,19 @@ def bench_migration(a: argparse.Namespace, client: Any) -> list[dict]:
             pred = ctl.layer_latency(r["layers"], r["kv_tokens"])
             r[f"pred_{cfg_name}_s"] = pred
             r[f"err_{cfg_name}"] = (pred - r["migrate_s"]) / r["migrate_s"]
+            r[f"err_{cfg_name}_reserved"] = (pred - r["migrate_reserved_s"]) / r[
+                "migrate_reserved_s"
+            ]
     # least-squares fit of migrate_s = sync + bytes / bw (what the constants would have to be)
     x = np.array([r["bytes"] for r in rows], float)
-    y = np.array([r["migrate_s"] for r in rows], float)
+    y = np.array([r["migrate_reserved_s"] for r in rows], float)
     slope, icpt = np.polyfit(x, y, 1)
     fit = {"sync_s": float(icpt), "bandwidth_Bps": float(1 / slope) if slope > 0 else None,
            "raw_bandwidth_Bps": bw, "weight_bytes_per_layer": w_layer,
            "kv_bytes_per_token_layer": kv_tok_layer}  # fmt: skip
     for r in rows:
         pred = fit["sync_s"] + r["bytes"] * slope
-        r["err_fit"] = (pred - r["migrate_s"]) / r["migrate_s"]
+        r["err_fit"] = (pred - r["migrate_reserved_s"]) / r["migrate_reserved_s"]
     return rows + [{"fit": fit}]
 
 
@@ -226,8 +257,71 @@ def bench_step(a: argparse.Namespace, client: Any) -> list[dict]:
     return out
 
 
+def sglang_main(a: argparse.Namespace) -> int:
+    """Tiny Llama in a real SGLang server: decode ms/token unsplit, split (layer 1 on the layer
+    server), unsplit again, and what the migration endpoint reports."""
+    from ..launch.servers import ServerProcess, SGLangServerConfig, free_port, http_json
+    from ..launch.tiny_model import create_tiny_llama
+
+    tmp = Path(tempfile.mkdtemp(prefix="layermig-bench-"))
+    model = create_tiny_llama(tmp / "model")
+    cfg = SGLangServerConfig(
+        model_path=str(model),
+        port=free_port(),
+        extra_args=("--dtype", "float32", "--disable-radix-cache"),
+    )
+    srv = ServerProcess("sglang", cfg.command(), f"{cfg.url}/health_generate",
+                        tmp / "sglang.log", cfg.env())  # fmt: skip
+    proc, port = _start_server()
+    res: dict[str, Any] = {}
+    try:
+        srv.start()
+        srv.wait_ready(300)
+
+        def per_token_ms() -> float:
+            vals = []
+            for i in range(a.repeat):
+                body = {
+                    "input_ids": [5 + i] * 16,
+                    "sampling_params": {
+                        "max_new_tokens": a.new_tokens,
+                        "temperature": 0.0,
+                        "ignore_eos": True,
+                    },
+                }
+                t0 = time.perf_counter()
+                status, out = http_json(f"{cfg.url}/generate", body, timeout_s=300)
+                assert status == 200, out
+                vals.append((time.perf_counter() - t0) * 1e3 / a.new_tokens)
+            return statistics.median(vals)
+
+        def mig(body: dict) -> dict:
+            status, out = http_json(f"{cfg.url}/banaserve/migrate", body, timeout_s=120)
+            assert status == 200, out
+            return out  # type: ignore[return-value]
+
+        per_token_ms()  # warm-up
+        res["unsplit_ms_per_token"] = per_token_ms()
+        res["migrate"] = mig({"kind": "layers", "first": 1, "port": port})
+        res["split_ms_per_token"] = per_token_ms()
+        res["split_status"] = mig({"kind": "layers_status"})
+        res["back"] = mig({"kind": "layers_back"})
+        res["unsplit_again_ms_per_token"] = per_token_ms()
+    finally:
+        srv.stop(2.0)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    print(json.dumps(res, indent=1))
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1))
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     from ..migration import layer_server as ls
+
+    if args.sglang:
+        return sglang_main(args)
 
     proc, port = _start_server()
     try:
@@ -241,14 +335,18 @@ def main(args: argparse.Namespace) -> int:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
     print(f"migration (median of {args.repeat}):")
-    print(f"{'k':>2} {'tokens':>6} {'MB':>8} {'migrate ms':>10} {'raw ms':>8} "
-          f"{'model(def) ms':>13} {'err':>7} {'model(bw) ms':>12} {'err':>7} {'fit err':>7}")
+    print(
+        f"{'k':>2} {'tokens':>6} {'MB':>8} {'cold ms':>8} {'reserved ms':>11} {'raw ms':>7} "
+        f"{'model(def) ms':>13} {'err':>6} {'model(bw) ms':>12} {'err':>6} {'fit err':>7}"
+    )
     for r in mig[:-1]:
         print(f"{r['layers']:>2} {r['kv_tokens']:>6} {r['bytes'] / 1e6:>8.2f} "
-              f"{r['migrate_s'] * 1e3:>10.2f} {r['raw_write_s'] * 1e3:>8.2f} "
-              f"{r['pred_default_s'] * 1e3:>13.2f} {r['err_default']:>+7.0%} "
-              f"{r['pred_measured_bw_s'] * 1e3:>12.2f} {r['err_measured_bw']:>+7.0%} "
+              f"{r['migrate_s'] * 1e3:>8.2f} {r['migrate_reserved_s'] * 1e3:>11.2f} "
+              f"{r['raw_write_s'] * 1e3:>7.2f} "
+              f"{r['pred_default_s'] * 1e3:>13.2f} {r['err_default_reserved']:>+6.0%} "
+              f"{r['pred_measured_bw_s'] * 1e3:>12.2f} {r['err_measured_bw_reserved']:>+6.0%} "
               f"{r['err_fit']:>+7.0%}")  # fmt: skip
+    print("(errors against the reserved-arena time; cold includes the target's allocation)")
     print("fit:", json.dumps(mig[-1]["fit"]))
     print("split step (decode, 4 layers, 2 remote):")
     for r in step:

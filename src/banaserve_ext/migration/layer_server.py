@@ -13,6 +13,8 @@ Protocol (owner → server, one answer per request):
 ``prepare``    tensor specs per layer + executor (``"module:factory"``) and its config bytes
                → arena allocated and registered; answers the engine metadata and the address of
                every tensor, so the owner can post its writes (layer by layer).
+``reserve``    allocate (pre-fault) an arena of ``nbytes`` ahead of a migration, so the next
+               ``prepare`` that fits takes it and the allocation is off the migration's path.
 ``install``    after the owner's writes completed: the executor is built over the arena views.
 ``step``       hidden, residual and the step's index tensors → hidden, residual after the block.
 ``release``    drops the executor and frees the arena (after the owner read everything back).
@@ -72,6 +74,7 @@ class LayerServer:
         self._thread: threading.Thread | None = None
         self._engine: Any = None
         self._arena: Any = None
+        self._reserved: Any = None
         self._executor: Any = None
         self._tensors: dict[int, dict[str, Any]] = {}
         self._pending: tuple[Callable[..., Any], bytes] | None = None
@@ -104,6 +107,9 @@ class LayerServer:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5)
         self._drop_arena()
+        if self._reserved is not None:
+            self._reserved.release()
+            self._reserved = None
         if self._engine is not None:
             self._engine.stop()
             self._engine = None
@@ -157,6 +163,11 @@ class LayerServer:
             return {"metadata": self._engine.metadata()}, []
         if op == "prepare":
             return self._prepare(header), []
+        if op == "reserve":
+            if self._reserved is not None:
+                self._reserved.release()
+            self._reserved = self._engine.allocate(int(header["nbytes"]))
+            return {"nbytes": self._reserved.nbytes, "addr": self._reserved.addr}, []
         if op == "install":
             return self._install(), []
         if op == "step":
@@ -188,7 +199,10 @@ class LayerServer:
             for lay in specs
         ]  # fmt: skip
         offsets, total = layer_layout.plan_arena(sizes)
-        self._arena = self._engine.allocate(total)
+        if self._reserved is not None and self._reserved.nbytes >= total:
+            self._arena, self._reserved = self._reserved, None
+        else:
+            self._arena = self._engine.allocate(total)
         base = torch.frombuffer(self._arena.array, dtype=torch.uint8)
         addrs = []
         for lay, lay_specs, lay_off, lay_sizes in zip(layers, specs, offsets, sizes, strict=True):

@@ -43,7 +43,7 @@ import numpy as np
 
 from ...errors import InvalidArgumentError, NotSupportedError, UnavailableError
 from ...migration import layer_layout, layer_server
-from ...migration.llama_stack import KV_NAMES, WEIGHT_NAMES, StackConfig
+from ...migration.llama_stack import WEIGHT_NAMES, StackConfig
 
 logger = logging.getLogger(__name__)
 
