@@ -54,6 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "time of layer 1 and decode time per token unsplit vs split",
     )
     p.add_argument("--new-tokens", type=int, default=200)
+    p.add_argument("--rounds", type=int, default=3, help="unsplit/split rounds (--sglang)")
 
 
 def _start_server() -> tuple[subprocess.Popen, int]:
@@ -301,12 +302,19 @@ def sglang_main(a: argparse.Namespace) -> int:
             return out  # type: ignore[return-value]
 
         per_token_ms()  # warm-up
-        res["unsplit_ms_per_token"] = per_token_ms()
-        res["migrate"] = mig({"kind": "layers", "first": 1, "port": port})
-        res["split_ms_per_token"] = per_token_ms()
-        res["split_status"] = mig({"kind": "layers_status"})
-        res["back"] = mig({"kind": "layers_back"})
-        res["unsplit_again_ms_per_token"] = per_token_ms()
+        # interleaved rounds, so that drifting load on the box hits both conditions alike
+        unsplit, split, migs, backs = [], [], [], []
+        for _ in range(a.rounds):
+            unsplit.append(per_token_ms())
+            migs.append(mig({"kind": "layers", "first": 1, "port": port}))
+            split.append(per_token_ms())
+            res["split_status"] = mig({"kind": "layers_status"})
+            backs.append(mig({"kind": "layers_back"}))
+        res["unsplit_ms_per_token"] = unsplit
+        res["split_ms_per_token"] = split
+        res["ratio_median"] = statistics.median(s / u for s, u in zip(split, unsplit, strict=True))
+        res["migrate"] = migs
+        res["back"] = backs
     finally:
         srv.stop(2.0)
         os.kill(proc.pid, signal.SIGKILL)

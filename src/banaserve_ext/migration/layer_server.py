@@ -83,6 +83,8 @@ class LayerServer:
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> LayerServer:
+        import torch  # noqa: F401  (imported now, not inside the first migration)
+
         from ..transfer import TransferEngine
 
         self._engine = TransferEngine(tcp_host=self.host).start()

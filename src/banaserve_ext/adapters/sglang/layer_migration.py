@@ -136,11 +136,6 @@ def _stack_config(inner: Any, layers: list[int]) -> StackConfig:
     )
 
 
-def _dead_after_gc(refs: list[weakref.ref]) -> int:
-    gc.collect()
-    return sum(1 for r in refs if r() is None)
-
-
 def _refresh_pool_pointers(pool: Any) -> None:
     init = getattr(pool, "_init_data_ptrs_and_strides", None)
     if init is not None:
@@ -205,7 +200,8 @@ def migrate_layers(scheduler: Any, body: dict) -> dict:
                 buf_list[i] = torch.empty((0, *t.shape[1:]), dtype=t.dtype)
                 del t, base
         _refresh_pool_pointers(pool)
-        gc.collect()
+        if any(ref() is not None for ref, _ in wrefs + krefs):
+            gc.collect()  # only when reference counting alone did not free them
         for kind, refs in (("weight_bytes", wrefs), ("kv_bytes", krefs)):
             for ref, n in refs:
                 if ref() is None:
