@@ -170,6 +170,45 @@ def test_every_split_step_is_bit_identical_to_the_local_layers(
     migrate(server, {"kind": "layers_back"})
 
 
+def stream_ids(url: str, ids: list[int], n: int, on_first_chunk) -> list[int]:
+    """A streamed greedy /generate; calls ``on_first_chunk()`` once the first chunk arrived;
+    returns the output ids of the last chunk (SGLang streams cumulative output ids)."""
+    import json
+    import urllib.request
+
+    payload = {
+        "input_ids": ids,
+        "stream": True,
+        "sampling_params": {"max_new_tokens": n, "temperature": 0.0, "ignore_eos": True},
+    }
+    req = urllib.request.Request(f"{url}/generate", json.dumps(payload).encode(), method="POST")
+    req.add_header("Content-Type", "application/json")
+    chunks: list[dict] = []
+    with urllib.request.urlopen(req, timeout=180) as resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            chunks.append(json.loads(line[len("data:") :]))
+            if len(chunks) == 1:
+                on_first_chunk()
+    assert len(chunks) > 2, "the stream was not streamed"
+    return chunks[-1]["output_ids"]
+
+
+def test_a_streamed_request_keeps_streaming_across_migration_and_back(
+    server: SGLangServerConfig, layer_server: LayerServerProc, reference: list[list[int]]
+) -> None:
+    n, m = JOBS[2]
+    body = {"kind": "layers", "first": 1, "port": layer_server.port}
+    got = stream_ids(server.url, prompt(n, 2), m, lambda: migrate(server, body))
+    assert got == reference[2]
+    got = stream_ids(server.url, prompt(n, 2), m,
+                     lambda: migrate(server, {"kind": "layers_back"}))  # fmt: skip
+    assert got == reference[2]
+    assert migrate(server, {"kind": "layers_status"})["split"] is False
+
+
 def test_bad_migrations_are_refused(server: SGLangServerConfig) -> None:
     for body, code in (({"kind": "layers", "first": 0, "port": 1}, 400),
                        ({"kind": "layers", "first": 2, "port": 1}, 400),
