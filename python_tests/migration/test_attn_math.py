@@ -60,11 +60,12 @@ def test_merge_is_the_issues_max_and_sum_formula() -> None:
     s = torch.einsum("nhd,thd->nht", q, k)
     parts = (slice(0, 4), slice(4, 9))
     m = [s[..., p].max(-1).values for p in parts]
-    l_ = [torch.exp(s[..., p] - mi.unsqueeze(-1)).sum(-1) for p, mi in zip(parts, m)]
+    l_ = [torch.exp(s[..., p] - mi.unsqueeze(-1)).sum(-1) for p, mi in zip(parts, m, strict=True)]
     o_ = [
-        torch.einsum("nht,thd->nhd", torch.exp(s[..., p] - mi.unsqueeze(-1)) / li.unsqueeze(-1),
-                     v[p])  # fmt: skip
-        for p, mi, li in zip(parts, m, l_)
+        torch.einsum(
+            "nht,thd->nhd", torch.exp(s[..., p] - mi.unsqueeze(-1)) / li.unsqueeze(-1), v[p]
+        )  # fmt: skip
+        for p, mi, li in zip(parts, m, l_, strict=True)
     ]
     mm = torch.maximum(m[0], m[1])
     ll = torch.exp(m[0] - mm) * l_[0] + torch.exp(m[1] - mm) * l_[1]

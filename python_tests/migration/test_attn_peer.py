@@ -6,7 +6,6 @@ and a killed peer that fails the next call quickly instead of hanging."""
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
@@ -17,32 +16,17 @@ torch = pytest.importorskip("torch")
 
 from banaserve_ext import errors  # noqa: E402
 from banaserve_ext.migration.attn_math import partial_attention  # noqa: E402
-from banaserve_ext.migration.attn_peer import AttnPeerClient  # noqa: E402
+from banaserve_ext.migration.attn_peer import AttnPeerClient, AttnPeerProcess  # noqa: E402
 from banaserve_ext.transfer import Op, TransferEngine  # noqa: E402
 
 LAYERS, ROWS, HKV, HQ, D = 3, 64, 2, 4, 8
 
 
-def start_peer() -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "banaserve_ext.migration.attn_peer"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    line = proc.stdout.readline() if proc.stdout else ""
-    if not line.startswith("READY "):
-        proc.kill()
-        raise AssertionError(f"peer did not start: {line!r}")
-    return proc, line.split()[1]
-
-
 @pytest.fixture
 def peer() -> Iterator[tuple[subprocess.Popen, str]]:
-    proc, addr = start_peer()
-    try:
-        yield proc, addr
-    finally:
-        proc.kill()
-        proc.wait(10)
+    with AttnPeerProcess() as p:
+        assert p.proc is not None
+        yield p.proc, p.address
 
 
 @pytest.fixture

@@ -24,8 +24,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import select
 import signal
 import socket
+import subprocess
 import sys
 import threading
 from dataclasses import dataclass
@@ -272,6 +274,47 @@ class AttnPeerClient:
         o = torch.frombuffer(bytearray(reply["o"]), dtype=torch.float32).view(n, heads, dim)
         lse = torch.frombuffer(bytearray(reply["lse"]), dtype=torch.float32).view(n, heads)
         return o, lse
+
+
+class AttnPeerProcess:
+    """``python -m banaserve_ext.migration.attn_peer`` as a child process (tests, benchmarks).
+    The constructor stores config; :meth:`start` spawns it and waits for ``READY``; :meth:`stop`
+    kills it by PID."""
+
+    def __init__(self, host: str = "127.0.0.1", threads: int = 1) -> None:
+        self.host = host
+        self.threads = threads
+        self.proc: subprocess.Popen[str] | None = None
+        self.address = ""
+
+    def start(self, timeout_s: float = 120.0) -> AttnPeerProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "banaserve_ext.migration.attn_peer", "--host", self.host,
+             "--threads", str(self.threads)],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        ready = select.select([self.proc.stdout], [], [], timeout_s)[0]
+        line = self.proc.stdout.readline() if ready else ""
+        if not line.startswith("READY "):
+            self.stop()
+            raise UnavailableError(f"attention peer did not start: {line!r}")
+        self.address = line.split()[1]
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(30)
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+            self.proc = None
+
+    def __enter__(self) -> AttnPeerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

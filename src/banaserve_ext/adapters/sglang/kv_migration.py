@@ -67,6 +67,9 @@ class KvMigrate(msgspec.Struct, forbid_unknown_fields=True):
     start: int | None = None
     end: int | None = None
     fraction: float | None = None
+    #: fill the freed slots with NaN before giving them back (a test aid: any later read of
+    #: them that is not overwritten first shows up in the output)
+    scrub: bool = False
 
 
 class KvMigrateBack(msgspec.Struct, forbid_unknown_fields=True):
@@ -160,11 +163,20 @@ class _Owner:
         self.rows, self.kv_heads, self.head_dim = (int(x) for x in first.shape)
         self.dtype = str(first.dtype).removeprefix("torch.")
         self.item_nbytes = self.kv_heads * self.head_dim * first.element_size()
+        self.buffers = bufs
         self.engine = TransferEngine().start()
         self.regs = [self.engine.register(b) for b in bufs]
         self.local = self.engine.prepare_layout(
             [b.data_ptr() for b in bufs], self.item_nbytes, self.rows
         )
+
+
+    def scrub(self, slots: Any) -> None:
+        import torch
+
+        idx = slots.to(self.buffers[0].device, torch.int64)
+        for b in self.buffers:
+            b[idx] = float("nan")
 
 
 _SPLITS: dict[int, Split] = {}
@@ -247,6 +259,8 @@ def migrate_kv(scheduler: Any, body: dict) -> dict:
     _SPLITS[idx] = Split(
         req.rid, idx, start, end, link, int(meta["slice"]), list(meta["bases"]), nbytes
     )
+    if req_body.scrub:
+        owner.scrub(slots)
     allocator.free(slots.to(scheduler.req_to_token_pool.req_to_token.device))
     return {
         "rid": req.rid, "peer": req_body.peer, "start": start, "end": end, "tokens": n,
@@ -415,11 +429,30 @@ def before_process_batch_result(scheduler: Any, batch: Any, *a: Any, **kw: Any) 
     return None
 
 
+def splits_handler(scheduler: Any, body: dict) -> dict:
+    """Handler of ``kv_splits``: the current splits and what each peer holds."""
+    peers = {}
+    for addr, link in _PEERS.items():
+        try:
+            peers[addr] = link.client.call({"op": "stats"}) if link.client.connected else None
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            peers[addr] = {"error": str(exc)}
+    return {
+        "splits": [
+            {"rid": s.rid, "start": s.start, "end": s.end, "peer": s.peer.address,
+             "bytes": s.nbytes, "failed": s.failed}
+            for s in _SPLITS.values()
+        ],
+        "peers": peers,
+    }  # fmt: skip
+
+
 def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     admin.register_migration_handler("kv", migrate_kv)
     admin.register_migration_handler("kv_back", migrate_kv_back)
+    admin.register_migration_handler("kv_splits", splits_handler, quiescent=False)
     HookRegistry.register(DECODE_TARGET, around_forward_decode, HookType.AROUND)
     HookRegistry.register(FREE_ROW_TARGET, around_free_kv_row, HookType.AROUND)
     HookRegistry.register(RELEASE_TARGET, around_release_kv_cache, HookType.AROUND)
