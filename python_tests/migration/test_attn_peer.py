@@ -16,17 +16,37 @@ torch = pytest.importorskip("torch")
 
 from banaserve_ext import errors  # noqa: E402
 from banaserve_ext.migration.attn_math import partial_attention  # noqa: E402
-from banaserve_ext.migration.attn_peer import AttnPeerClient, AttnPeerProcess  # noqa: E402
+from banaserve_ext.migration.attn_peer import Arena, AttnPeerClient, AttnPeerProcess  # noqa: E402
 from banaserve_ext.transfer import Op, TransferEngine  # noqa: E402
 
 LAYERS, ROWS, HKV, HQ, D = 3, 64, 2, 4, 8
 
 
-@pytest.fixture
-def peer() -> Iterator[tuple[subprocess.Popen, str]]:
-    with AttnPeerProcess() as p:
+@pytest.fixture(params=[0, 1], ids=["own-memory", "arena"])
+def peer(request: pytest.FixtureRequest) -> Iterator[tuple[subprocess.Popen, str]]:
+    with AttnPeerProcess(arena_mb=request.param) as p:
         assert p.proc is not None
         yield p.proc, p.address
+
+
+def test_arena_first_fit_alignment_and_coalescing() -> None:
+    a = Arena(10 * 4096)
+    x = a.alloc(1)  # rounds up to one page
+    y = a.alloc(4096 * 3)
+    z = a.alloc(4096 * 2)
+    assert (x, y, z) == (0, 4096, 4 * 4096) and a.used_bytes == 6 * 4096
+    assert a.alloc(5 * 4096) is None  # 4 pages left
+    a.free(y)
+    assert a.alloc(4 * 4096) == 6 * 4096  # first fit: the hole of 3 is too small
+    a.free(x)
+    assert a.alloc(4 * 4096) == 0  # the freed 1 + 3 pages coalesced
+    with pytest.raises(errors.NotFoundError):
+        a.free(12345)
+    with pytest.raises(errors.InvalidArgumentError):
+        a.alloc(0)
+    with pytest.raises(errors.InvalidArgumentError):
+        Arena(4096, align=3)
+    assert Arena(0).alloc(1) is None
 
 
 @pytest.fixture
@@ -52,7 +72,14 @@ def test_slice_roundtrip_and_partial_attention(peer, owner) -> None:
     pid = eng.add_peer(meta["metadata"])
     remote = eng.prepare_layout(meta["bases"], meta["item_nbytes"], n, peer=pid)
     assert eng.submit(Op.WRITE, local, slots, remote, np.arange(n)).wait(10)
-    assert client.call({"op": "stats"}) == {"slices": 1, "bytes": 2 * LAYERS * n * HKV * D * 4}
+    stats = client.call({"op": "stats"})
+    assert (stats["slices"], stats["bytes"]) == (1, 2 * LAYERS * n * HKV * D * 4)
+    if stats["arena_bytes"]:
+        assert stats["arena_used"] == 4096  # the slice lives in the arena
+        big = client.call({"op": "alloc", "layers": LAYERS, "tokens": 4096, "kv_heads": HKV,
+                           "head_dim": D, "dtype": "float32"})  # fmt: skip
+        assert client.call({"op": "stats"})["arena_used"] == 4096  # too big: own memory
+        client.call({"op": "free", "slice": big["slice"]})
 
     q = torch.randn(2, HQ, D)
     idx = torch.from_numpy(slots)

@@ -54,20 +54,71 @@ def slice_layout(num_layers: int, tokens: int, kv_heads: int, head_dim: int, dty
     return kv_heads * head_dim * DTYPE_SIZES[dtype]
 
 
+class Arena:
+    """First-fit byte ranges of one pre-allocated region (offsets only; no memory). Freed ranges
+    coalesce with free neighbours. ``alloc`` returns an offset aligned to ``align`` or None."""
+
+    def __init__(self, nbytes: int, align: int = 4096) -> None:
+        if nbytes < 0 or align <= 0 or align & (align - 1):
+            raise InvalidArgumentError("arena size must be >= 0 and align a power of two")
+        self.nbytes = nbytes
+        self.align = align
+        self._free: list[tuple[int, int]] = [(0, nbytes)] if nbytes else []  # (offset, size)
+        self._used: dict[int, int] = {}
+
+    def alloc(self, size: int) -> int | None:
+        if size <= 0:
+            raise InvalidArgumentError(f"arena allocation of {size} bytes")
+        size = -(-size // self.align) * self.align
+        for i, (off, avail) in enumerate(self._free):
+            if avail >= size:
+                if avail == size:
+                    del self._free[i]
+                else:
+                    self._free[i] = (off + size, avail - size)
+                self._used[off] = size
+                return off
+        return None
+
+    def free(self, off: int) -> None:
+        size = self._used.pop(off, None)
+        if size is None:
+            raise NotFoundError(f"no arena allocation at offset {off}")
+        self._free.append((off, size))
+        self._free.sort()
+        merged: list[tuple[int, int]] = []
+        for o, n in self._free:
+            if merged and merged[-1][0] + merged[-1][1] == o:
+                merged[-1] = (merged[-1][0], merged[-1][1] + n)
+            else:
+                merged.append((o, n))
+        self._free = merged
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(self._used.values())
+
+
 @dataclass
 class _Slice:
-    reg: Any
-    kv: Any  # torch tensor [2L, tokens, kv_heads, head_dim] over reg's memory
+    reg: Any  # its own registration, or None when it lives in the arena
+    kv: Any  # torch tensor [2L, tokens, kv_heads, head_dim] over the slice's memory
     nbytes: int
+    arena_offset: int = -1
 
 
 class AttnPeer:
     """The peer's server. The constructor stores config; :meth:`start` starts the transfer
     engine, binds the listening socket and starts the accept thread."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, arena_bytes: int = 0) -> None:
         self.host = host
         self.port = port
+        #: pre-allocated (pre-faulted) memory that slices are carved from; a slice that does not
+        #: fit gets memory of its own
+        self.arena_bytes = arena_bytes
+        self._arena = Arena(0)
+        self._arena_reg: Any = None
         self._engine: Any = None
         self._sock: socket.socket | None = None
         self._slices: dict[int, _Slice] = {}
@@ -82,6 +133,9 @@ class AttnPeer:
         from ..transfer import TransferEngine
 
         self._engine = TransferEngine(tcp_host=self.host).start()
+        if self.arena_bytes > 0:
+            self._arena_reg = self._engine.allocate(self.arena_bytes)
+            self._arena = Arena(self._arena_reg.nbytes)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
@@ -97,8 +151,12 @@ class AttnPeer:
             self._sock = None
         with self._lock:
             for s in self._slices.values():
-                s.reg.release()
+                if s.reg is not None:
+                    s.reg.release()
             self._slices.clear()
+            if self._arena_reg is not None:
+                self._arena_reg.release()
+                self._arena_reg = None
         if self._engine is not None:
             self._engine.stop()
             self._engine = None
@@ -152,6 +210,8 @@ class AttnPeer:
                 return {
                     "slices": len(self._slices),
                     "bytes": sum(s.nbytes for s in self._slices.values()),
+                    "arena_bytes": self._arena.nbytes,
+                    "arena_used": self._arena.used_bytes,
                 }
         raise InvalidArgumentError(f"unknown op {op!r}")
 
@@ -162,13 +222,20 @@ class AttnPeer:
         heads, dim, dtype = msg["kv_heads"], msg["head_dim"], msg["dtype"]
         item = slice_layout(layers, tokens, heads, dim, dtype)
         nbytes = 2 * layers * tokens * item
-        reg = self._engine.allocate(nbytes)
-        kv = torch.from_numpy(reg.array).view(getattr(torch, dtype))
+        with self._lock:
+            off = self._arena.alloc(nbytes) if self._arena_reg is not None else None
+        if off is not None:
+            reg, base = None, self._arena_reg.addr + off
+            raw = self._arena_reg.array[off : off + nbytes]
+        else:
+            reg = self._engine.allocate(nbytes)
+            base, raw, off = reg.addr, reg.array, -1
+        kv = torch.from_numpy(raw).view(getattr(torch, dtype))
         kv = kv.view(2 * layers, tokens, heads, dim)
         with self._lock:
             sid = next(self._ids)
-            self._slices[sid] = _Slice(reg, kv, nbytes)
-        bases = [reg.addr + b * tokens * item for b in range(2 * layers)]
+            self._slices[sid] = _Slice(reg, kv, nbytes, off)
+        bases = [base + b * tokens * item for b in range(2 * layers)]
         return {"slice": sid, "bases": bases, "item_nbytes": item,
                 "metadata": self._engine.metadata()}  # fmt: skip
 
@@ -177,7 +244,11 @@ class AttnPeer:
             s = self._slices.pop(sid, None)
         if s is None:
             raise NotFoundError(f"no slice {sid}")
-        s.reg.release()
+        if s.reg is not None:
+            s.reg.release()
+        else:
+            with self._lock:
+                self._arena.free(s.arena_offset)
         return {"freed": s.nbytes}
 
     def _attend(self, msg: dict) -> dict:
@@ -244,15 +315,33 @@ class AttnPeerClient:
         return self._sock is not None
 
     def call(self, msg: dict) -> dict:
-        with self._lock:
+        return self.begin(msg).result()
+
+    def begin(self, msg: dict) -> PendingCall:
+        """Sends ``msg`` now and returns the pending reply; the connection is held until
+        :meth:`PendingCall.result` (work the caller does meanwhile overlaps the peer's)."""
+        self._lock.acquire()
+        try:
             if self._sock is None:
                 raise UnavailableError(f"attention peer {self.address}: connection closed")
-            try:
-                send_frame(self._sock, msg)
-                reply = recv_frame(self._sock)
-            except (errors.BanaserveError, TimeoutError) as exc:
-                self.close()  # a half-read reply would desynchronise the stream
-                raise UnavailableError(f"attention peer {self.address} failed: {exc}") from None
+            self._io(lambda sock: send_frame(sock, msg))
+        except BaseException:
+            self._lock.release()
+            raise
+        return PendingCall(self)
+
+    def _io(self, fn: Any) -> Any:
+        try:
+            return fn(self._sock)
+        except (errors.BanaserveError, TimeoutError) as exc:
+            self.close()  # a half-read reply would desynchronise the stream
+            raise UnavailableError(f"attention peer {self.address} failed: {exc}") from None
+
+    def _finish(self) -> dict:
+        try:
+            reply = self._io(recv_frame)
+        finally:
+            self._lock.release()
         if isinstance(reply, dict) and "error" in reply:
             err = reply["error"]
             cls = getattr(errors, str(err.get("type")), None)
@@ -261,16 +350,40 @@ class AttnPeerClient:
             raise cls(f"attention peer {self.address}: {err.get('message')}")
         return reply
 
-    def attend(self, layer: int, slices: list[int], q: Any, scale: float) -> tuple[Any, Any]:
-        """Partial attention of float32 queries ``q`` [N, Hq, D] (row i over slice i) at
-        ``layer``; returns (o [N, Hq, D], lse [N, Hq]) float32 tensors."""
-        import torch
-
+    def begin_attend(self, layer: int, slices: list[int], q: Any, scale: float) -> PendingCall:
+        """Posts partial attention of float32 queries ``q`` [N, Hq, D] (row i over slice i) at
+        ``layer``; ``result()`` of the returned call gives (o [N, Hq, D], lse [N, Hq])."""
         n, heads, dim = q.shape
-        reply = self.call({
+        call = self.begin({
             "op": "attend", "layer": layer, "slices": slices, "heads": heads, "dim": dim,
             "scale": scale, "q": q.float().contiguous().numpy().tobytes(),
         })  # fmt: skip
+        call.shape = (n, heads, dim)
+        return call
+
+    def attend(self, layer: int, slices: list[int], q: Any, scale: float) -> tuple[Any, Any]:
+        """:meth:`begin_attend` and wait."""
+        return self.begin_attend(layer, slices, q, scale).result()
+
+
+class PendingCall:
+    """A request on the wire; :meth:`result` (exactly once) reads the reply and frees the
+    connection for the next call."""
+
+    def __init__(self, client: AttnPeerClient) -> None:
+        self._client: AttnPeerClient | None = client
+        self.shape: tuple[int, int, int] | None = None
+
+    def result(self) -> Any:
+        if self._client is None:
+            raise InvalidArgumentError("result() of a call was already taken")
+        client, self._client = self._client, None
+        reply = client._finish()
+        if self.shape is None:
+            return reply
+        import torch
+
+        n, heads, dim = self.shape
         o = torch.frombuffer(bytearray(reply["o"]), dtype=torch.float32).view(n, heads, dim)
         lse = torch.frombuffer(bytearray(reply["lse"]), dtype=torch.float32).view(n, heads)
         return o, lse
@@ -281,16 +394,17 @@ class AttnPeerProcess:
     The constructor stores config; :meth:`start` spawns it and waits for ``READY``; :meth:`stop`
     kills it by PID."""
 
-    def __init__(self, host: str = "127.0.0.1", threads: int = 1) -> None:
+    def __init__(self, host: str = "127.0.0.1", threads: int = 1, arena_mb: int = 0) -> None:
         self.host = host
         self.threads = threads
+        self.arena_mb = arena_mb
         self.proc: subprocess.Popen[str] | None = None
         self.address = ""
 
     def start(self, timeout_s: float = 120.0) -> AttnPeerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "banaserve_ext.migration.attn_peer", "--host", self.host,
-             "--threads", str(self.threads)],
+             "--threads", str(self.threads), "--arena-mb", str(self.arena_mb)],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert self.proc.stdout is not None
@@ -322,13 +436,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument(
+        "--arena-mb", type=int, default=0,
+        help="pre-allocate this much slice memory at start (0: allocate per slice)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with AttnPeer(args.host, args.port) as peer:
+    with AttnPeer(args.host, args.port, arena_bytes=args.arena_mb << 20) as peer:
         print(f"READY {peer.address}", flush=True)
         try:
             stop.wait()

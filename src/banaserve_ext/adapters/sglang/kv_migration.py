@@ -165,11 +165,11 @@ class _Owner:
         self.item_nbytes = self.kv_heads * self.head_dim * first.element_size()
         self.buffers = bufs
         self.engine = TransferEngine().start()
-        self.regs = [self.engine.register(b) for b in bufs]
+        # by address: numpy's DLPack import has no bfloat16; self.buffers keeps the memory alive
+        self.regs = [self.engine.register(b.data_ptr(), b.numel() * b.element_size()) for b in bufs]
         self.local = self.engine.prepare_layout(
             [b.data_ptr() for b in bufs], self.item_nbytes, self.rows
         )
-
 
     def scrub(self, slots: Any) -> None:
         import torch
@@ -355,6 +355,23 @@ def _fix_split_rows(
     v_cache = pool.get_value_buffer(layer.layer_id)
     req_to_token = backend.req_to_token_pool.req_to_token
     seq_lens = forward_batch.seq_lens.tolist()
+    rel_layer = layer.layer_id - int(getattr(pool, "start_layer", 0) or 0)
+    # post every peer's share first, then compute the local partials while the peers work
+    by_peer: dict[str, list[int]] = {}
+    for j, (_, split) in enumerate(rows):
+        if not split.failed:
+            by_peer.setdefault(split.peer.address, []).append(j)
+    pending: list[tuple[list[int], Any, Any]] = []  # (rows, link, call or exception)
+    for js in by_peer.values():
+        link = rows[js[0]][1].peer
+        qs = torch.cat([q3[rows[j][0] : rows[j][0] + 1] for j in js]).float()
+        try:
+            call: Any = link.client.begin_attend(
+                rel_layer, [rows[j][1].slice_id for j in js], qs, layer.scaling
+            )
+        except Exception as exc:  # noqa: BLE001 - handled with the replies below
+            call = exc
+        pending.append((js, link, call))
     local_o, local_lse = [], []
     for i, split in rows:
         row = req_to_token[split.req_pool_idx]
@@ -362,27 +379,18 @@ def _fix_split_rows(
         lo, ll = partial_attention(q3[i : i + 1], k_cache[slots], v_cache[slots], layer.scaling)
         local_o.append(lo)
         local_lse.append(ll)
-    by_peer: dict[str, list[int]] = {}
-    for j, (_, split) in enumerate(rows):
-        by_peer.setdefault(split.peer.address, []).append(j)
-    rel_layer = layer.layer_id - int(getattr(pool, "start_layer", 0) or 0)
-    for js in by_peer.values():
-        link = rows[js[0]][1].peer
-        live = [j for j in js if not rows[j][1].failed]
-        if not live:
-            continue
-        qs = torch.cat([q3[rows[j][0] : rows[j][0] + 1] for j in live]).float()
+    for js, link, call in pending:
         try:
-            po, plse = link.client.attend(
-                rel_layer, [rows[j][1].slice_id for j in live], qs, layer.scaling
-            )
+            if isinstance(call, Exception):
+                raise call
+            po, plse = call.result()
         except Exception as exc:  # noqa: BLE001 - every affected request fails, clearly
             why = f"attention peer {link.address} failed at layer {layer.layer_id}: {exc}"
             logger.error("banaserve: %s", why)
-            for j in live:
+            for j in js:
                 rows[j][1].failed = why
             continue
-        for n, j in enumerate(live):
+        for n, j in enumerate(js):
             local_o[j], local_lse[j] = merge_states_auto(
                 local_o[j], local_lse[j], po[n : n + 1], plse[n : n + 1]
             )
