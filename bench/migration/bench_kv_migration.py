@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -36,13 +37,16 @@ LAYERS, KV_HEADS, HEAD_DIM = 32, 8, 128
 ROWS = 4096
 
 
-def bench_transfer(repeat: int, backend: str | None) -> list[dict]:
+def bench_transfer(repeat: int, backend: str | None, arena_mb: int) -> list[dict]:
     item = KV_HEADS * HEAD_DIM * 2
     bufs = [torch.zeros(ROWS, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16) for _ in range(2 * LAYERS)]
     for b in bufs:
         b.view(torch.int16).random_()
     out = []
-    with AttnPeerProcess() as peer, TransferEngine(force_backend=backend) as eng:
+    with (
+        AttnPeerProcess(arena_mb=arena_mb) as peer,
+        TransferEngine(force_backend=backend) as eng,
+    ):
         regs = [eng.register(b.data_ptr(), b.numel() * b.element_size()) for b in bufs]
         local = eng.prepare_layout([b.data_ptr() for b in bufs], item, ROWS)
         client = AttnPeerClient(peer.address, timeout_s=60).start()
@@ -113,11 +117,18 @@ def bench_step(repeat: int) -> dict:
     migrate_ms: list[float] = []
     try:
         cfg, _ = cluster.server(extra_args=("--dtype", "float32", "--disable-radix-cache"))
-        with AttnPeerProcess() as peer, ThreadPoolExecutor(1) as pool:
+        with AttnPeerProcess(arena_mb=64) as peer, ThreadPoolExecutor(1) as pool:
 
             def gen(rid: str) -> float:
-                body = {"input_ids": prompt, "rid": rid, "sampling_params": {
-                    "max_new_tokens": new, "temperature": 0.0, "ignore_eos": True}}
+                body = {
+                    "input_ids": prompt,
+                    "rid": rid,
+                    "sampling_params": {
+                        "max_new_tokens": new,
+                        "temperature": 0.0,
+                        "ignore_eos": True,
+                    },
+                }
                 t0 = time.perf_counter()
                 status, reply = http_json(f"{cfg.url}/generate", body, timeout_s=300)
                 assert status == 200, reply
@@ -131,13 +142,16 @@ def bench_step(repeat: int) -> dict:
                     _, st = http_json(f"{cfg.url}/banaserve/migrate", {"kind": "status"})
                     if any(r["rid"] == f"s{i}" and r["output_len"] >= 2 for r in st["running"]):
                         break
-                _, r = http_json(f"{cfg.url}/banaserve/migrate", {
-                    "kind": "kv", "rid": f"s{i}", "peer": peer.address, "fraction": 0.5})
+                _, r = http_json(
+                    f"{cfg.url}/banaserve/migrate",
+                    {"kind": "kv", "rid": f"s{i}", "peer": peer.address, "fraction": 0.5},
+                )
                 assert "tokens" in r, r
                 migrate_ms.append(r["duration_ms"])
                 res["split"].append(fut.result())
     finally:
         cluster.close()
+        shutil.rmtree(tmp, ignore_errors=True)
     u, s = statistics.median(res["unsplit"]), statistics.median(res["split"])
     return {
         "prompt": len(prompt), "new_tokens": new, "runs": res,
@@ -152,11 +166,13 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--out", default=str(Path(__file__).with_name("results.json")))
     ap.add_argument("--skip-step", action="store_true")
+    ap.add_argument("--skip-transfer", action="store_true")
+    ap.add_argument("--arena-mb", type=int, default=600, help="peer arena (0: memory per slice)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     report: dict = {}
-    for backend in (None, "tcp"):
-        rows = bench_transfer(args.repeat, backend)
+    for backend in () if args.skip_transfer else (None, "tcp"):
+        rows = bench_transfer(args.repeat, backend, args.arena_mb)
         report[f"transfer_{backend or 'auto'}"] = {"rows": rows, "fit": fit(rows)}
         print(json.dumps(report[f"transfer_{backend or 'auto'}"]["fit"]), flush=True)
     if not args.skip_step:
