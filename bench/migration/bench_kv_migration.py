@@ -114,6 +114,7 @@ def bench_step(repeat: int) -> dict:
     prompt = [(7 * j + 3) % 1000 + 1 for j in range(512)]
     new = 256
     res: dict[str, list[float]] = {"unsplit": [], "split": []}
+    counters: dict = {}
     migrate_ms: list[float] = []
     try:
         cfg, _ = cluster.server(extra_args=("--dtype", "float32", "--disable-radix-cache"))
@@ -149,6 +150,7 @@ def bench_step(repeat: int) -> dict:
                 assert "tokens" in r, r
                 migrate_ms.append(r["duration_ms"])
                 res["split"].append(fut.result())
+            _, counters = http_json(f"{cfg.url}/banaserve/migrate", {"kind": "kv_splits"})
     finally:
         cluster.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -158,6 +160,7 @@ def bench_step(repeat: int) -> dict:
         "unsplit_step_ms": u / new * 1e3, "split_step_ms": s / new * 1e3,
         "overhead_per_step_ms": (s - u) / new * 1e3, "ratio": s / u,
         "migrate_256_tokens_ms": statistics.median(migrate_ms),
+        "hook_counters": counters["counters"],
     }  # fmt: skip
 
 

@@ -21,33 +21,28 @@ from typing import Any
 LOG2_E = 1.0 / math.log(2.0)
 
 
-def expand_kv_heads(x: Any, num_q_heads: int) -> Any:
-    """[T, Hkv, D] → [T, Hq, D]: query head h reads KV head h // (Hq / Hkv) (grouped-query
-    attention, the same grouping as SDPA's ``enable_gqa``)."""
-    hkv = x.shape[1]
-    if num_q_heads % hkv:
-        raise ValueError(f"{num_q_heads} query heads are not a multiple of {hkv} KV heads")
-    group = num_q_heads // hkv
-    return x if group == 1 else x.repeat_interleave(group, dim=1)
-
-
 def partial_attention(q: Any, k: Any, v: Any, scale: float) -> tuple[Any, Any]:
     """Attention of queries ``q`` [N, Hq, D] over keys/values ``k``/``v`` [T, Hkv, D] (no mask:
     every query sees every key, as in decode). Returns (o [N, Hq, Dv], lse [N, Hq]) in float32.
     ``T == 0`` gives o = 0 and lse = −inf (an empty part; the merge ignores it)."""
     import torch
 
-    qf = q.float()
-    n, hq = qf.shape[0], qf.shape[1]
-    if k.shape[0] == 0:
+    n, hq, d = q.shape
+    t, hkv = k.shape[0], k.shape[1]
+    if t == 0:
         o = torch.zeros((n, hq, v.shape[2]), dtype=torch.float32, device=q.device)
         return o, torch.full((n, hq), float("-inf"), dtype=torch.float32, device=q.device)
-    kf = expand_kv_heads(k.float(), hq)
-    vf = expand_kv_heads(v.float(), hq)
-    scores = torch.einsum("nhd,thd->nht", qf, kf) * scale
-    lse = torch.logsumexp(scores, dim=-1)
-    p = torch.exp(scores - lse.unsqueeze(-1))
-    return torch.einsum("nht,thd->nhd", p, vf), lse
+    if hq % hkv:
+        raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
+    g = hq // hkv
+    # grouped: query head h reads KV head h // g; [Hkv, N·g, D] against [Hkv, T, D], no KV copy
+    qg = (q.float() * scale).view(n, hkv, g, d).permute(1, 0, 2, 3).reshape(hkv, n * g, d)
+    kt = k.float().permute(1, 2, 0)  # [Hkv, D, T]
+    scores = torch.bmm(qg, kt)  # [Hkv, N·g, T]
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    o = torch.bmm(torch.exp(scores - lse), v.float().permute(1, 0, 2))  # [Hkv, N·g, Dv]
+    o = o.view(hkv, n, g, -1).permute(1, 0, 2, 3).reshape(n, hq, -1)
+    return o, lse.view(hkv, n, g).permute(1, 0, 2).reshape(n, hq)
 
 
 def merge_states(o_a: Any, lse_a: Any, o_b: Any, lse_b: Any) -> tuple[Any, Any]:

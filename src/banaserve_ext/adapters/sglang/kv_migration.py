@@ -180,6 +180,8 @@ class _Owner:
 
 
 _SPLITS: dict[int, Split] = {}
+#: where split attention spends its time (reported by ``kv_splits``)
+_COUNTERS: dict[str, float] = {"split_layer_calls": 0, "split_attention_s": 0.0, "peer_wait_s": 0.0}
 _PEERS: dict[str, _PeerLink] = {}
 _OWNER: list[_Owner] = []
 
@@ -336,7 +338,10 @@ def around_forward_decode(
         return o
     rows = _split_rows(forward_batch)
     if rows:
+        t0 = time.perf_counter()
         _fix_split_rows(backend, q, o, layer, forward_batch, rows)
+        _COUNTERS["split_layer_calls"] += 1
+        _COUNTERS["split_attention_s"] += time.perf_counter() - t0
     return o
 
 
@@ -383,7 +388,9 @@ def _fix_split_rows(
         try:
             if isinstance(call, Exception):
                 raise call
+            t_wait = time.perf_counter()
             po, plse = call.result()
+            _COUNTERS["peer_wait_s"] += time.perf_counter() - t_wait
         except Exception as exc:  # noqa: BLE001 - every affected request fails, clearly
             why = f"attention peer {link.address} failed at layer {layer.layer_id}: {exc}"
             logger.error("banaserve: %s", why)
@@ -452,6 +459,7 @@ def splits_handler(scheduler: Any, body: dict) -> dict:
             for s in _SPLITS.values()
         ],
         "peers": peers,
+        "counters": dict(_COUNTERS),
     }  # fmt: skip
 
 
