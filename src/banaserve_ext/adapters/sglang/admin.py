@@ -160,6 +160,7 @@ class AdminListener:
         self.port = port
         self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._sock: socket.socket | None = None
+        self.disabled = False
 
     def start(self) -> AdminListener:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -224,8 +225,14 @@ def around_ingest_requests(original: Callable[..., Any], scheduler: Any, *a: Any
     global _listener
     result = original(scheduler, *a, **kw)
     if _listener is None:
-        _listener = AdminListener(int(scheduler.server_args.port)).start()
-    _listener.drain(scheduler)
+        _listener = AdminListener(int(scheduler.server_args.port))
+        try:
+            _listener.start()
+        except OSError as exc:  # e.g. several schedulers (data parallel) behind one port
+            logger.warning("banaserve admin channel not available in this scheduler: %s", exc)
+            _listener.disabled = True
+    if not _listener.disabled:
+        _listener.drain(scheduler)
     return result
 
 

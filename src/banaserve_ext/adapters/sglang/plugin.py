@@ -92,9 +92,10 @@ def register() -> None:
     add_enum_member(TransferBackend, ENUM_MEMBER, BACKEND_NAME)
     HookRegistry.register(GET_KV_CLASS, around_get_kv_class, HookType.AROUND)
 
-    from . import admin, cpu_compat
+    from . import admin, cpu_compat, kv_migration
 
     admin.register()
+    kv_migration.register()
 
     if cpu_compat.active():
         cpu_compat.apply_sglang_patches()
