@@ -10,7 +10,9 @@ runs in every SGLang process (launcher, schedulers, detokenizer) and
 3. wraps ``get_kv_class`` (an AROUND hook) so that for that member it returns our classes from
    :mod:`.conn` and otherwise defers to SGLang;
 4. applies :mod:`.cpu_compat`'s SGLang patches, only in processes started through the CPU
-   launcher.
+   launcher;
+5. adds ``POST /banaserve/migrate`` (:mod:`.admin`) and the migration kinds
+   (:mod:`.kv_migration`).
 
 Nothing here starts threads or opens sockets; the conn classes do, when SGLang creates them.
 """
@@ -90,7 +92,10 @@ def register() -> None:
     add_enum_member(TransferBackend, ENUM_MEMBER, BACKEND_NAME)
     HookRegistry.register(GET_KV_CLASS, around_get_kv_class, HookType.AROUND)
 
-    from . import cpu_compat
+    from . import admin, cpu_compat, kv_migration
+
+    admin.register()
+    kv_migration.register()
 
     if cpu_compat.active():
         cpu_compat.apply_sglang_patches()
