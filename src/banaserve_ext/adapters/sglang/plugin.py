@@ -12,7 +12,9 @@ runs in every SGLang process (launcher, schedulers, detokenizer) and
 4. wraps ``Scheduler.run_batch`` (an AROUND hook, :mod:`.layerwise`) so that prefill batches
    of ``banaserve`` requests stream their KV layer by layer while the model computes;
 5. applies :mod:`.cpu_compat`'s SGLang patches, only in processes started through the CPU
-   launcher.
+   launcher;
+6. adds ``POST /banaserve/migrate`` (:mod:`.admin`) and the migration kinds
+   (:mod:`.kv_migration`).
 
 Nothing here starts threads or opens sockets; the conn classes do, when SGLang creates them.
 """
@@ -92,11 +94,11 @@ def register() -> None:
     add_enum_member(TransferBackend, ENUM_MEMBER, BACKEND_NAME)
     HookRegistry.register(GET_KV_CLASS, around_get_kv_class, HookType.AROUND)
 
-    from . import layerwise
+    from . import admin, cpu_compat, kv_migration, layerwise
 
     layerwise.register()
-
-    from . import cpu_compat
+    admin.register()
+    kv_migration.register()
 
     if cpu_compat.active():
         cpu_compat.apply_sglang_patches()

@@ -1,0 +1,338 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``POST /banaserve/migrate`` on an SGLang server; handlers run on the scheduler thread.
+
+Contract: ``register_migration_handler(kind, fn)`` in every SGLang process (do it from the
+plug-in's ``register``). A POST with JSON body ``{"kind": kind, ...}`` runs ``fn(scheduler, body)``
+ON the scheduler thread between two event-loop steps (no forward in flight); ``body`` is the
+decoded dict (``kind`` included) and ``fn`` returns a JSON-able dict, merged into the reply
+``{"kind", "duration_ms", ...}``. Raise :mod:`banaserve_ext.errors` classes for typed failures
+(InvalidArgument → 400, NotFound → 404, ...). Built-in kinds: ``status`` (running requests).
+
+How a request travels: the HTTP server process (where the plug-in adds the route to SGLang's
+FastAPI ``app``) connects to a Unix socket in the abstract namespace, named after the HTTP port,
+that the scheduler process listens on. A small listener thread there queues the request; an
+AROUND hook on ``Scheduler.ingest_requests`` (called once per event-loop iteration, before the
+next batch is chosen) drains the queue on the scheduler thread and answers. With overlap
+scheduling a forward may be in flight during ``ingest_requests``, so kinds registered with
+``quiescent=True`` (the default) are refused there; tensor parallelism (several schedulers) is
+refused too: the handler would run on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from ...errors import (
+    AlreadyExistsError,
+    BanaserveError,
+    InvalidArgumentError,
+    NotFoundError,
+    NotSupportedError,
+    OutOfRangeError,
+    ResourceExhaustedError,
+    TransferTimeoutError,
+    UnavailableError,
+)
+from ...migration.frames import recv_frame, send_frame
+
+logger = logging.getLogger(__name__)
+
+ROUTE = "/banaserve/migrate"
+INGEST_TARGET = "sglang.srt.managers.scheduler.Scheduler.ingest_requests"
+#: how long the HTTP side waits for the scheduler's answer
+REPLY_TIMEOUT_S = 120.0
+
+Handler = Callable[[Any, dict], dict]
+
+
+class MigrateRequest(msgspec.Struct, forbid_unknown_fields=False):
+    """The part of every body the plumbing reads; kind-specific fields pass through."""
+
+    kind: str
+
+
+@dataclass(frozen=True)
+class _Entry:
+    fn: Handler
+    quiescent: bool
+
+
+_HANDLERS: dict[str, _Entry] = {}
+
+_STATUS_BY_ERROR: tuple[tuple[type[BaseException], int], ...] = (
+    (msgspec.ValidationError, 400),
+    (InvalidArgumentError, 400),
+    (OutOfRangeError, 400),
+    (NotFoundError, 404),
+    (AlreadyExistsError, 409),
+    (ResourceExhaustedError, 507),
+    (NotSupportedError, 501),
+    (UnavailableError, 503),
+    (TransferTimeoutError, 504),
+)
+
+
+def register_migration_handler(kind: str, fn: Handler, *, quiescent: bool = True) -> None:
+    """Registers (or replaces) the handler of ``kind``; see the module contract."""
+    if not kind or not isinstance(kind, str):
+        raise InvalidArgumentError("a migration kind must be a non-empty string")
+    _HANDLERS[kind] = _Entry(fn, quiescent)
+
+
+def registered_kinds() -> list[str]:
+    return sorted(_HANDLERS)
+
+
+def http_status_for(exc: BaseException) -> int:
+    for cls, status in _STATUS_BY_ERROR:
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+def error_reply(exc: BaseException) -> dict:
+    return {"error": {"type": type(exc).__name__, "message": str(exc)}}
+
+
+def socket_name(port: int) -> str:
+    """The scheduler's admin socket for the HTTP server on ``port`` (abstract namespace: no
+    file to clean up, gone with the process)."""
+    return f"\0banaserve-admin-{int(port)}"
+
+
+# ---- the scheduler side ------------------------------------------------------------------------
+@dataclass
+class _Job:
+    body: dict
+    done: threading.Event = field(default_factory=threading.Event)
+    reply: tuple[int, dict] = (500, {})
+    abandoned: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def run_handler(scheduler: Any, body: Any) -> tuple[int, dict]:
+    """Validates ``body``, runs its kind's handler, and returns (HTTP status, reply). Called on
+    the scheduler thread."""
+    t0 = time.perf_counter()
+    try:
+        if not isinstance(body, dict):
+            raise InvalidArgumentError("the body must be a JSON object")
+        req = msgspec.convert(body, MigrateRequest)
+        entry = _HANDLERS.get(req.kind)
+        if entry is None:
+            raise InvalidArgumentError(
+                f"unknown migration kind {req.kind!r}; registered: {registered_kinds()}"
+            )
+        if entry.quiescent and getattr(scheduler, "enable_overlap", False):
+            raise NotSupportedError(
+                f"kind {req.kind!r} needs a quiescent scheduler; start SGLang with "
+                "--disable-overlap-schedule"
+            )
+        if int(getattr(scheduler, "tp_size", 1)) != 1:
+            raise NotSupportedError("migrations support tp_size == 1 only")
+        result = entry.fn(scheduler, body)
+        if not isinstance(result, dict):
+            raise TypeError(f"handler of {req.kind!r} returned {type(result).__name__}")
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a typed reply
+        status = http_status_for(exc)
+        if status == 500:
+            logger.exception("banaserve migrate: handler failed")
+        return status, error_reply(exc)
+    reply = {"kind": req.kind, "duration_ms": (time.perf_counter() - t0) * 1e3}
+    reply.update(result)
+    return 200, reply
+
+
+class AdminListener:
+    """The scheduler process's end of the admin channel. The constructor stores config;
+    :meth:`start` binds the socket and starts the accept thread."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._sock: socket.socket | None = None
+        self.disabled = False
+
+    def start(self) -> AdminListener:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(socket_name(self.port))
+        sock.listen(16)
+        self._sock = sock
+        threading.Thread(target=self._accept_loop, name="banaserve-admin", daemon=True).start()
+        logger.info("banaserve admin channel listening for HTTP port %d", self.port)
+        return self
+
+    def _accept_loop(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                msg = recv_frame(conn)
+            except BanaserveError as exc:
+                send_frame(conn, [400, error_reply(exc)])
+                return
+            job = _Job(body=msg.get("body") if isinstance(msg, dict) else None)
+            timeout = float(msg.get("timeout_s", REPLY_TIMEOUT_S)) if isinstance(msg, dict) else 1
+            self._jobs.put(job)
+            if not job.done.wait(timeout):
+                with job.lock:
+                    job.abandoned = not job.done.is_set()
+                if job.abandoned:
+                    exc = TransferTimeoutError(f"the scheduler did not run the job in {timeout}s")
+                    job.reply = (504, error_reply(exc))
+            try:
+                send_frame(conn, list(job.reply))
+            except BanaserveError:
+                pass  # the HTTP side went away; the job ran (or never will)
+
+    def drain(self, scheduler: Any) -> None:
+        """Runs every queued job; called on the scheduler thread."""
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            with job.lock:
+                if job.abandoned:
+                    continue
+            reply = run_handler(scheduler, job.body)
+            with job.lock:
+                job.reply = reply
+                job.done.set()
+
+
+_listener: AdminListener | None = None
+
+
+def around_ingest_requests(original: Callable[..., Any], scheduler: Any, *a: Any, **kw: Any) -> Any:
+    """AROUND hook of ``Scheduler.ingest_requests``: the original, then the admin jobs."""
+    global _listener
+    result = original(scheduler, *a, **kw)
+    if _listener is None:
+        _listener = AdminListener(int(scheduler.server_args.port))
+        try:
+            _listener.start()
+        except OSError as exc:  # e.g. several schedulers (data parallel) behind one port
+            logger.warning("banaserve admin channel not available in this scheduler: %s", exc)
+            _listener.disabled = True
+    if not _listener.disabled:
+        _listener.drain(scheduler)
+    return result
+
+
+# ---- the HTTP side -----------------------------------------------------------------------------
+def call_scheduler(port: int, body: Any, timeout_s: float = REPLY_TIMEOUT_S) -> tuple[int, dict]:
+    """Sends one job to the scheduler behind HTTP port ``port``; returns (status, reply)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s + 10.0)
+        try:
+            sock.connect(socket_name(port))
+        except OSError as exc:
+            raise UnavailableError(
+                f"the scheduler's admin channel is not up yet (port {port}): {exc}"
+            ) from None
+        send_frame(sock, {"body": body, "timeout_s": timeout_s})
+        status, reply = recv_frame(sock)
+        return int(status), reply
+
+
+def add_route(app: Any) -> None:
+    """Adds ``POST /banaserve/migrate`` to SGLang's FastAPI ``app`` (idempotent)."""
+    import asyncio
+
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+
+    if any(getattr(r, "path", None) == ROUTE for r in app.router.routes):
+        return
+
+    async def banaserve_migrate(request: Request) -> JSONResponse:
+        raw = await request.body()
+        try:
+            body = msgspec.json.decode(raw)
+            msgspec.convert(body, MigrateRequest)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return JSONResponse(error_reply(InvalidArgumentError(str(exc))), status_code=400)
+        port = int(request.scope["server"][1])
+        try:
+            status, reply = await asyncio.to_thread(call_scheduler, port, body)
+        except Exception as exc:  # noqa: BLE001
+            return JSONResponse(error_reply(exc), status_code=http_status_for(exc))
+        return JSONResponse(reply, status_code=status)
+
+    # this module uses postponed annotations; FastAPI needs the real class to inject the request
+    banaserve_migrate.__annotations__ = {"request": Request, "return": JSONResponse}
+    app.add_api_route(ROUTE, banaserve_migrate, methods=["POST"])
+
+
+# ---- built-in kinds ----------------------------------------------------------------------------
+def running_requests(scheduler: Any) -> list[Any]:
+    """Unfinished requests holding committed KV: the running decode batch plus the requests the
+    last prefill batch just produced (merged into the running batch at the next step)."""
+    seen: dict[int, Any] = {}
+    batches = [getattr(scheduler, "running_batch", None), getattr(scheduler, "last_batch", None)]
+    chunked = getattr(scheduler, "chunked_req", None)
+    for batch in batches:
+        for req in getattr(batch, "reqs", None) or []:
+            if req is chunked or req.finished() or req.kv.req_pool_idx is None:
+                continue
+            seen.setdefault(id(req), req)
+    return list(seen.values())
+
+
+def find_request(scheduler: Any, rid: str) -> Any:
+    for req in running_requests(scheduler):
+        if req.rid == rid:
+            return req
+    raise NotFoundError(f"no running request with rid {rid!r}")
+
+
+def status_handler(scheduler: Any, body: dict) -> dict:
+    allocator = scheduler.token_to_kv_pool_allocator
+    reqs = [
+        {
+            "rid": r.rid,
+            "req_pool_idx": int(r.kv.req_pool_idx),
+            "kv_committed_len": int(r.kv.kv_committed_len),
+            "input_len": len(r.origin_input_ids),
+            "output_len": len(r.output_ids),
+        }
+        for r in running_requests(scheduler)
+    ]
+    return {
+        "running": reqs,
+        "kv_available": int(allocator.available_size()),
+        "kv_total": int(scheduler.max_total_num_tokens),
+        "kinds": registered_kinds(),
+    }
+
+
+def register() -> None:
+    """Called from the plug-in in every SGLang process: the hook everywhere, the route in the
+    HTTP server (the launcher process)."""
+    import multiprocessing
+
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    register_migration_handler("status", status_handler, quiescent=False)
+    HookRegistry.register(INGEST_TARGET, around_ingest_requests, HookType.AROUND)
+    if multiprocessing.parent_process() is None:
+        from sglang.srt.entrypoints.http_server import app
+
+        add_route(app)
