@@ -100,3 +100,66 @@ def test_summarize() -> None:
     assert s["ttft_mean_s"] == pytest.approx(0.2)
     assert s["tpot_mean_s"] == pytest.approx(0.1)  # only the multi-token request has a TPOT
     assert s["output_tokens_per_s"] == pytest.approx(6.0)
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (Linux /proc)."""
+    import os
+
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_bytes()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 1 and int(fields[1]) == pid:
+            out.append(int(entry))
+    return out
+
+
+@pytest.mark.sglang
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_launch_stops_every_server_on_ctrl_c(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """``banaserve launch`` (1 prefill, 1 decode, router) up and serving; SIGINT (what Ctrl-C
+    sends) to the launcher: it exits with 130 (interrupted, the shell convention) and no
+    process of any server's or the router's group is left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    from banaserve_ext.launch.servers import group_members
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "banaserve_ext", "launch", "--model", str(tiny_model_dir),
+         "--log-dir", str(tmp_path / "logs"), "--ready-timeout", "400"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    children: list[int] = []
+    try:
+        url: list[str] = []
+        reader = threading.Thread(target=lambda: url.append(proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
+        reader.start()
+        reader.join(450)
+        assert url and url[0].startswith("http://127.0.0.1:"), proc.stderr.read() if (
+            proc.poll() is not None
+        ) else "launcher not ready"  # fmt: skip
+        children = _children(proc.pid)
+        assert len(children) == 3  # prefill, decode, router: each the leader of its own group
+        assert all(group_members(c) for c in children)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+        assert "interrupted; shutting down" in proc.stderr.read()  # type: ignore[union-attr]
+        assert [c for c in children if group_members(c)] == []
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for c in children:
+            if group_members(c):
+                os.killpg(c, signal.SIGKILL)

@@ -42,6 +42,7 @@ from sglang.srt.server_args import prepare_server_args
 args = prepare_server_args(["--model-path", "x", "--disaggregation-mode", "prefill",
                             "--disaggregation-transfer-backend", "banaserve"])
 from sglang.srt.disaggregation import utils
+from sglang.srt.plugins.hook_registry import HookRegistry
 TB, K = utils.TransferBackend, utils.KVClassType
 out = {
     "arg": args.disaggregation_transfer_backend,
@@ -49,6 +50,8 @@ out = {
     "classes": {k.name: utils.get_kv_class(TB("banaserve"), k).__module__ + "." +
                 utils.get_kv_class(TB("banaserve"), k).__name__ for k in K},
     "mooncake": utils.get_kv_class(TB.MOONCAKE, K.MANAGER).__name__,
+    "run_batch_hooks": [h.__module__ + "." + h.__name__ for _, h, _ in HookRegistry._hooks.get(
+        "sglang.srt.managers.scheduler.Scheduler.run_batch", [])],
 }
 print("RESULT " + json.dumps(out))
 """
@@ -73,3 +76,6 @@ def test_sglang_loads_the_plugin_and_routes_our_backend(tiny_model_dir) -> None:
         "BOOTSTRAP_SERVER": base + "KVBootstrapServer",
     }
     assert out["mooncake"] == "MooncakeKVManager"  # other backends still go to SGLang
+    # the layer-wise overlap wraps the scheduler's run_batch (AROUND; other AROUND hooks on it,
+    # e.g. layer migration's, compose with it)
+    assert "banaserve_ext.adapters.sglang.layerwise.around_run_batch" in out["run_batch_hooks"]

@@ -102,3 +102,30 @@ SGLANG_CPU_COMPAT = _declare(
     "set by the CPU launcher (python -m banaserve_ext.adapters.sglang.serve_cpu) for its SGLang "
     "processes; turns on adapters/sglang/cpu_compat.py's SGLang patches in the plug-in",
 )
+SGLANG_LAYERWISE = _declare(
+    "BANASERVE_SGLANG_LAYERWISE",
+    _bool,
+    True,
+    "banaserve SGLang backend: stream each layer's KV pages while the next layers of the prefill "
+    "compute (adapters/sglang/layerwise.py); 0 sends per prefill chunk after the forward pass",
+)
+SGLANG_TRANSFER_LOG = _declare(
+    "BANASERVE_SGLANG_TRANSFER_LOG",
+    _bool,
+    False,
+    "banaserve SGLang backend: log one INFO line per request on the prefill side with the bytes "
+    "sent layer by layer vs per chunk and the layer-wise tail (used by tests and transfer_bench)",
+)
+SGLANG_FAULT_HOLD_MS = _declare(
+    "BANASERVE_SGLANG_FAULT_HOLD_MS",
+    int,
+    0,
+    "tests only: the banaserve prefill side holds a large request's last chunk this long before "
+    "posting it (logging 'fault hold: room N'), so a test can kill the decode mid-transfer",
+)
+SGLANG_FAULT_HOLD_MIN_PAGES = _declare(
+    "BANASERVE_SGLANG_FAULT_HOLD_MIN_PAGES",
+    int,
+    1,
+    "tests only: BANASERVE_SGLANG_FAULT_HOLD_MS applies to requests of at least this many pages",
+)

@@ -17,15 +17,21 @@ adds the data plane and its control messages (:mod:`.wire`):
   for completion and then reports Success, or Failed with the reason, over SGLang's status
   channel. Any error on the way becomes ``KVPoll.Failed`` and ``failure_exception()``'s message.
 
-Layer-wise overlap is not hooked into SGLang's model loop yet: KV is sent per prefill chunk once
-the chunk's forward pass is done (logged once at start-up).
+Layer-wise overlap: :mod:`.layerwise` opens, before a prefill forward pass, one engine
+``SendStream`` per request and decode peer (:meth:`BanaserveKVManager.open_layer_send`) and marks
+each layer ready as the model's attention writes it. When SGLang then hands the chunk over
+(``add_transfer_request``), the pages a stream already carries are only waited for and the rest
+(e.g. a cached prefix, or everything when the model could not be hooked) is posted per chunk as
+before. The aux row still goes last.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +67,8 @@ class _Peer:
     kv: Any  # PreparedList (remote layout)
     aux: list[Any]
     rejected: str | None = None
+    layout: wire.BufferLayout | None = None
+    kv_layered: Any = None  # PreparedList of the same buffers in layer order (layer-wise path)
 
 
 @dataclass
@@ -72,6 +80,106 @@ class _Chunk:
     aux_index: int | None
     wait_event: Any = None
     extra: dict = field(default_factory=dict)
+    t_enqueued: float = field(default_factory=time.perf_counter)
+
+
+class _LayerSend:
+    """The layer streams of one request's chunk (one per decode peer), opened before the
+    forward pass that computes it. ``positions`` are page positions in SGLang's index_slice
+    coordinates; ``pages`` the source pages at those positions."""
+
+    warned_all_late = False
+
+    def __init__(self, mgr: BanaserveKVManager, room: int, first_pos: int,
+                 pages: npt.NDArray[np.int64], streams: list[Any], layer_nbytes: int,
+                 num_layers: int) -> None:  # fmt: skip
+        self.mgr = mgr
+        self.room = room
+        self.positions = (first_pos, first_pos + len(pages))
+        self.pages = pages
+        self.streams = streams
+        self.layer_nbytes = layer_nbytes  # bytes of one layer, all peers together
+        self.marked = [False] * num_layers
+        self.num_marked = 0
+        self.late_layers = 0
+        self.t_first: float | None = None
+        self.t_last: float | None = None  # when the last layer was marked
+        self.t_done: float | None = None  # when every stream completed (the watcher's clock)
+        self.done = threading.Event()
+        self.queued = False
+        self.failed: str | None = None  # set when a layer could not be posted
+
+    def mark(self, layer: int, *, late: bool = False) -> None:
+        """Layer ``layer`` is final in the pool: post it to every peer (scheduler thread)."""
+        if self.marked[layer]:
+            return
+        self.marked[layer] = True
+        for s in self.streams:
+            s.mark_layer_ready(layer)
+        now = time.perf_counter()
+        if self.t_first is None:
+            self.t_first = now
+        self.num_marked += 1
+        self.late_layers += int(late)
+        if self.num_marked == len(self.marked):
+            self.t_last = now
+            self._watch()
+
+    def finish_forward(self) -> None:
+        """The forward pass returned: layers the hook did not see are final now too."""
+        if self.failed is not None:
+            self.abandon()
+            return
+        try:
+            for layer, marked in enumerate(self.marked):
+                if not marked:
+                    self.mark(layer, late=True)
+        except Exception as exc:
+            self.failed = f"layers could not be posted after the forward pass: {exc}"
+            self.abandon()
+            return
+        if self.late_layers == len(self.marked) and not _LayerSend.warned_all_late:
+            _LayerSend.warned_all_late = True
+            logger.warning(
+                "banaserve: no layer was marked from the attention hook during the forward "
+                "pass (hooks not called?); layers are sent after it"
+            )
+
+    def abandon(self) -> None:
+        for s in self.streams:
+            s.cancel()
+        self._watch()
+
+    def _watch(self) -> None:
+        if not self.queued:
+            self.queued = True
+            self.mgr._watch_queue.put(self)
+
+    def wait(self, timeout_s: float) -> None:
+        if self.failed is not None:
+            raise BanaserveError(self.failed)
+        if not self.done.is_set() and all(s.state.terminal for s in self.streams):
+            if self.t_done is None:  # noticed here before the watcher thread got the GIL
+                self.t_done = time.perf_counter()
+            self.done.set()
+        if not self.done.wait(timeout_s):
+            for s in self.streams:
+                s.cancel()
+            raise TimeoutError(f"layer streams not done after {timeout_s}s")
+        for s in self.streams:
+            if s.state.name != "DONE":
+                raise BanaserveError(f"layer stream ended {s.state.name}")
+
+
+@dataclass
+class _RoomStats:
+    layer_bytes: int = 0
+    late_bytes: int = 0
+    chunk_bytes: int = 0
+    last: _LayerSend | None = None
+    seen: set[int] = field(default_factory=set)
+    t_first_enqueued: float | None = None  # the room's first chunk handed over by SGLang
+    write_s: float = 0.0  # time the per-chunk KV WRITEs took, submit to completion
 
 
 class BanaserveKVManager(CommonKVManager):
@@ -112,11 +220,24 @@ class BanaserveKVManager(CommonKVManager):
             self._peers: dict[str, _Peer] = {}
             self._peers_lock = threading.Lock()
             self._queue: queue.Queue = queue.Queue()
+            # layer-wise path (enabled by .layerwise once the model is hooked)
+            self._layer_order: list[int] | None = None
+            self._layer_bpl = 0
+            self._local_kv_layered: Any = None
+            self._layer_sends: dict[int, list[_LayerSend]] = {}
+            self._pending: dict[int, int] = {}  # chunks of a room queued for the transfer thread
+            self._room_stats: dict[int, _RoomStats] = {}
+            self._layer_lock = threading.Lock()
+            self._watch_queue: queue.Queue = queue.Queue()
+            self.counters = {"layer_bytes": 0, "late_layer_bytes": 0, "chunk_bytes": 0,
+                             "fallback_requests": 0}  # fmt: skip
+            self._log_transfers = _env.get(_env.SGLANG_TRANSFER_LOG)
+            self._fault_hold_ms = _env.get(_env.SGLANG_FAULT_HOLD_MS)
             self._spawn("banaserve-prefill-control", self._prefill_control_loop)
             self._spawn("banaserve-prefill-transfer", self._transfer_loop)
+            self._spawn("banaserve-prefill-layer-watch", self._watch_loop)
             logger.info(
-                "banaserve transfer backend: engine %s on %s, %d KV buffers x %d pages of %d B; "
-                "sending per prefill chunk (layer-wise overlap is not hooked into the model)",
+                "banaserve transfer backend: engine %s on %s, %d KV buffers x %d pages of %d B",
                 self.engine.engine_id, self.local_ip, len(self._buffers.bases),
                 self._buffers.num_items, self._buffers.item_nbytes,
             )  # fmt: skip
@@ -232,6 +353,7 @@ class BanaserveKVManager(CommonKVManager):
                 peer_id,
                 self._prepare(msg.kv, peer_id),
                 [self._prepare(a, peer_id) for a in msg.aux],
+                layout=msg.kv,
             )
             logger.info(
                 "banaserve: decode %s registered (engine %s, backend %s)",
@@ -270,6 +392,125 @@ class BanaserveKVManager(CommonKVManager):
             except Exception as exc:
                 logger.warning("banaserve: ABORT_ACK for room %s failed: %s", note.room, exc)
 
+    # -- prefill side: layer-wise path -------------------------------------------------------
+    def enable_layerwise(self, order: list[int], buffers_per_layer: int) -> None:
+        """Called by :mod:`.layerwise` once the model is hooked: ``order`` lists the KV buffers
+        (indices into ``kv_args.kv_data_ptrs``) layer by layer, ``buffers_per_layer`` each."""
+        if sorted(order) != list(range(len(self._buffers.bases))) or buffers_per_layer <= 0 or (
+            len(order) % buffers_per_layer
+        ):
+            raise InvalidArgumentError(
+                f"layer order {order} does not cover {len(self._buffers.bases)} KV buffers "
+                f"in groups of {buffers_per_layer}"
+            )
+        self._local_kv_layered = self._prepare(_reordered(self._buffers, order))
+        self._layer_bpl = buffers_per_layer
+        self._layer_order = list(order)
+
+    def count_fallback(self, why: str) -> None:
+        self.counters["fallback_requests"] += 1
+        logger.debug("banaserve: request sent per chunk: %s", why)
+
+    def _peer_layered(self, peer: _Peer) -> Any:
+        if peer.kv_layered is None and peer.layout is not None and self._layer_order:
+            peer.kv_layered = self._prepare(_reordered(peer.layout, self._layer_order),
+                                            peer.peer_id)  # fmt: skip
+        return peer.kv_layered
+
+    def open_layer_send(self, room: int, pages: npt.NDArray[np.int64], first_pos: int,
+                        num_layers: int) -> _LayerSend | None:  # fmt: skip
+        """Opens the layer streams of one request's chunk (scheduler thread, before the forward
+        pass); None when this request goes per chunk (destination or peer not known yet)."""
+        if self._layer_order is None or num_layers * self._layer_bpl != len(self._layer_order):
+            return None
+        infos = self.transfer_infos.get(room)
+        if (
+            not infos
+            or self.request_status.get(room) == KVPoll.Failed
+            or any(len(infos) != i.required_dst_info_num for i in infos.values())
+        ):
+            self.count_fallback("destination unknown at forward time")
+            return None
+        targets = []
+        for session, info in list(infos.items()):
+            if info.is_dummy:
+                continue
+            with self._peers_lock:
+                peer = self._peers.get(session)
+            if peer is None or peer.rejected or self._peer_layered(peer) is None:
+                self.count_fallback("decode peer not registered")
+                return None
+            try:
+                src, dst = wire.chunk_indices(
+                    pages, info.dst_kv_indices(), slice(first_pos, first_pos + len(pages)),
+                    self._prefix_pages(info),
+                )  # fmt: skip
+            except InvalidArgumentError as exc:
+                self.count_fallback(str(exc))
+                return None
+            if len(src):
+                targets.append((peer, src, dst))
+        if not targets:
+            return None
+        streams = [
+            self.engine.open_stream(
+                secrets.randbits(63) | 1, num_layers, self._local_kv_layered, src,
+                peer.kv_layered, dst, buffers_per_layer=self._layer_bpl,
+                timeout_s=self.transfer_timeout_s,
+            )
+            for peer, src, dst in targets
+        ]  # fmt: skip
+        layer_nbytes = sum(len(src) for _, src, _ in targets) * self._buffers.item_nbytes
+        send = _LayerSend(self, room, first_pos, pages, streams,
+                          layer_nbytes * self._layer_bpl, num_layers)  # fmt: skip
+        with self._layer_lock:
+            stale_rooms = [r for r in self._layer_sends if r != room and (
+                r not in self.request_status or self.request_status[r] == KVPoll.Failed
+            )]  # fmt: skip
+            for stale in stale_rooms:
+                for old in self._layer_sends.pop(stale):
+                    old.abandon()
+                self._room_stats.pop(stale, None)
+            self._layer_sends.setdefault(room, []).append(send)
+        return send
+
+    def _watch_loop(self) -> None:
+        """Stamps each layer send's completion as soon as its streams finish."""
+        while True:
+            send = self._watch_queue.get()
+            if send is _STOP:
+                return
+            for s in send.streams:
+                s.wait(None if self.transfer_timeout_s is None else self.transfer_timeout_s * 2)
+            send.t_done = time.perf_counter()
+            send.done.set()
+
+    def _covered(self, chunk: _Chunk) -> tuple[list[_LayerSend], list[tuple[int, int]]]:
+        """Layer sends that carry pages of ``chunk`` (same source pages at the same positions)
+        and the position ranges of the chunk that none carries."""
+        from .layerwise import uncovered_ranges
+
+        a = chunk.index_slice.start or 0
+        b = a + len(chunk.kv_indices)
+        with self._layer_lock:
+            sends = list(self._layer_sends.get(chunk.room, ()))
+        used, ranges = [], []
+        for send in sends:
+            if send.failed is not None:  # its pages go per chunk (same bytes, same places)
+                continue
+            lo, hi = max(a, send.positions[0]), min(b, send.positions[1])
+            if lo >= hi:
+                continue
+            p0 = send.positions[0]
+            if not np.array_equal(np.asarray(chunk.kv_indices[lo - a:hi - a], np.int64),
+                                  send.pages[lo - p0:hi - p0]):  # fmt: skip
+                logger.warning("banaserve: room %s: streamed pages differ from the chunk's; "
+                               "sending the chunk again", chunk.room)  # fmt: skip
+                continue
+            used.append(send)
+            ranges.append((lo, hi))
+        return used, uncovered_ranges(a, b, ranges)
+
     # -- prefill side: data ------------------------------------------------------------------
     def add_transfer_request(
         self,
@@ -291,12 +532,32 @@ class BanaserveKVManager(CommonKVManager):
             or bootstrap_room not in self.transfer_infos
         ):
             return
-        self._queue.put(
-            _Chunk(
-                bootstrap_room, np.asarray(kv_indices), index_slice, is_last_chunk,
-                aux_index, wait_event,
-            )
+        chunk = _Chunk(
+            bootstrap_room, np.asarray(kv_indices), index_slice, is_last_chunk, aux_index,
+            wait_event,
         )  # fmt: skip
+        if self._inline_ready(chunk):
+            self._run_chunk(chunk)
+            return
+        with self._layer_lock:
+            self._pending[bootstrap_room] = self._pending.get(bootstrap_room, 0) + 1
+        self._queue.put(chunk)
+
+    def _inline_ready(self, chunk: _Chunk) -> bool:
+        """True when layer streams already delivered every page of ``chunk`` and no earlier
+        chunk of its room is still queued: what is left (at most the aux row, microseconds) is
+        done on the caller's thread, saving the hand-over to the transfer thread (which waits
+        for the GIL behind the busy scheduler thread for up to the interpreter's switch
+        interval, 5 ms)."""
+        if self._layer_order is None or chunk.wait_event is not None or self._fault_hold_ms:
+            return False
+        with self._layer_lock:
+            if self._pending.get(chunk.room, 0):
+                return False
+        sends, todo = self._covered(chunk)
+        return not todo and bool(sends) and all(
+            s.state.terminal for send in sends for s in send.streams
+        )
 
     def _transfer_loop(self) -> None:
         while True:
@@ -304,11 +565,27 @@ class BanaserveKVManager(CommonKVManager):
             if chunk is _STOP:
                 return
             try:
-                self._transfer_chunk(chunk)
-            except Exception as exc:
-                reason = f"banaserve transfer of room {chunk.room} failed: {exc}"
-                logger.error(reason)
-                self.conclude_failure(bootstrap_room=chunk.room, failure_reason=reason)
+                self._run_chunk(chunk)
+            finally:
+                with self._layer_lock:
+                    left = self._pending.get(chunk.room, 1) - 1
+                    if left > 0:
+                        self._pending[chunk.room] = left
+                    else:
+                        self._pending.pop(chunk.room, None)
+
+    def _run_chunk(self, chunk: _Chunk) -> None:
+        try:
+            self._transfer_chunk(chunk)
+        except Exception as exc:
+            reason = f"banaserve transfer of room {chunk.room} failed: {exc}"
+            logger.error(reason)
+            with self._layer_lock:
+                dropped = self._layer_sends.pop(chunk.room, [])
+                self._room_stats.pop(chunk.room, None)
+            for send in dropped:
+                send.abandon()
+            self.conclude_failure(bootstrap_room=chunk.room, failure_reason=reason)
 
     def _transfer_chunk(self, chunk: _Chunk) -> None:
         from ...transfer import Op
@@ -318,7 +595,15 @@ class BanaserveKVManager(CommonKVManager):
         infos = self.transfer_infos.get(chunk.room)
         if not infos or self.request_status.get(chunk.room) == KVPoll.Failed:
             return
+        self._maybe_hold(chunk)
+        a = chunk.index_slice.start or 0
+        sends, todo = self._covered(chunk)
+        stats = self._room_stats.setdefault(chunk.room, _RoomStats())
+        if stats.t_first_enqueued is None:
+            stats.t_first_enqueued = chunk.t_enqueued
+        t_write = time.perf_counter()
         handles = []
+        aux_posts = []
         for session, info in list(infos.items()):
             if info.is_dummy:
                 continue
@@ -328,17 +613,49 @@ class BanaserveKVManager(CommonKVManager):
                 raise InvalidArgumentError(f"decode {session} sent a request before registering")
             if peer.rejected:
                 raise InvalidArgumentError(peer.rejected)
-            src, dst = wire.chunk_indices(
-                chunk.kv_indices, info.dst_kv_indices(), chunk.index_slice,
-                self._prefix_pages(info),
-            )  # fmt: skip
-            if len(src):
-                handles.append(self.engine.submit(Op.WRITE, self._local_kv, src, peer.kv, dst))
+            for lo, hi in todo:  # pages no layer stream carries: one WRITE per range
+                src, dst = wire.chunk_indices(
+                    chunk.kv_indices[lo - a:hi - a], info.dst_kv_indices(), slice(lo, hi),
+                    self._prefix_pages(info),
+                )  # fmt: skip
+                if len(src):
+                    handles.append(
+                        self.engine.submit(Op.WRITE, self._local_kv, src, peer.kv, dst)
+                    )
+                    stats.chunk_bytes += len(src) * self._buffers.item_nbytes * len(
+                        self._buffers.bases
+                    )
             if chunk.is_last and chunk.aux_index is not None and info.aux_index >= 0:
-                one_src = np.array([chunk.aux_index], dtype=np.int64)
-                one_dst = np.array([info.aux_index], dtype=np.int64)
-                for local, remote in zip(self._local_aux, peer.aux, strict=False):
-                    handles.append(self.engine.submit(Op.WRITE, local, one_src, remote, one_dst))
+                aux_posts.append((peer, info.aux_index))
+        self._wait_all(handles)
+        if handles:
+            stats.write_s += time.perf_counter() - t_write
+        if chunk.is_last:  # every layer send of the room, also any no chunk claimed
+            with self._layer_lock:
+                sends = self._layer_sends.pop(chunk.room, [])
+        for send in sends:
+            if send.failed is not None:
+                continue
+            send.wait(self.transfer_timeout_s)
+            if id(send) not in stats.seen:
+                stats.layer_bytes += send.num_marked * send.layer_nbytes
+                stats.late_bytes += send.late_layers * send.layer_nbytes
+                stats.last = send
+                stats.seen.add(id(send))
+        if aux_posts:  # the aux row last, once every KV byte of the request is in place
+            one_src = np.array([chunk.aux_index], dtype=np.int64)
+            self._wait_all([
+                self.engine.submit(Op.WRITE, local, one_src, remote,
+                                   np.array([aux_index], dtype=np.int64))
+                for peer, aux_index in aux_posts
+                for local, remote in zip(self._local_aux, peer.aux, strict=False)
+            ])  # fmt: skip
+        if chunk.is_last:
+            self._room_stats.pop(chunk.room, None)
+            self._account(chunk.room, stats)
+            self.conclude_transfer(bootstrap_room=chunk.room, status=KVPoll.Success)
+
+    def _wait_all(self, handles: list[Any]) -> None:
         for h in handles:
             if not h.wait(self.transfer_timeout_s):
                 h.cancel()
@@ -347,8 +664,40 @@ class BanaserveKVManager(CommonKVManager):
                 )
             if h.state.name != "DONE":
                 raise BanaserveError(f"transfer ended {h.state.name}")
-        if chunk.is_last:
-            self.conclude_transfer(bootstrap_room=chunk.room, status=KVPoll.Success)
+
+    def _maybe_hold(self, chunk: _Chunk) -> None:
+        """Test-only fault injection (BANASERVE_SGLANG_FAULT_HOLD_MS): holds a large request's
+        last chunk before its posts, so a test can kill the decode side mid-transfer."""
+        hold_ms = self._fault_hold_ms
+        if hold_ms <= 0 or not chunk.is_last:
+            return
+        if (chunk.index_slice.stop or 0) < _env.get(_env.SGLANG_FAULT_HOLD_MIN_PAGES):
+            return
+        logger.warning("banaserve: fault hold: room %d held %d ms before its last posts",
+                       chunk.room, hold_ms)  # fmt: skip
+        time.sleep(hold_ms / 1000)
+
+    def _account(self, room: int, stats: _RoomStats) -> None:
+        c = self.counters
+        c["layer_bytes"] += stats.layer_bytes
+        c["late_layer_bytes"] += stats.late_bytes
+        c["chunk_bytes"] += stats.chunk_bytes
+        if not self._log_transfers:
+            return
+        last = stats.last
+        tail_ms = stream_ms = -1.0
+        if last is not None and last.t_done is not None and last.t_last is not None:
+            tail_ms = (last.t_done - last.t_last) * 1e3
+            stream_ms = (last.t_done - (last.t_first or last.t_last)) * 1e3
+        backend_ms = (time.perf_counter() - (stats.t_first_enqueued or 0.0)) * 1e3
+        logger.info(
+            "banaserve transfer: room=%d layer_bytes=%d late_layer_bytes=%d chunk_bytes=%d "
+            "tail_ms=%.3f stream_ms=%.3f chunk_write_ms=%.3f backend_ms=%.3f | totals "
+            "layer_bytes=%d late_layer_bytes=%d chunk_bytes=%d fallback_requests=%d",
+            room, stats.layer_bytes, stats.late_bytes, stats.chunk_bytes, tail_ms, stream_ms,
+            stats.write_s * 1e3, backend_ms, c["layer_bytes"], c["late_layer_bytes"],
+            c["chunk_bytes"], c["fallback_requests"],
+        )  # fmt: skip
 
     def _prefix_pages(self, info: wire.RequestMsg) -> int:
         page = int(self.kv_args.page_size or 1)
@@ -359,7 +708,13 @@ class BanaserveKVManager(CommonKVManager):
         self._stopped = True
         if self.disaggregation_mode == DisaggregationMode.PREFILL:
             self._queue.put(_STOP)
+            self._watch_queue.put(_STOP)
         self.engine.stop()
+
+
+def _reordered(layout: wire.BufferLayout, order: list[int]) -> wire.BufferLayout:
+    return wire.BufferLayout([layout.bases[i] for i in order], layout.item_nbytes,
+                             layout.num_items)  # fmt: skip
 
 
 def _unique_regions(ptrs: list[int], lens: list[int]) -> list[tuple[int, int]]:

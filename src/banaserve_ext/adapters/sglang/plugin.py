@@ -9,9 +9,11 @@ runs in every SGLang process (launcher, schedulers, detokenizer) and
 2. adds a ``TransferBackend.BANASERVE`` member, so ``TransferBackend("banaserve")`` resolves;
 3. wraps ``get_kv_class`` (an AROUND hook) so that for that member it returns our classes from
    :mod:`.conn` and otherwise defers to SGLang;
-4. applies :mod:`.cpu_compat`'s SGLang patches, only in processes started through the CPU
+4. wraps ``Scheduler.run_batch`` (an AROUND hook, :mod:`.layerwise`) so that prefill batches
+   of ``banaserve`` requests stream their KV layer by layer while the model computes;
+5. applies :mod:`.cpu_compat`'s SGLang patches, only in processes started through the CPU
    launcher;
-5. adds ``POST /banaserve/migrate`` (:mod:`.admin`) and the migration kinds
+6. adds ``POST /banaserve/migrate`` (:mod:`.admin`) and the migration kinds
    (:mod:`.kv_migration`).
 
 Nothing here starts threads or opens sockets; the conn classes do, when SGLang creates them.
@@ -92,8 +94,9 @@ def register() -> None:
     add_enum_member(TransferBackend, ENUM_MEMBER, BACKEND_NAME)
     HookRegistry.register(GET_KV_CLASS, around_get_kv_class, HookType.AROUND)
 
-    from . import admin, cpu_compat, kv_migration
+    from . import admin, cpu_compat, kv_migration, layerwise
 
+    layerwise.register()
     admin.register()
     kv_migration.register()
 
