@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -49,3 +50,9 @@ def test_env_malformed_value_names_the_variable(monkeypatch: pytest.MonkeyPatch)
 def test_env_variables_are_all_banaserve_prefixed() -> None:
     assert _env.VARIABLES
     assert all(name.startswith("BANASERVE_") for name in _env.VARIABLES)
+
+
+def test_every_env_variable_is_documented_in_contributing() -> None:
+    text = (Path(__file__).resolve().parents[2] / "CONTRIBUTING.md").read_text()
+    missing = [name for name in _env.VARIABLES if f"| `{name}` |" not in text]
+    assert not missing, f"add rows to CONTRIBUTING.md's variable table for {missing}"
