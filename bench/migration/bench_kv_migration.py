@@ -85,7 +85,7 @@ def bench_transfer(repeat: int, backend: str | None, arena_mb: int) -> list[dict
 def fit(rows: list[dict]) -> dict:
     x = np.array([r["bytes"] for r in rows], dtype=float)
     y = np.array([r["total_ms"] / 1e3 for r in rows])
-    slope, intercept = np.polyfit(x, y, 1)
+    slope, intercept = np.polyfit(x, y, 1, w=1 / y)  # least relative error
     from banaserve_ext.control.banaserve import BanaServeConfig
 
     cfg = BanaServeConfig()
