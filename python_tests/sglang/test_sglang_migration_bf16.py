@@ -39,7 +39,9 @@ def bf16_server(
 ) -> Iterator[SGLangServerConfig]:
     cluster = Cluster(tiny_model_dir, tmp_path_factory.mktemp("migration-bf16-logs"))
     try:
-        cfg, _ = cluster.server(extra_args=("--dtype", "bfloat16", "--disable-radix-cache"), env=SERVER_ENV)
+        cfg, _ = cluster.server(
+            extra_args=("--dtype", "bfloat16", "--disable-radix-cache"), env=SERVER_ENV
+        )
         yield cfg
     finally:
         cluster.close()
