@@ -25,7 +25,9 @@ Hooks (registered by the plug-in, applied by SGLang in the scheduler process):
   gets a clear error, never a token computed without part of its context.
 
 Limits: ``torch_native`` attention, page size 1, ``--disable-radix-cache`` (a radix tree would
-key the migrated positions), no overlap scheduling, tensor parallelism 1, dense MHA/GQA KV pools.
+key the migrated positions), no overlap scheduling, no mixed chunks or speculative decoding (a
+split request must only ever run in decode forwards), tensor parallelism 1, dense MHA/GQA KV
+pools; all are checked and refused with a 501.
 """
 
 from __future__ import annotations
@@ -204,6 +206,12 @@ def _check_deployment(scheduler: Any) -> None:
         raise NotSupportedError("KV migration needs --disable-radix-cache")
     if int(scheduler.token_to_kv_pool_allocator.page_size) != 1:
         raise NotSupportedError("KV migration supports page size 1 only")
+    # split rows are recomputed in decode forwards only: a decode request inside an extend batch
+    # (mixed chunks) or a verify pass (speculative decoding) would read the freed slots
+    if getattr(args, "enable_mixed_chunk", False) or getattr(args, "speculative_algorithm", None):
+        raise NotSupportedError(
+            "KV migration does not support --enable-mixed-chunk or speculative decoding"
+        )
 
 
 def _transfer(owner: _Owner, op: Any, slots: Any, remote: Any, n: int) -> None:
