@@ -161,6 +161,13 @@ void bind_kvpool(pyb::module_& m) {
       .def_property_readonly("num_pages", &Pool::num_pages)
       .def_property_readonly("max_key_len", &Pool::max_key_len)
       .def_property_readonly("segment_id", &Pool::segment_id)
+      .def_property_readonly(
+          "page_region",
+          [](const Pool& pool) {
+            kvpool::PageRegion r = pool.page_region();
+            return pyb::make_tuple(r.addr, r.stride, r.num_pages);
+          },
+          "(addr, stride, num_pages): the page of slot s starts at addr + s * stride")
       .def(
           "exists",
           [](Pool& pool, const pyb::handle& keys, const std::string& suffix) {
@@ -228,8 +235,8 @@ void bind_kvpool(pyb::module_& m) {
           pyb::arg("keys"), pyb::arg("addrs"), pyb::arg("seg_lens"), pyb::arg("suffix") = std::string())
       .def(
           "reserve",
-          [](Pool& pool, const pyb::handle& keys) {
-            PackedKeys packed = pack_keys(keys);
+          [](Pool& pool, const pyb::handle& keys, const std::string& suffix) {
+            PackedKeys packed = pack_keys(keys, suffix);
             size_t n = packed.offsets.size() - 1;
             pyb::array_t<uint32_t> slots(static_cast<pyb::ssize_t>(n));
             pyb::array_t<uint8_t> results(static_cast<pyb::ssize_t>(n));
@@ -243,11 +250,11 @@ void bind_kvpool(pyb::module_& m) {
             throw_if_error(st, "KVPool.reserve");
             return pyb::make_tuple(slots, results);
           },
-          pyb::arg("keys"))
+          pyb::arg("keys"), pyb::arg("suffix") = std::string())
       .def(
           "pin",
-          [](Pool& pool, const pyb::handle& keys) {
-            PackedKeys packed = pack_keys(keys);
+          [](Pool& pool, const pyb::handle& keys, const std::string& suffix) {
+            PackedKeys packed = pack_keys(keys, suffix);
             size_t n = packed.offsets.size() - 1;
             pyb::array_t<uint64_t> addrs(static_cast<pyb::ssize_t>(n));
             uint64_t* out = addrs.mutable_data();
@@ -259,7 +266,7 @@ void bind_kvpool(pyb::module_& m) {
             throw_if_error(handle.status(), "KVPool.pin");
             return pyb::make_tuple(handle.value(), addrs);
           },
-          pyb::arg("keys"))
+          pyb::arg("keys"), pyb::arg("suffix") = std::string())
       .def(
           "unpin",
           [](Pool& pool, uint32_t handle) {

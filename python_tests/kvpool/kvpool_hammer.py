@@ -1,7 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """Worker process of the hammer test: random overlapping puts and verified gets.
 
-usage: python kvpool_hammer.py POOL WRITER_ID ITERATIONS N_KEYS PAGE_SIZE  → prints one JSON line
+usage: python kvpool_hammer.py POOL WRITER_ID ITERATIONS N_KEYS PAGE_SIZE [ADDRESS]
+→ prints one JSON line. With ADDRESS (HOST:PORT of ``banaserve pool serve --listen``) the worker
+goes through the pool service (RemoteKVPool) instead of attaching to the segment.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import sys
 import numpy as np
 from kvpool_testlib import checksummed_page, page_is_intact
 
-from banaserve_ext.kvpool import KVPool
+from banaserve_ext.kvpool import KVPool, RemoteKVPool
 
 
 def main() -> int:
     name, writer, iterations, n_keys, page_size = sys.argv[1], *map(int, sys.argv[2:6])
-    pool = KVPool.attach(name)
+    address = sys.argv[6] if len(sys.argv) > 6 else ""
+    pool = RemoteKVPool(address, pool=name).start() if address else KVPool.attach(name)
     rng = np.random.default_rng(writer)
     corrupt = gets = hits = stored = 0
     batch = 8

@@ -20,6 +20,7 @@ from banaserve_ext.adapters.sglang.hicache import (
     piece_table,
 )
 from banaserve_ext.errors import InvalidArgumentError, NotSupportedError
+from banaserve_ext.kvpool import PoolServer, RemoteKVPool
 
 LAYERS, HEADS, DIM, PAGE_TOKENS, SIZE = 3, 2, 8, 4, 64
 ITEM = 2  # bf16-sized elements, stored as uint16
@@ -169,6 +170,38 @@ def test_v1_pages_written_by_one_instance_are_read_by_another(layout: str) -> No
         assert other.batch_exists(keys) == 0
 
 
+@pytest.mark.parametrize("layout", ["layer_first", "page_first"])
+def test_v1_pages_cross_between_a_local_and_a_remote_instance(layout: str) -> None:
+    """An instance given "pool_address" goes through the pool service (RemoteKVPool) and shares
+    pages both ways with an instance attached to the segment."""
+    page_bytes = 2 * LAYERS * PAGE_TOKENS * HEADS * DIM * ITEM
+    with owned_pool("hicache-remote", 64, page_bytes) as pool, PoolServer(pool) as server:
+        local_host, remote_host = FakeHost(layout, seed=1), FakeHost(layout, seed=2)
+        local = PoolStorageCore(_config(pool.name))
+        remote_cfg = _config(pool.name)
+        remote_cfg.extra_config = {"pool_address": server.address}
+        remote = PoolStorageCore(remote_cfg)
+        try:
+            local.register_mem_pool_host(local_host)
+            remote.register_mem_pool_host(remote_host)
+            assert isinstance(remote.pool(), RemoteKVPool)
+            keys = [f"{i:064x}" for i in range(3)]
+            assert local.batch_set_v1(keys, np.arange(8, 20)) == [True] * 3
+            assert remote.batch_exists(keys + ["absent"]) == 3
+            got = remote.batch_get_v1(keys + ["absent"], np.arange(40, 56))
+            assert got == [True] * 3 + [False]
+            for i in range(3):
+                assert (remote_host.flat_page(40 + 4 * i).tobytes()
+                        == local_host.flat_page(8 + 4 * i).tobytes())  # fmt: skip
+            back = [f"{i:064x}" for i in range(10, 12)]
+            assert remote.batch_set_v1(back, np.arange(0, 8)) == [True] * 2
+            assert local.batch_get_v1(back, np.arange(24, 32)) == [True] * 2
+            assert local_host.flat_page(28).tobytes() == remote_host.flat_page(4).tobytes()
+        finally:
+            remote.close()
+            local.close()
+
+
 def test_wrong_page_size_and_missing_pool_name_are_typed_errors() -> None:
     with owned_pool("hicache-bad", 4, 4096) as pool:
         core = PoolStorageCore(_config(pool.name))
@@ -176,7 +209,7 @@ def test_wrong_page_size_and_missing_pool_name_are_typed_errors() -> None:
             core.register_mem_pool_host(FakeHost("page_first"))
         with pytest.raises(InvalidArgumentError, match="register_mem_pool_host"):
             core.batch_exists(["a"])
-    with pytest.raises(InvalidArgumentError, match='"pool"'):
+    with pytest.raises(InvalidArgumentError, match='"pool_address"'):
         PoolStorageCore(SimpleNamespace(extra_config={}))
 
 

@@ -566,6 +566,13 @@ uint32_t Pool::page_size() const { return view_->hdr->page_size; }
 uint64_t Pool::num_pages() const { return view_->hdr->num_pages; }
 uint32_t Pool::max_key_len() const { return view_->hdr->max_key_len; }
 uint64_t Pool::segment_id() const { return view_->hdr->segment_id; }
+PageRegion Pool::page_region() const {
+  PageRegion r;
+  r.addr = reinterpret_cast<uint64_t>(view_->page(0));
+  r.stride = view_->hdr->page_stride;
+  r.num_pages = view_->hdr->num_pages;
+  return r;
+}
 
 Status Pool::check_open() const {
   if (view_->hdr->closed.load(std::memory_order_acquire)) {

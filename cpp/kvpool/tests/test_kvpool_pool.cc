@@ -366,4 +366,46 @@ KV_TEST(pinned_pages_are_readable_in_place_and_never_evicted) {
   KV_CHECK_OK(Pool::unlink(name));
 }
 
+KV_TEST(page_of_is_region_arithmetic) {
+  PageRegion r;
+  r.addr = 0x10000;
+  r.stride = 4096;
+  r.num_pages = 3;
+  KV_CHECK_EQ(r.nbytes(), 3u * 4096u);
+  KV_CHECK_EQ(page_of(r, 0), 0x10000u);
+  KV_CHECK_EQ(page_of(r, 2), 0x10000u + 2u * 4096u);
+  r.stride = uint64_t(1) << 33;  // no 32-bit overflow for big pools
+  KV_CHECK_EQ(page_of(r, 3), 0x10000u + (uint64_t(3) << 33));
+}
+
+KV_TEST(page_region_gives_every_reserved_and_pinned_page_address) {
+  std::string name = unique_name("region");
+  auto pool = make_pool(name, 8, 256);
+  PageRegion region = pool->page_region();
+  KV_CHECK_EQ(region.num_pages, 8u);
+  KV_CHECK(region.stride >= 256u);
+  Keys keys(key_range(0, 8));
+  std::vector<uint32_t> slots(8);
+  std::vector<uint8_t> results(8);
+  KV_CHECK_OK(pool->reserve(keys.list(), slots.data(), results.data()));
+  for (int i = 0; i < 8; ++i) {
+    KV_CHECK_EQ(results[i], uint8_t(PutResult::kStored));
+    KV_CHECK(slots[i] < region.num_pages);
+    auto addr = pool->page_address(slots[i]);
+    KV_CHECK(addr.ok());
+    KV_CHECK_EQ(page_of(region, slots[i]), reinterpret_cast<uint64_t>(addr.value()));
+    fill_page(reinterpret_cast<uint8_t*>(page_of(region, slots[i])), 256, i);
+  }
+  KV_CHECK_OK(pool->commit(slots.data(), slots.size()));
+  std::vector<uint64_t> addrs(8);
+  auto handle = pool->pin(keys.list(), addrs.data());
+  KV_CHECK(handle.ok());
+  for (int i = 0; i < 8; ++i) {
+    KV_CHECK_EQ(addrs[i], page_of(region, slots[i]));
+    KV_CHECK(check_page(reinterpret_cast<const uint8_t*>(addrs[i]), 256, i));
+  }
+  KV_CHECK_OK(pool->unpin(handle.value()));
+  KV_CHECK_OK(Pool::unlink(name));
+}
+
 KV_MAIN()

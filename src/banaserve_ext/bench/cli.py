@@ -11,6 +11,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "transfer": ("banaserve_ext.bench.transfer", "transfer engine vs Mooncake TE (two processes)"),
     "cuda": ("banaserve_ext.bench.cuda", "GPU data paths vs cudaMemcpy (needs a CUDA build + GPU)"),
     "store": ("banaserve_ext.bench.store", "shared-memory KV pool vs Mooncake Store"),
+    "layer-migration": ("banaserve_ext.bench.layer_migration", "layer migration vs cost model"),
 }
 
 

@@ -10,6 +10,11 @@ verified), ``batch_exists`` of the N keys (``exists_us``) and of N absent keys. 
 repeats is reported. When a scratch venv with ``mooncake-transfer-engine-non-cuda`` is given
 (``--peer-python`` or ``$BANASERVE_BENCH_PEER_PYTHON``), Mooncake Store (mooncake_master + a
 storage process + a client, TCP on 127.0.0.1) runs the same case in the same run.
+
+``--remote`` also measures the path of a host that cannot map the segment: this process serves
+the pool (``PoolServer``, as ``banaserve pool serve --listen`` does) on 127.0.0.1 and a second
+worker process goes through it with ``RemoteKVPool`` (control connection + transfer-engine TCP
+batches); its figures are reported under ``remote``.
 """
 
 from __future__ import annotations
@@ -47,7 +52,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-peer", action="store_true", help="skip the peer even when installed")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--remote",
+        action="store_true",
+        help="also measure a client going through the pool service over TCP (RemoteKVPool)",
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: pool name
+    p.add_argument("--worker-address", default=None, help=argparse.SUPPRESS)  # internal: remote
 
 
 def _keys(rep: int, n: int) -> list[str]:
@@ -56,10 +67,14 @@ def _keys(rep: int, n: int) -> list[str]:
 
 def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     """The measuring client: a separate process attached to the pool by name."""
-    from ..kvpool import KVPool
+    from ..kvpool import KVPool, RemoteKVPool
 
     page = args.page_kib * 1024
-    pool = KVPool.attach(args.worker)
+    pool: KVPool | RemoteKVPool
+    if args.worker_address:
+        pool = RemoteKVPool(args.worker_address, pool=args.worker, page_size=page).start()
+    else:
+        pool = KVPool.attach(args.worker)
     src = np.random.default_rng(args.seed).integers(0, 256, (args.pages, page), dtype=np.uint8)
     dst = np.empty_like(src)
     dst.fill(1)
@@ -111,8 +126,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def run_ours(args: argparse.Namespace) -> dict[str, Any]:
-    from ..kvpool import KVPool, parse_size
+def run_ours(args: argparse.Namespace, *, remote: bool = False) -> dict[str, Any]:
+    from ..kvpool import KVPool, PoolServer, parse_size
 
     page = args.page_kib * 1024
     name = f"bench-store-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -124,7 +139,12 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
             "--repeats", str(args.repeats), "--exists-repeats", str(args.exists_repeats),
             "--seed", str(args.seed),
         ]  # fmt: skip
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+        if remote:
+            with PoolServer(owner, "127.0.0.1", 0) as server:
+                argv += ["--worker-address", server.address]
+                proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+        else:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise SystemExit(
             f"store benchmark worker failed ({proc.returncode}): {proc.stderr[-2000:]}"
@@ -153,6 +173,7 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(run_worker(args)), flush=True)
         return 0
     ours = run_ours(args)
+    remote = run_ours(args, remote=True) if args.remote else None
     peer = run_peer(args)
     result: dict[str, Any] = {
         **ours,
@@ -160,20 +181,27 @@ def main(args: argparse.Namespace) -> int:
         "page_kib": args.page_kib,
         "repeats": args.repeats,
         "mooncake": peer,
+        "remote": remote,
     }
     if peer and "put_gbps" in peer:
         result["put_vs_mooncake"] = ours["put_gbps"] / peer["put_gbps"]
         result["get_vs_mooncake"] = ours["get_gbps"] / peer["get_gbps"]
         result["exists_vs_mooncake"] = peer["exists_us"] / ours["exists_us"]
+        if remote:
+            remote["put_vs_mooncake"] = remote["put_gbps"] / peer["put_gbps"]
+            remote["get_vs_mooncake"] = remote["get_gbps"] / peer["get_gbps"]
+            remote["exists_vs_mooncake"] = peer["exists_us"] / remote["exists_us"]
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
         _print(result)
-    return 0 if ours["verified"] and (not peer or peer.get("verified", True)) else 1
+    ok = ours["verified"] and (not remote or remote["verified"])
+    return 0 if ok and (not peer or peer.get("verified", True)) else 1
 
 
 def _print(r: dict[str, Any]) -> None:
     p = r["mooncake"] or {}
+    q = r.get("remote") or {}
     nan = float("nan")
     print(f"\n{r['pages']} × {r['page_kib']} KiB pages, second process, median of "
           f"{r['repeats']} batches; verified: {r['verified']}\n")  # fmt: skip
@@ -184,6 +212,12 @@ def _print(r: dict[str, Any]) -> None:
         ["ratio", r.get("put_vs_mooncake", nan), r.get("get_vs_mooncake", nan),
          r.get("exists_vs_mooncake", nan)],
     ]  # fmt: skip
+    if q:
+        rows += [
+            ["banaserve kvpool remote (tcp)", q["put_gbps"], q["get_gbps"], q["exists_us"]],
+            ["remote ratio", q.get("put_vs_mooncake", nan), q.get("get_vs_mooncake", nan),
+             q.get("exists_vs_mooncake", nan)],
+        ]  # fmt: skip
     print_table(["store", "put GB/s", "get GB/s", f"exists µs ({r['pages']} keys)"], rows)
     if "error" in p:
         print(f"\nMooncake peer: {p['error']}")

@@ -2,7 +2,8 @@
 """Global KV cache store: a shared-memory page pool every process on a host attaches to by name.
 
 ``KVPool`` is the handle (``batch_exists``, ``batch_get``, ``batch_set``); ``banaserve pool serve``
-creates and owns a pool and exports its statistics.
+creates and owns a pool and exports its statistics; with ``--listen`` it also serves other hosts,
+which use ``RemoteKVPool`` (same methods) over the transfer engine's TCP path.
 """
 
 from __future__ import annotations
@@ -10,10 +11,14 @@ from __future__ import annotations
 from .memory import Span, page_addresses, parse_size, span_of
 from .metrics import prometheus_text
 from .pool import KVPool, PutResult
+from .remote import RemoteKVPool
+from .server import PoolServer
 
 __all__ = [
     "KVPool",
+    "PoolServer",
     "PutResult",
+    "RemoteKVPool",
     "Span",
     "page_addresses",
     "parse_size",

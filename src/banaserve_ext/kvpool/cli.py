@@ -4,6 +4,8 @@ remove a stale one (``rm``).
 
 ``serve`` creates the shared-memory segment, reclaims the pins and reservations of dead
 processes once a second, exports Prometheus text on ``--metrics-port`` (127.0.0.1 by default),
+with ``--listen HOST:PORT`` serves hosts that cannot map the segment (:class:`.server.PoolServer`:
+a control connection, pages over the transfer engine's TCP path; clients use ``RemoteKVPool``),
 and on SIGTERM/SIGINT closes the segment (attached clients get ``UnavailableError`` and reattach
 to the next pool of that name) and removes the name.
 """
@@ -22,6 +24,8 @@ from ..errors import BanaserveError
 from .memory import parse_size
 from .metrics import prometheus_text
 from .pool import KVPool
+from .server import PoolServer
+from .wire import parse_address
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +50,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--replace", action="store_true", help="remove a leftover pool of the same name first"
     )
     serve.add_argument("--no-populate", action="store_true", help="do not pre-fault the segment")
+    serve.add_argument(
+        "--listen",
+        default=None,
+        metavar="HOST:PORT",
+        help="also serve remote clients (RemoteKVPool) here; port 0 picks a free one",
+    )
+    serve.add_argument(
+        "--ops-per-client",
+        type=int,
+        default=8,
+        help="concurrent gets/pins per process; the service pins remote reads with these",
+    )
+    serve.add_argument(
+        "--transfer-timeout", type=float, default=30.0, help="seconds per remote page batch"
+    )
     stats = sub.add_parser("stats", help="print a pool's statistics")
     stats.add_argument("--name", required=True)
     stats.add_argument("--format", choices=("prom", "json"), default="prom")
@@ -104,19 +123,31 @@ def _serve(args: argparse.Namespace) -> int:
         page_size=parse_size(args.page_size),
         max_key_len=args.max_key_len,
         max_clients=args.max_clients,
+        ops_per_client=args.ops_per_client,
         high_watermark=args.high_watermark,
         low_watermark=args.low_watermark,
         populate=not args.no_populate,
         replace=args.replace,
     )
+    listen = parse_address(args.listen, listen=True) if args.listen else None
     with pool:
         server = None
+        remote: PoolServer | None = None
         where = ""
+        if listen is not None:
+            remote = PoolServer(
+                pool,
+                listen[0],
+                listen[1],
+                pin_handles=args.ops_per_client,
+                transfer_timeout_s=args.transfer_timeout,
+            ).start()
+            where += f" remote={remote.address}"
         if args.metrics_port is not None:
             server = _metrics_server(pool, args.metrics_host, args.metrics_port)
             threading.Thread(target=server.serve_forever, daemon=True).start()
             host, port = server.server_address[:2]
-            where = f" metrics=http://{host}:{port}/metrics"
+            where += f" metrics=http://{host}:{port}/metrics"
         stats = pool.stats()
         print(
             f"banaserve pool: serving {args.name!r}: {stats['num_pages']} pages of "
@@ -129,6 +160,8 @@ def _serve(args: argparse.Namespace) -> int:
             while not stop.wait(args.reap_interval):
                 pool.reap()
         finally:
+            if remote is not None:
+                remote.stop()
             if server is not None:
                 server.shutdown()
                 server.server_close()

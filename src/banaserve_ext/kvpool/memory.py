@@ -159,3 +159,70 @@ def piece_addresses(
     if n_pages and int(table.min()) == 0:
         raise InvalidArgumentError("address table contains a null pointer")
     return table.reshape(-1), lens
+
+
+def caller_pieces(
+    buf: Any,
+    addrs: Any,
+    seg_lens: Any,
+    nbytes: int | None,
+    n_pages: int,
+    page_size: int,
+    *,
+    writable: bool,
+) -> tuple[np.ndarray, np.ndarray, Any]:
+    """The caller-memory forms of ``batch_get``/``batch_set`` → ``(flat piece addresses, piece
+    lengths, keepalive)``: one contiguous buffer of ``n_pages * page_size`` bytes (page i at
+    offset ``i * page_size``), or ``addrs`` (n,) / (n, S) with ``seg_lens``."""
+    if addrs is not None:
+        if buf is not None:
+            raise InvalidArgumentError("pass either a buffer or addrs, not both")
+        flat, lens = piece_addresses(addrs, seg_lens, n_pages, page_size)
+        return flat, lens, None
+    if buf is None:
+        raise InvalidArgumentError("a buffer (or addrs) is required")
+    if seg_lens is not None:
+        raise InvalidArgumentError("seg_lens needs addrs")
+    span = span_of(buf, writable=writable, nbytes=nbytes)
+    check_page_span(span, n_pages, page_size)
+    return (
+        page_addresses(span.address, n_pages, page_size),
+        np.array([page_size], np.uint64),
+        span.keepalive,
+    )
+
+
+# -- descriptor tables of the remote pool (kvpool/server.py, kvpool/remote.py) -------------------
+def slot_addresses(region_addr: int, stride: int, slots: Any) -> np.ndarray:
+    """Addresses of the pages of ``slots`` in a page region (``KVPool.page_region``)."""
+    s = np.asarray(slots, dtype=np.uint64)
+    return np.uint64(region_addr) + s * np.uint64(stride)
+
+
+def piece_descriptors(addrs: Any, seg_lens: Any) -> np.ndarray:
+    """An (n * S, 2) ``(addr, nbytes)`` table from piece addresses (n, S) or (n * S,) and the S
+    piece lengths: row ``i * S + j`` is piece j of page i."""
+    lens = np.ascontiguousarray(seg_lens, dtype=np.uint64).reshape(-1)
+    flat = np.ascontiguousarray(addrs, dtype=np.uint64).reshape(-1)
+    if lens.size == 0 or flat.size % lens.size:
+        raise InvalidArgumentError(f"{flat.size} piece addresses do not split into {lens.size}")
+    table = np.empty((flat.size, 2), dtype=np.uint64)
+    table[:, 0] = flat
+    table[:, 1] = np.tile(lens, flat.size // lens.size)
+    return table
+
+
+def page_piece_descriptors(page_addrs: Any, seg_lens: Any) -> np.ndarray:
+    """The pieces of whole pages: page i piece j starts ``sum(seg_lens[:j])`` bytes into page i.
+    Same row order as :func:`piece_descriptors`, so row k of both tables pairs up."""
+    lens = np.ascontiguousarray(seg_lens, dtype=np.uint64).reshape(-1)
+    starts = np.concatenate([np.zeros(1, np.uint64), np.cumsum(lens, dtype=np.uint64)[:-1]])
+    pages = np.ascontiguousarray(page_addrs, dtype=np.uint64).reshape(-1, 1)
+    return piece_descriptors(pages + starts.reshape(1, -1), lens)
+
+
+def covering_range(table: np.ndarray) -> tuple[int, int]:
+    """``[lo, hi)`` spanning every ``(addr, nbytes)`` row of ``table`` (empty table: (0, 0))."""
+    if table.shape[0] == 0:
+        return 0, 0
+    return int(table[:, 0].min()), int((table[:, 0] + table[:, 1]).max())

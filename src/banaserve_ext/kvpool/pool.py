@@ -20,7 +20,7 @@ from ..errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from .memory import check_page_span, page_addresses, piece_addresses, span_of
+from .memory import caller_pieces
 
 T = TypeVar("T")
 
@@ -61,6 +61,7 @@ class KVPool:
         page_size: int | None = None,
         max_key_len: int = 128,
         max_clients: int = 64,
+        ops_per_client: int = 8,
         high_watermark: float = 0.95,
         low_watermark: float = 0.90,
         populate: bool = True,
@@ -75,6 +76,7 @@ class KVPool:
         self._page_size = page_size
         self._max_key_len = max_key_len
         self._max_clients = max_clients
+        self._ops_per_client = ops_per_client
         self._high = high_watermark
         self._low = low_watermark
         self._populate = populate
@@ -99,6 +101,7 @@ class KVPool:
                 int(self._page_size or 0),
                 max_key_len=self._max_key_len,
                 max_clients=self._max_clients,
+                ops_per_client=self._ops_per_client,
                 high_watermark=self._high,
                 low_watermark=self._low,
                 populate=self._populate,
@@ -156,6 +159,13 @@ class KVPool:
     @property
     def segment_id(self) -> int:
         return int(self._live().segment_id)
+
+    @property
+    def page_region(self) -> tuple[int, int, int]:
+        """``(addr, stride, num_pages)`` of the page data in this process: the page of slot s
+        starts at ``addr + s * stride`` (a pool service registers it with a transfer engine)."""
+        addr, stride, num_pages = self._live().page_region
+        return int(addr), int(stride), int(num_pages)
 
     # -- data path -----------------------------------------------------------------------------
     def batch_exists(self, keys: Keys, *, suffix: str = "") -> int:
@@ -239,19 +249,20 @@ class KVPool:
     def stats(self) -> dict[str, int | bool]:
         return dict(self._call(lambda p: p.stats()))
 
-    def pin(self, keys: Keys) -> tuple[int, np.ndarray]:
+    def pin(self, keys: Keys, *, suffix: str = "") -> tuple[int, np.ndarray]:
         """Zero-copy read of up to 256 keys: ``(handle, addrs)`` with addrs[i] the address of
         key i's page in the shared segment (0 when missing). The pages are neither evicted nor
         removed until :meth:`unpin`; a dead process's pins are reclaimed."""
-        handle, addrs = self._call(lambda p: p.pin(keys))
+        handle, addrs = self._call(lambda p: p.pin(keys, suffix))
         return int(handle), addrs
 
     def unpin(self, handle: int) -> None:
         self._call(lambda p: p.unpin(int(handle)))
 
     # Two-phase put, step by step (tests and custom writers).
-    def reserve(self, keys: Keys) -> tuple[np.ndarray, np.ndarray]:
-        return self._call(lambda p: p.reserve(keys))
+    def reserve(self, keys: Keys, *, suffix: str = "") -> tuple[np.ndarray, np.ndarray]:
+        """``(slots, results)``: slot i is reserved for key i where results[i] is STORED."""
+        return self._call(lambda p: p.reserve(keys, suffix))
 
     def page_address(self, slot: int) -> int:
         return int(self._call(lambda p: p.page_address(int(slot))))
@@ -305,17 +316,8 @@ class KVPool:
         seg_lens: Any,
         writable: bool,
     ) -> tuple[np.ndarray, np.ndarray]:
-        page_size = int(pool.page_size)
-        n = len(keys)
-        if addrs is not None:
-            if buf is not None:
-                raise InvalidArgumentError("pass either a buffer or addrs, not both")
-            return piece_addresses(addrs, seg_lens, n, page_size)
-        if buf is None:
-            raise InvalidArgumentError("a buffer (or addrs) is required")
-        if seg_lens is not None:
-            raise InvalidArgumentError("seg_lens needs addrs")
-        span = span_of(buf, writable=writable, nbytes=nbytes)
-        check_page_span(span, n, page_size)
-        self._keepalive = span.keepalive
-        return page_addresses(span.address, n, page_size), np.array([page_size], np.uint64)
+        flat, lens, keepalive = caller_pieces(
+            buf, addrs, seg_lens, nbytes, len(keys), int(pool.page_size), writable=writable
+        )
+        self._keepalive = keepalive
+        return flat, lens

@@ -18,6 +18,11 @@ flat page order, so both interfaces read each other's pages. Keys get a namespac
 the model, layout and, for MHA, the TP rank (TP ranks hold different heads and never share pages;
 MLA ranks hold the same latent cache and only the storage writer rank writes).
 
+A prefill instance on another host uses ``"pool_address": "HOST:PORT"`` (the ``--listen`` address
+of ``banaserve pool serve``) instead of, or with, ``"pool"``: the backend then holds a
+:class:`~banaserve_ext.kvpool.RemoteKVPool` (same calls; pages over the transfer engine's TCP path,
+SGLang's host KV buffer registered once).
+
 Importing this module imports neither torch nor sglang: the class that subclasses SGLang's
 ``HiCacheStorage`` is built on first access to :data:`CLASS_NAME`.
 """
@@ -32,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import InvalidArgumentError, NotSupportedError
-from ...kvpool import KVPool, PutResult
+from ...kvpool import KVPool, PutResult, RemoteKVPool
 
 logger = logging.getLogger(__name__)
 
@@ -144,27 +149,33 @@ class PoolStorageCore:
     def __init__(self, storage_config: Any, kwargs: dict[str, Any] | None = None) -> None:
         extra = dict(getattr(storage_config, "extra_config", None) or {})
         pool = extra.get("pool")
-        if not pool:
+        address = extra.get("pool_address")
+        if not pool and not address:
             raise InvalidArgumentError(
                 'banaserve HiCache backend: extra config needs "pool": the name given to '
-                "`banaserve pool serve --name`"
+                '`banaserve pool serve --name`, or "pool_address": the HOST:PORT of its --listen'
             )
         self.storage_config = storage_config
-        self.pool_name = str(pool)
+        self.pool_name = str(pool or "")
+        #: set: the pool is served by another host (``banaserve pool serve --listen``)
+        self.pool_address = str(address) if address else None
         self.is_writer = bool(
             getattr(storage_config, "is_storage_writer",
                     not getattr(storage_config, "is_mla_model", False)
                     or getattr(storage_config, "tp_rank", 0) == 0)
         )  # fmt: skip
-        self._pool: KVPool | None = None
+        self._pool: KVPool | RemoteKVPool | None = None
         self._geo: HostGeometry | None = None
         self._suffix: str | None = None
         self.mem_pool_host: Any = None
 
     # -- setup ---------------------------------------------------------------------------------
-    def pool(self) -> KVPool:
+    def pool(self) -> KVPool | RemoteKVPool:
         if self._pool is None:
-            self._pool = KVPool(self.pool_name).start()
+            if self.pool_address:
+                self._pool = RemoteKVPool(self.pool_address, pool=self.pool_name).start()
+            else:
+                self._pool = KVPool(self.pool_name).start()
         return self._pool
 
     def register_mem_pool_host(self, mem_pool_host: Any) -> None:
@@ -178,10 +189,21 @@ class PoolStorageCore:
                 f"`banaserve pool serve --name {self.pool_name} --page-size {geo.page_bytes}`"
             )
         self._check_against_sglang(mem_pool_host, geo)
+        if isinstance(pool, RemoteKVPool):
+            self._register_host_buffer(pool, mem_pool_host)
         self._geo = geo
         self._suffix = key_suffix(self.storage_config, geo)
         logger.info("banaserve HiCache backend: pool %r, layout %s, page %d bytes, suffix %s",
                     self.pool_name, geo.layout, geo.page_bytes, self._suffix)  # fmt: skip
+
+    @staticmethod
+    def _register_host_buffer(pool: RemoteKVPool, host: Any) -> None:
+        """Keeps the host KV buffer registered with the remote client's engine (otherwise each
+        call registers the range it touches)."""
+        buf = getattr(host, "kv_buffer", None)
+        if buf is None or not hasattr(buf, "data_ptr"):
+            return
+        pool.register(int(buf.data_ptr()), int(buf.numel()) * int(buf.element_size()))
 
     @staticmethod
     def _check_against_sglang(host: Any, geo: HostGeometry) -> None:
@@ -206,7 +228,7 @@ class PoolStorageCore:
                 f"{type(host).__name__} ({geo.layout}) does not have the expected buffer geometry"
             )
 
-    def _ready(self) -> tuple[KVPool, HostGeometry, str]:
+    def _ready(self) -> tuple[KVPool | RemoteKVPool, HostGeometry, str]:
         if self._geo is None or self._suffix is None:
             raise InvalidArgumentError("register_mem_pool_host() was not called")
         return self.pool(), self._geo, self._suffix

@@ -88,6 +88,21 @@ struct PoolStats {
   bool closed = false;
 };
 
+/// Where the page data lies in this process's mapping: the page of slot s starts at
+/// addr + s * stride (see page_of). A pool service registers [addr, addr + nbytes()) with a
+/// transfer engine so remote clients' pages move in and out of it without a copy.
+struct PageRegion {
+  uint64_t addr = 0;
+  uint64_t stride = 0;
+  uint64_t num_pages = 0;
+  uint64_t nbytes() const { return stride * num_pages; }
+};
+
+/// Address of slot `slot`'s page in `region` (no range check: callers hold a slot id the pool gave).
+inline uint64_t page_of(const PageRegion& region, uint32_t slot) {
+  return region.addr + region.stride * static_cast<uint64_t>(slot);
+}
+
 struct SegmentView;  // the mapped header and regions (pool.cc)
 
 class Pool {
@@ -109,6 +124,7 @@ class Pool {
   uint64_t num_pages() const;
   uint32_t max_key_len() const;
   uint64_t segment_id() const;
+  PageRegion page_region() const;
 
   /// found[i] = 1 when key i is committed; *leading = number of leading hits. found may be null.
   Status exists(const KeyList& keys, uint8_t* found, size_t* leading);

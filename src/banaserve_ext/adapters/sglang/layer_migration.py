@@ -1,0 +1,378 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Layer-level weight migration inside a running SGLang server (kinds ``layers`` and
+``layers_back`` of ``POST /banaserve/migrate``).
+
+``{"kind": "layers", "first": k, "host": H, "port": P}`` ships the weights of layers
+``k..L-1`` and their KV (every token slot in use: running requests and the radix cache) from
+this process's memory to the layer server at ``H:P`` (:mod:`banaserve_ext.migration.
+layer_server`) through the transfer engine, frees them here, and from the next step on runs
+layers ``0..k-1`` locally, ships (hidden, residual) plus the step's positions, KV slots and
+per-request token slots to the server, which runs ``k..L-1`` and returns (hidden, residual);
+the final norm and the logits stay here. ``"verify": true`` keeps the local copy and checks
+every split step bit for bit against the local layers (reported by kind ``layers_status``).
+``{"kind": "layers_back"}`` reads weights and KV back into fresh local tensors and restores
+the original forward.
+
+Hooks (SGLang 0.5.23 internals this depends on):
+
+* AROUND ``LlamaModel.forward``: unchanged unless the model carries a split; the split forward
+  uses the pipeline-parallel handoff of SGLang's layer boundaries
+  (``layer_boundary.residual.batch.to_pp`` to leave the local stack, ``access.
+  final_norm_pair`` for the final norm), so the residual stream crosses the cut exactly as it
+  crosses a pipeline stage.
+* AROUND ``Scheduler.run_batch``: a layer server lost mid-step (dead process, closed channel,
+  no answer within the deadline) finishes every request of that batch, and of every later
+  batch, with ``finish_reason`` abort and a message naming the server; nothing hangs.
+* Model, pool and allocator reached as ``scheduler.tp_worker.model_runner.model.model``,
+  ``model_runner.token_to_kv_pool`` (``k_buffer``/``v_buffer`` per layer),
+  ``model_runner.req_to_token_pool.req_to_token`` and ``scheduler.token_to_kv_pool_allocator``
+  (``free_pages``/``release_pages``).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from ...errors import InvalidArgumentError, NotSupportedError, UnavailableError
+from ...migration import layer_layout, layer_server
+from ...migration.llama_stack import WEIGHT_NAMES, StackConfig
+
+logger = logging.getLogger(__name__)
+
+FORWARD_TARGET = "sglang.srt.models.llama.LlamaModel.forward"
+RUN_BATCH_TARGET = "sglang.srt.managers.scheduler.Scheduler.run_batch"
+EXECUTOR = "banaserve_ext.migration.llama_stack:build"
+#: weights that are shared between layers (the rotary cache): shipped, never freed
+SHARED_NAMES = ("self_attn.rotary_emb.cos_sin_cache",)
+
+
+class LayersRequest(msgspec.Struct, forbid_unknown_fields=True):
+    kind: str
+    first: int
+    host: str = "127.0.0.1"
+    port: int = 0
+    verify: bool = False
+    timeout_s: float = 30.0
+
+
+class LayerServerLost(UnavailableError):
+    """The layer server of a split model stopped answering."""
+
+
+@dataclass
+class _Split:
+    client: layer_server.LayerServerClient
+    first: int
+    layers: list[int]
+    remote_addrs: dict[int, list[int]]
+    shapes: dict[int, dict[str, tuple[tuple[int, ...], Any]]]
+    verify: bool
+    timeout_s: float
+    req_to_token: Any
+    failed: str | None = None
+    steps: int = 0
+    step_s: float = 0.0
+    verified_steps: int = 0
+    mismatched_steps: int = 0
+    aborted_requests: int = 0
+    report: dict = field(default_factory=dict)
+
+
+def _inner_model(scheduler: Any) -> tuple[Any, Any]:
+    runner = scheduler.tp_worker.model_runner
+    inner = getattr(runner.model, "model", None)
+    from sglang.srt.models.llama import LlamaModel
+
+    if not isinstance(inner, LlamaModel):
+        raise NotSupportedError(
+            f"layer migration supports Llama models; this one is {type(runner.model).__name__}"
+        )
+    return runner, inner
+
+
+def _layer_tensors(layer: Any) -> dict[str, Any]:
+    params = dict(layer.named_parameters())
+    want = set(WEIGHT_NAMES) - set(SHARED_NAMES)
+    if set(params) != want:
+        raise NotSupportedError(
+            f"layer parameters {sorted(params)} are not the plain Llama set {sorted(want)} "
+            "(biases, quantisation and LoRA are not supported)"
+        )
+    out = {n: p.data for n, p in params.items()}
+    out["self_attn.rotary_emb.cos_sin_cache"] = layer.self_attn.rotary_emb.cos_sin_cache
+    return out
+
+
+def _used_slots(scheduler: Any, num_rows: int) -> np.ndarray:
+    alloc = scheduler.token_to_kv_pool_allocator
+    free = np.concatenate([alloc.free_pages.cpu().numpy(), alloc.release_pages.cpu().numpy()])
+    page = int(getattr(alloc, "page_size", 1))
+    if page > 1:
+        free = (free[:, None] * page + np.arange(page)[None, :]).ravel()
+    return layer_layout.used_rows(num_rows, free.astype(np.int64))
+
+
+def _stack_config(inner: Any, layers: list[int]) -> StackConfig:
+    attn = inner.layers[layers[0]].self_attn
+    rope = attn.rotary_emb
+    if type(rope).__name__ != "RotaryEmbedding":
+        raise NotSupportedError(f"rotary embedding {type(rope).__name__} is not supported")
+    return StackConfig(
+        layers=layers,
+        num_heads=int(attn.num_heads),
+        num_kv_heads=int(attn.num_kv_heads),
+        head_dim=int(attn.head_dim),
+        rotary_dim=int(rope.rotary_dim),
+        rms_eps=float(inner.layers[layers[0]].input_layernorm.variance_epsilon),
+        neox_style=bool(rope.is_neox_style),
+    )
+
+
+def _refresh_pool_pointers(pool: Any) -> None:
+    init = getattr(pool, "_init_data_ptrs_and_strides", None)
+    if init is not None:
+        try:
+            init()
+        except Exception:  # noqa: BLE001 - GPU-kernel pointer tables; unused on CPU
+            logger.warning("layer migration: could not refresh the pool's data pointers")
+
+
+def migrate_layers(scheduler: Any, body: dict) -> dict:
+    import torch
+
+    req = msgspec.convert(body, LayersRequest)
+    runner, inner = _inner_model(scheduler)
+    if getattr(inner, "_banaserve_split", None) is not None:
+        raise InvalidArgumentError("layers are already migrated; migrate them back first")
+    if inner.start_layer != 0 or inner.end_layer != len(inner.layers):
+        raise NotSupportedError("layer migration with pipeline parallelism is not supported")
+    layers = layer_layout.split_layers(len(inner.layers), req.first)
+    if not req.port:
+        raise InvalidArgumentError("port of the layer server is required")
+    pool = runner.token_to_kv_pool
+    rows = int(pool.k_buffer[layers[0]].shape[0])
+    used = _used_slots(scheduler, rows)
+    ship: dict[int, list[layer_server.ShipTensor]] = {}
+    shapes: dict[int, dict[str, tuple[tuple[int, ...], Any]]] = {}
+    for i in layers:
+        tensors = _layer_tensors(inner.layers[i])
+        ship[i] = [layer_server.ShipTensor(n, tensors[n]) for n in WEIGHT_NAMES]
+        ship[i] += [
+            layer_server.ShipTensor("k_buffer", pool.k_buffer[i], used),
+            layer_server.ShipTensor("v_buffer", pool.v_buffer[i], used),
+        ]
+        shapes[i] = {st.name: (tuple(st.tensor.shape), st.tensor.dtype) for st in ship[i]}
+    cfg = msgspec.msgpack.encode(_stack_config(inner, layers))
+    client = layer_server.LayerServerClient(req.host, req.port, req.timeout_s).start()
+    try:
+        rep = layer_server.ship_layers(client, ship, EXECUTOR, cfg, req.timeout_s)
+    except Exception:
+        client.close()
+        raise
+    del ship
+    freed: dict[str, Any] = {"weight_bytes": 0, "kv_bytes": 0, "not_freed": []}
+    if not req.verify:
+        t0 = time.perf_counter()
+        wrefs: list[tuple[weakref.ref, int]] = []
+        krefs: list[tuple[weakref.ref, int]] = []
+        for i in layers:
+            layer = inner.layers[i]
+            for name, p in list(layer.named_parameters()):
+                mod_name, _, pname = name.rpartition(".")
+                mod = layer.get_submodule(mod_name)
+                wrefs.append((weakref.ref(p), p.numel() * p.element_size()))
+                mod._parameters[pname] = torch.nn.Parameter(
+                    torch.empty(0, dtype=p.dtype), requires_grad=False
+                )
+                del p
+            for buf_list in (pool.k_buffer, pool.v_buffer):
+                t = buf_list[i]
+                base = t._base if t._base is not None else t
+                krefs.append((weakref.ref(base), t.numel() * t.element_size()))
+                buf_list[i] = torch.empty((0, *t.shape[1:]), dtype=t.dtype)
+                del t, base
+        _refresh_pool_pointers(pool)
+        if any(ref() is not None for ref, _ in wrefs + krefs):
+            gc.collect()  # only when reference counting alone did not free them
+        for kind, refs in (("weight_bytes", wrefs), ("kv_bytes", krefs)):
+            for ref, n in refs:
+                if ref() is None:
+                    freed[kind] += n
+                else:
+                    freed["not_freed"].append(f"{kind}: {n} bytes still referenced elsewhere")
+        freed["free_s"] = time.perf_counter() - t0
+        freed["kept_shared"] = list(SHARED_NAMES)
+    addrs = rep.pop("remote_addrs")
+    split = _Split(
+        client=client, first=req.first, layers=layers, remote_addrs=addrs,
+        shapes=shapes, verify=req.verify, timeout_s=req.timeout_s,
+        req_to_token=runner.req_to_token_pool.req_to_token, report=rep,
+    )  # fmt: skip
+    inner._banaserve_split = split
+    return {"moved": rep, "freed": freed, "kv_slots": int(used.size), "verify": req.verify}
+
+
+def migrate_back(scheduler: Any, body: dict) -> dict:
+    import torch
+
+    runner, inner = _inner_model(scheduler)
+    split: _Split | None = getattr(inner, "_banaserve_split", None)
+    if split is None:
+        raise InvalidArgumentError("no layers are migrated")
+    if split.failed:
+        raise UnavailableError(f"cannot migrate back: {split.failed}")
+    pool = runner.token_to_kv_pool
+    rows = split.shapes[split.layers[0]]["k_buffer"][0][0]
+    used = _used_slots(scheduler, rows)
+    fetch: dict[int, list[layer_server.ShipTensor]] = {}
+    kv_new: dict[int, tuple[Any, Any]] = {}
+    for i in split.layers:
+        sh = split.shapes[i]
+        fetch[i] = [
+            layer_server.ShipTensor(n, torch.empty(sh[n][0], dtype=sh[n][1])) for n in WEIGHT_NAMES
+        ]
+        k_shape, dtype = sh["k_buffer"]
+        if split.verify:
+            k, v = pool.k_buffer[i], pool.v_buffer[i]
+        else:  # the layout SGLang allocates: K and V as the halves of one buffer
+            fused = torch.zeros((2, *k_shape), dtype=dtype)
+            k, v = fused[0], fused[1]
+        kv_new[i] = (k, v)
+        fetch[i] += [
+            layer_server.ShipTensor("k_buffer", k, used),
+            layer_server.ShipTensor("v_buffer", v, used),
+        ]
+    rep = layer_server.fetch_layers(split.client, fetch, split.remote_addrs, split.timeout_s)
+    restored_weight_bytes = 0
+    if not split.verify:
+        for i in split.layers:
+            layer = inner.layers[i]
+            got = {st.name: st.tensor for st in fetch[i]}
+            for name in WEIGHT_NAMES:
+                if name in SHARED_NAMES:
+                    continue
+                mod_name, _, pname = name.rpartition(".")
+                layer.get_submodule(mod_name)._parameters[pname] = torch.nn.Parameter(
+                    got[name], requires_grad=False
+                )
+                restored_weight_bytes += got[name].numel() * got[name].element_size()
+            pool.k_buffer[i], pool.v_buffer[i] = kv_new[i]
+        _refresh_pool_pointers(pool)
+    inner._banaserve_split = None
+    split.client.close()
+    return {"moved": rep, "restored_weight_bytes": restored_weight_bytes,
+            "kv_slots": int(used.size), "split_steps": split.steps}  # fmt: skip
+
+
+def layers_status(scheduler: Any, body: dict) -> dict:
+    _, inner = _inner_model(scheduler)
+    split: _Split | None = getattr(inner, "_banaserve_split", None)
+    if split is None:
+        return {"split": False}
+    return {
+        "split": True, "first": split.first, "layers": split.layers, "steps": split.steps,
+        "mean_step_ms": 1e3 * split.step_s / max(split.steps, 1),
+        "verified_steps": split.verified_steps, "mismatched_steps": split.mismatched_steps,
+        "failed": split.failed, "aborted_requests": split.aborted_requests,
+    }  # fmt: skip
+
+
+# ---- the forward -------------------------------------------------------------------------------
+def _split_forward(split: _Split, model: Any, input_ids: Any, positions: Any, fb: Any,
+                   input_embeds: Any) -> Any:  # fmt: skip
+    import torch
+    from sglang.srt.layers.layer_boundary.residual import access
+    from sglang.srt.layers.layer_boundary.residual import batch as residual_batch
+    from sglang.srt.model_executor.forward_batch_info import PPProxyTensors
+
+    hidden = model.embed_tokens(input_ids) if input_embeds is None else input_embeds
+    residual_batch.start(fb)
+    for i in range(model.start_layer, split.first):
+        hidden = model.layers[i](positions, hidden, fb)
+    out = residual_batch.to_pp(hidden, fb)
+    h, r = out["hidden_states"], out["residual"]
+    if split.failed:
+        return torch.zeros_like(h)
+    if fb.forward_mode.is_decode():
+        mode, prefix = "decode", None
+    elif fb.forward_mode.is_extend():
+        mode, prefix = "extend", fb.extend_prefix_lens.to(torch.int64)
+    else:
+        raise NotSupportedError(f"forward mode {fb.forward_mode} with migrated layers")
+    seq_lens = fb.seq_lens.to(torch.int64)
+    rows = layer_layout.gather_token_rows(
+        split.req_to_token.numpy(), fb.req_pool_indices.cpu().numpy(), seq_lens.numpy()
+    )
+    tensors = {
+        "hidden": h, "residual": r, "positions": positions.to(torch.int64),
+        "out_cache_loc": fb.out_cache_loc.to(torch.int64), "seq_lens": seq_lens,
+        "extend_prefix_lens": prefix, "token_rows": torch.from_numpy(rows),
+    }  # fmt: skip
+    t0 = time.perf_counter()
+    try:
+        h2, r2 = layer_server.remote_step(split.client, mode, tensors, split.timeout_s)
+    except UnavailableError as exc:
+        split.failed = str(exc)
+        logger.error("layer migration: %s; failing the affected requests", exc)
+        return torch.zeros_like(h)
+    split.step_s += time.perf_counter() - t0
+    split.steps += 1
+    if split.verify:
+        local = model.layers[split.first].attn_boundary.from_pp(
+            PPProxyTensors({"hidden_states": h, "residual": r}), fb
+        )
+        for i in range(split.first, model.end_layer):
+            local = model.layers[i](positions, local, fb)
+        ref = residual_batch.to_pp(local, fb)
+        same = torch.equal(ref["hidden_states"], h2) and torch.equal(ref["residual"], r2)
+        split.verified_steps += 1
+        split.mismatched_steps += 0 if same else 1
+    return access.final_norm_pair(h2, r2, model.norm)
+
+
+def around_llama_forward(original: Any, model: Any, input_ids: Any, positions: Any,
+                         forward_batch: Any, *args: Any, **kwargs: Any) -> Any:  # fmt: skip
+    split = getattr(model, "_banaserve_split", None)
+    if split is None:
+        return original(model, input_ids, positions, forward_batch, *args, **kwargs)
+    embeds = args[0] if args else kwargs.get("input_embeds")
+    return _split_forward(split, model, input_ids, positions, forward_batch, embeds)
+
+
+def around_run_batch(original: Any, scheduler: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
+    result = original(scheduler, batch, *args, **kwargs)
+    inner = getattr(getattr(scheduler.tp_worker.model_runner, "model", None), "model", None)
+    split = getattr(inner, "_banaserve_split", None)
+    if split is not None and split.failed:
+        for req in batch.reqs:
+            if not req.finished():
+                req.set_finish_with_abort(
+                    f"layer migration: {split.failed}", status_code=503,
+                    err_type="LayerServerLost",
+                )  # fmt: skip
+                split.aborted_requests += 1
+    return result
+
+
+def register() -> None:
+    """Plug-in entry point (every SGLang process): the forward hooks and the migration kinds."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(FORWARD_TARGET, around_llama_forward, HookType.AROUND)
+    HookRegistry.register(RUN_BATCH_TARGET, around_run_batch, HookType.AROUND)
+    try:
+        from .admin import register_migration_handler
+    except ImportError:  # the admin endpoint is not there: hooks only
+        logger.warning("layer migration: no admin endpoint; kinds not registered")
+        return
+    register_migration_handler("layers", migrate_layers)
+    register_migration_handler("layers_back", migrate_back)
+    register_migration_handler("layers_status", layers_status, quiescent=False)

@@ -1,0 +1,154 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Control messages between a remote client (:class:`~.remote.RemoteKVPool`) and the pool
+service (:class:`~.server.PoolServer`).
+
+One request, one reply, on a plain TCP connection; every frame is a 4-byte little-endian length
+followed by a msgpack-encoded message. Page bytes never travel here: a request carries the
+client's piece addresses and the service moves the pages with the transfer engine.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Any
+
+import msgspec
+
+from ..errors import STATUS_CODE_TO_ERROR, BanaserveError, InternalError, ProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_FRAME = 64 << 20
+_LEN = struct.Struct("<I")
+
+
+class Hello(msgspec.Struct, tag="hello", array_like=True):
+    version: int
+    pool: str  # "" = whatever pool the service serves
+    engine: bytes  # the client's transfer-engine metadata
+
+
+class Exists(msgspec.Struct, tag="exists", array_like=True):
+    keys: list[Any]
+    suffix: str = ""
+    mask: bool = False  # reply a mask per key instead of the count of leading hits
+
+
+class Get(msgspec.Struct, tag="get", array_like=True):
+    keys: list[Any]
+    addrs: bytes  # uint64 piece addresses in the client, n * len(seg_lens)
+    seg_lens: bytes  # uint64 piece lengths, summing to the page size
+    suffix: str = ""
+    engine: bytes = b""  # fresh client metadata when its registrations changed
+
+
+class Put(msgspec.Struct, tag="put", array_like=True):
+    keys: list[Any]
+    addrs: bytes
+    seg_lens: bytes
+    suffix: str = ""
+    engine: bytes = b""
+
+
+class Remove(msgspec.Struct, tag="remove", array_like=True):
+    keys: list[Any]
+
+
+class Stats(msgspec.Struct, tag="stats", array_like=True):
+    pass
+
+
+Request = Hello | Exists | Get | Put | Remove | Stats
+
+
+class Welcome(msgspec.Struct, tag="welcome", array_like=True):
+    pool: str
+    page_size: int
+    num_pages: int
+    max_key_len: int
+    segment_id: int
+
+
+class Count(msgspec.Struct, tag="count", array_like=True):
+    value: int
+
+
+class Mask(msgspec.Struct, tag="mask", array_like=True):
+    data: bytes  # one byte per key
+
+
+class StatsReply(msgspec.Struct, tag="stats_reply", array_like=True):
+    stats: dict[str, int | bool]
+
+
+class Error(msgspec.Struct, tag="error", array_like=True):
+    code: int  # a banaserve_ext.errors code
+    message: str
+
+
+Reply = Welcome | Count | Mask | StatsReply | Error
+
+_encoder = msgspec.msgpack.Encoder()
+_request_decoder = msgspec.msgpack.Decoder(Request)
+_reply_decoder = msgspec.msgpack.Decoder(Reply)
+
+
+def error_reply(exc: BaseException) -> Error:
+    code = exc.code if isinstance(exc, BanaserveError) else InternalError.code
+    return Error(code=code, message=str(exc) or type(exc).__name__)
+
+
+def raise_error(reply: Error) -> None:
+    raise STATUS_CODE_TO_ERROR.get(reply.code, InternalError)(reply.message)
+
+
+def send(sock: socket.socket, msg: Any) -> None:
+    body = _encoder.encode(msg)
+    sock.sendall(_LEN.pack(len(body)) + body)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            raise EOFError("connection closed")
+        got += k
+    return bytes(buf)
+
+
+def _recv_frame(sock: socket.socket) -> bytes:
+    (n,) = _LEN.unpack(_recv_exact(sock, _LEN.size))
+    if n > MAX_FRAME:
+        raise ProtocolError(f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
+    return _recv_exact(sock, n)
+
+
+def recv_request(sock: socket.socket) -> Any:
+    frame = _recv_frame(sock)
+    try:
+        return _request_decoder.decode(frame)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"malformed request: {exc}") from None
+
+
+def recv_reply(sock: socket.socket) -> Any:
+    frame = _recv_frame(sock)
+    try:
+        return _reply_decoder.decode(frame)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"malformed reply: {exc}") from None
+
+
+def parse_address(address: str, *, listen: bool = False) -> tuple[str, int]:
+    """``"host:port"`` → ``(host, port)``; InvalidArgumentError otherwise. Port 0 (any free
+    port) only where ``listen``."""
+    from ..errors import InvalidArgumentError
+
+    host, sep, port = address.rpartition(":")
+    lowest = 0 if listen else 1
+    if not sep or not host or not port.isdigit() or not lowest <= int(port) < 65536:
+        raise InvalidArgumentError(f"pool address must be HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
