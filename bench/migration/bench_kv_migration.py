@@ -85,7 +85,7 @@ def bench_transfer(repeat: int, backend: str | None, arena_mb: int) -> list[dict
 def fit(rows: list[dict]) -> dict:
     x = np.array([r["bytes"] for r in rows], dtype=float)
     y = np.array([r["total_ms"] / 1e3 for r in rows])
-    slope, intercept = np.polyfit(x, y, 1)
+    slope, intercept = np.polyfit(x, y, 1, w=1 / y)  # least relative error
     from banaserve_ext.control.banaserve import BanaServeConfig
 
     cfg = BanaServeConfig()
@@ -101,7 +101,7 @@ def fit(rows: list[dict]) -> dict:
     }  # fmt: skip
 
 
-def bench_step(repeat: int) -> dict:
+def bench_step(repeat: int, server_env: dict[str, str]) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python_tests"))
     from sglang_testbed.cluster import Cluster
 
@@ -110,7 +110,7 @@ def bench_step(repeat: int) -> dict:
 
     tmp = Path(tempfile.mkdtemp(prefix="kvmig-bench-"))
     model = create_tiny_llama(tmp / "model")
-    cluster = Cluster(model, tmp / "logs")
+    cluster = Cluster(model, tmp / "logs", env=server_env)
     prompt = [(7 * j + 3) % 1000 + 1 for j in range(512)]
     new = 256
     res: dict[str, list[float]] = {"unsplit": [], "split": []}
@@ -170,6 +170,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(Path(__file__).with_name("results.json")))
     ap.add_argument("--skip-step", action="store_true")
     ap.add_argument("--skip-transfer", action="store_true")
+    ap.add_argument("--server-env", action="append", default=[], help="KEY=VALUE for SGLang")
     ap.add_argument("--arena-mb", type=int, default=600, help="peer arena (0: memory per slice)")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -179,7 +180,9 @@ def main() -> int:
         report[f"transfer_{backend or 'auto'}"] = {"rows": rows, "fit": fit(rows)}
         print(json.dumps(report[f"transfer_{backend or 'auto'}"]["fit"]), flush=True)
     if not args.skip_step:
-        report["step"] = bench_step(args.repeat)
+        env = dict(kv.split("=", 1) for kv in args.server_env)
+        report["step"] = bench_step(args.repeat, env)
+        report["step"]["server_env"] = env
         print(json.dumps({k: v for k, v in report["step"].items() if k != "runs"}), flush=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     return 0

@@ -15,6 +15,7 @@ from banaserve_ext.errors import InvalidArgumentError  # noqa: E402
 from banaserve_ext.migration.attn_math import (  # noqa: E402
     merge_states,
     merge_states_auto,
+    merge_states_fast,
     partial_attention,
     split_positions,
 )
@@ -95,11 +96,18 @@ def test_empty_part_contributes_nothing_and_three_parts_merge_in_any_order() -> 
     torch.testing.assert_close(right[0], full_o, atol=1e-5, rtol=1e-5)
 
 
-def test_auto_merge_on_cpu_is_the_torch_reference() -> None:
+def test_fast_and_auto_merge_on_cpu_equal_the_reference() -> None:
     q, k, v = qkv(11)
     a = partial_attention(q, k[:9], v[:9], 0.25)
     b = partial_attention(q, k[9:], v[9:], 0.25)
-    torch.testing.assert_close(merge_states_auto(*a, *b)[0], merge_states(*a, *b)[0])
+    ref_o, ref_lse = merge_states(*a, *b)
+    for fn in (merge_states_fast, merge_states_auto):
+        o, lse = fn(*a, *b)
+        torch.testing.assert_close(o, ref_o, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(lse, ref_lse, atol=1e-6, rtol=1e-6)
+    empty = partial_attention(q, k[:0], v[:0], 0.25)
+    torch.testing.assert_close(merge_states_fast(*a, *empty)[0], a[0])
+    torch.testing.assert_close(merge_states_fast(*empty, *b)[0], b[0])
 
 
 def test_bf16_inputs_are_computed_in_float32() -> None:

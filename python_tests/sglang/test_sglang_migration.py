@@ -16,6 +16,9 @@ from sglang_testbed.cluster import Cluster
 from banaserve_ext.launch.servers import SGLangServerConfig, http_json
 from banaserve_ext.migration.attn_peer import AttnPeerProcess
 
+#: idle OpenMP threads that spin starve the attention peer on a small box (see README)
+SERVER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
 pytestmark = pytest.mark.sglang
 
 SERVER_ARGS = ("--dtype", "float32", "--disable-radix-cache")
@@ -33,7 +36,7 @@ def server(
 ) -> Iterator[SGLangServerConfig]:
     cluster = Cluster(tiny_model_dir, tmp_path_factory.mktemp("migration-logs"))
     try:
-        cfg, _ = cluster.server(extra_args=SERVER_ARGS)
+        cfg, _ = cluster.server(extra_args=SERVER_ARGS, env=SERVER_ENV)
         yield cfg
     finally:
         cluster.close()

@@ -21,6 +21,9 @@ from sglang_testbed.cluster import Cluster
 from banaserve_ext.launch.servers import SGLangServerConfig, http_json
 from banaserve_ext.migration.attn_peer import AttnPeerProcess
 
+#: idle OpenMP threads that spin starve the attention peer on a small box (see README)
+SERVER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
 pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
 #: |Δ logprob| of the chosen token, over the common prefix
@@ -36,7 +39,9 @@ def bf16_server(
 ) -> Iterator[SGLangServerConfig]:
     cluster = Cluster(tiny_model_dir, tmp_path_factory.mktemp("migration-bf16-logs"))
     try:
-        cfg, _ = cluster.server(extra_args=("--dtype", "bfloat16", "--disable-radix-cache"))
+        cfg, _ = cluster.server(
+            extra_args=("--dtype", "bfloat16", "--disable-radix-cache"), env=SERVER_ENV
+        )
         yield cfg
     finally:
         cluster.close()

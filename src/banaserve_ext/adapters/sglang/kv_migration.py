@@ -25,7 +25,9 @@ Hooks (registered by the plug-in, applied by SGLang in the scheduler process):
   gets a clear error, never a token computed without part of its context.
 
 Limits: ``torch_native`` attention, page size 1, ``--disable-radix-cache`` (a radix tree would
-key the migrated positions), no overlap scheduling, tensor parallelism 1, dense MHA/GQA KV pools.
+key the migrated positions), no overlap scheduling, no mixed chunks or speculative decoding (a
+split request must only ever run in decode forwards), tensor parallelism 1, dense MHA/GQA KV
+pools; all are checked and refused with a 501.
 """
 
 from __future__ import annotations
@@ -204,6 +206,12 @@ def _check_deployment(scheduler: Any) -> None:
         raise NotSupportedError("KV migration needs --disable-radix-cache")
     if int(scheduler.token_to_kv_pool_allocator.page_size) != 1:
         raise NotSupportedError("KV migration supports page size 1 only")
+    # split rows are recomputed in decode forwards only: a decode request inside an extend batch
+    # (mixed chunks) or a verify pass (speculative decoding) would read the freed slots
+    if getattr(args, "enable_mixed_chunk", False) or getattr(args, "speculative_algorithm", None):
+        raise NotSupportedError(
+            "KV migration does not support --enable-mixed-chunk or speculative decoding"
+        )
 
 
 def _transfer(owner: _Owner, op: Any, slots: Any, remote: Any, n: int) -> None:
@@ -384,6 +392,9 @@ def _fix_split_rows(
         lo, ll = partial_attention(q3[i : i + 1], k_cache[slots], v_cache[slots], layer.scaling)
         local_o.append(lo)
         local_lse.append(ll)
+    o_loc, lse_loc = torch.cat(local_o), torch.cat(local_lse)  # [R, Hq, Dv], [R, Hq]
+    o_far, lse_far = torch.empty_like(o_loc), torch.empty_like(lse_loc)
+    merged = torch.zeros(len(rows), dtype=torch.bool)
     for js, link, call in pending:
         try:
             if isinstance(call, Exception):
@@ -397,12 +408,16 @@ def _fix_split_rows(
             for j in js:
                 rows[j][1].failed = why
             continue
-        for n, j in enumerate(js):
-            local_o[j], local_lse[j] = merge_states_auto(
-                local_o[j], local_lse[j], po[n : n + 1], plse[n : n + 1]
-            )
-    for j, (i, _) in enumerate(rows):
-        o3[i] = local_o[j][0].to(o3.dtype)
+        o_far[js], lse_far[js], merged[js] = po, plse, True
+    if bool(merged.all()):
+        out, _ = merge_states_auto(o_loc, lse_loc, o_far, lse_far)
+    else:  # failed rows keep their local part: finite, and the request is aborted after the step
+        out = o_loc.clone()
+        if bool(merged.any()):
+            out[merged] = merge_states_auto(
+                o_loc[merged], lse_loc[merged], o_far[merged], lse_far[merged]
+            )[0]
+    o3[[i for i, _ in rows]] = out.to(o3.dtype)
 
 
 def around_free_kv_row(
