@@ -85,14 +85,14 @@ def bench_transfer(repeat: int, backend: str | None, arena_mb: int) -> list[dict
 def fit(rows: list[dict]) -> dict:
     x = np.array([r["bytes"] for r in rows], dtype=float)
     y = np.array([r["total_ms"] / 1e3 for r in rows])
-    slope, intercept = np.polyfit(x, y, 1, w=1 / y)  # least relative error
-    from banaserve_ext.control.banaserve import BanaServeConfig
+    from banaserve_ext.control.banaserve import BanaServeConfig, LinkCost
 
+    link = LinkCost.fit(x.tolist(), y.tolist())  # least relative error (attention_link=)
     cfg = BanaServeConfig()
     model = x / cfg.bandwidth_Bps + cfg.sync_s
-    fitted = x * slope + intercept
+    fitted = np.array([link.seconds(v) for v in x])
     return {
-        "fit_bandwidth_GBps": 1 / slope / 1e9, "fit_fixed_ms": intercept * 1e3,
+        "fit_bandwidth_GBps": link.bandwidth_Bps / 1e9, "fit_fixed_ms": link.fixed_s * 1e3,
         "model_default": {"bandwidth_GBps": cfg.bandwidth_Bps / 1e9, "sync_ms": cfg.sync_s * 1e3},
         "default_model_err_pct": [
             round(100 * (m - t) / t, 1) for m, t in zip(model, y, strict=True)

@@ -12,6 +12,7 @@ from banaserve_ext.control import (
     DynaServeSplitter,
     FlipRole,
     InstanceView,
+    LinkCost,
     LlumnixMigrator,
     LoadView,
     MigrateAttention,
@@ -145,3 +146,44 @@ def test_llumnix_moves_from_fullest_to_emptiest() -> None:
     assert (mig.src, mig.dst) == (0, 2)
     assert m.plan([InstanceView(0, "colocated", 0.5, 0.5), InstanceView(1, "colocated", 0.5, 0.4)]
                   ) == []
+
+
+def test_link_cost_fit_recovers_fixed_and_bandwidth() -> None:
+    truth = LinkCost(bandwidth_Bps=1.5e9, fixed_s=0.030)
+    sizes = [2e6, 8e6, 32e6, 128e6]
+    fit = LinkCost.fit(sizes, [truth.seconds(x) for x in sizes])
+    assert fit.bandwidth_Bps == pytest.approx(1.5e9, rel=1e-9)
+    assert fit.fixed_s == pytest.approx(0.030, rel=1e-9)
+    assert fit.relative_error(64e6, truth.seconds(64e6)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_link_cost_fit_with_negative_intercept_goes_through_origin() -> None:
+    # time that grows faster than linearly from 0: the line's intercept is negative
+    fit = LinkCost.fit([1.0, 2.0, 3.0], [1.0, 4.0, 9.0])
+    assert fit.fixed_s == 0.0
+    # weights 1/y^2: slope = sum(w x y) / sum(w x^2) = (1 + 8/16 + 27/81) / (1 + 4/16 + 9/81)
+    assert fit.bandwidth_Bps == pytest.approx((1 + 4 / 16 + 9 / 81) / (1 + 8 / 16 + 27 / 81))
+
+
+@pytest.mark.parametrize(
+    ("sizes", "times"),
+    [([1.0], [1.0]), ([1.0, 1.0], [1.0, 2.0]), ([1.0, 2.0], [1.0]), ([1.0, 2.0], [0.0, 1.0]),
+     ([1.0, 2.0], [2.0, 1.0])],
+)
+def test_link_cost_fit_refuses_what_it_cannot_fit(sizes: list[float], times: list[float]) -> None:
+    with pytest.raises(InvalidArgumentError):
+        LinkCost.fit(sizes, times)
+
+
+def test_controller_uses_the_measured_link_of_each_mechanism() -> None:
+    layer = LinkCost(bandwidth_Bps=1e9, fixed_s=0.03)
+    attn = LinkCost(bandwidth_Bps=5e9, fixed_s=0.002)
+    c = _ctrl(layer_link=layer, attention_link=attn)
+    w, kvt = M.weight_bytes_per_layer, M.kv_bytes_per_token_layer
+    assert c.layer_latency(2, 1000) == pytest.approx(0.03 + 2 * (w + kvt * 1000) / 1e9)
+    kv_bytes = 0.5 * 1000 * kvt * M.layers
+    assert c.attention_latency(0.5, 1000) == pytest.approx(0.002 + kv_bytes / 5e9)
+    plain = _ctrl(bandwidth_Bps=50e9, sync_s=0.005)
+    assert plain.layer_latency(1, 0) == pytest.approx(0.005 + w / 50e9)
+    with pytest.raises(InvalidArgumentError):
+        LinkCost(bandwidth_Bps=0.0)

@@ -137,7 +137,7 @@ def _arena_bytes(tensors: dict, k: int, tok: int) -> int:
 def bench_migration(a: argparse.Namespace, client: Any) -> list[dict]:
     import torch
 
-    from ..control.banaserve import BanaServeConfig, BanaServeController
+    from ..control.banaserve import BanaServeConfig, BanaServeController, LinkCost
     from ..migration import layer_server as ls
     from ..migration.llama_stack import KV_NAMES, WEIGHT_NAMES
 
@@ -193,16 +193,15 @@ def bench_migration(a: argparse.Namespace, client: Any) -> list[dict]:
             r[f"err_{cfg_name}_reserved"] = (pred - r["migrate_reserved_s"]) / r[
                 "migrate_reserved_s"
             ]
-    # least-squares fit of migrate_s = sync + bytes / bw (what the constants would have to be)
-    x = np.array([r["bytes"] for r in rows], float)
-    y = np.array([r["migrate_reserved_s"] for r in rows], float)
-    slope, icpt = np.polyfit(x, y, 1)
-    fit = {"sync_s": float(icpt), "bandwidth_Bps": float(1 / slope) if slope > 0 else None,
+    # the corrected model: fixed + bytes / bandwidth fitted to these measurements (LinkCost.fit);
+    # BanaServeConfig(layer_link=...) makes the controller use it
+    link = LinkCost.fit([float(r["bytes"]) for r in rows],
+                        [r["migrate_reserved_s"] for r in rows])  # fmt: skip
+    fit = {"sync_s": link.fixed_s, "bandwidth_Bps": link.bandwidth_Bps,
            "raw_bandwidth_Bps": bw, "weight_bytes_per_layer": w_layer,
            "kv_bytes_per_token_layer": kv_tok_layer}  # fmt: skip
     for r in rows:
-        pred = fit["sync_s"] + r["bytes"] * slope
-        r["err_fit"] = (pred - r["migrate_reserved_s"]) / r["migrate_reserved_s"]
+        r["err_fit"] = link.relative_error(r["bytes"], r["migrate_reserved_s"])
     return rows + [{"fit": fit}]
 
 

@@ -10,6 +10,7 @@ from .banaserve import (
     BanaServeController,
     FlipRole,
     InstanceView,
+    LinkCost,
     MigrateAttention,
     MigrateLayers,
     Revert,
@@ -20,6 +21,6 @@ from .semipd import SemiPDController
 
 __all__ = [
     "BanaServeConfig", "BanaServeController", "DynaServeSplitter", "FlipRole", "InstanceView",
-    "LlumnixMigrator", "LoadView", "MigrateAttention", "MigrateLayers", "Migration", "Revert",
-    "SemiPDController", "SplitPlan",
+    "LinkCost", "LlumnixMigrator", "LoadView", "MigrateAttention", "MigrateLayers", "Migration",
+    "Revert", "SemiPDController", "SplitPlan",
 ]

@@ -16,11 +16,11 @@ Decision per tick:
    ``migration_latency(plan) <= budget_s`` over
 
    * **layer-level migration** of a contiguous block of ``k`` layers with their weights and KV
-     (``latency = k * (W_layer + KV_layer) / bandwidth + sync``; the donor's iteration time falls
+     (``latency = k * (W_layer + KV_layer) / bandwidth + fixed``; the donor's iteration time falls
      by ``k/L``, the receiver lends that share of its time), and
    * **attention-level migration** of a share ``phi`` of a decode instance's KV and attention
-     (``latency = phi * KV / bandwidth``; per step the two exchange partial outputs and softmax
-     statistics, a fixed ``exchange_s``).
+     (``latency = phi * KV / bandwidth + fixed``; per step the two exchange partial outputs and
+     softmax statistics, a fixed ``exchange_s``).
 
 3. **Hysteresis and cool-down**: nothing fires until the imbalance persisted, no two actions
    within ``cooldown_s``, and a migration is undone only when the imbalance has reversed by more
@@ -33,6 +33,63 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..errors import InvalidArgumentError
+
+
+@dataclass(frozen=True)
+class LinkCost:
+    """Time one migration takes to move ``n`` bytes: ``fixed_s + n / bandwidth_Bps``.
+
+    ``fixed_s`` is what a migration pays whatever its size (control round trips, setting up the
+    receiver). The two mechanisms differ (a layer migration ships weights into fresh memory and
+    rebinds parameters; a KV migration writes into a pre-allocated arena), so the controller keeps
+    one link cost per mechanism; :meth:`fit` derives them from a benchmark's measurements
+    (``banaserve bench layer-migration``, ``bench/migration/bench_kv_migration.py``).
+    """
+
+    bandwidth_Bps: float
+    fixed_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.bandwidth_Bps > 0:
+            raise InvalidArgumentError(f"bandwidth_Bps must be > 0, got {self.bandwidth_Bps}")
+        if not self.fixed_s >= 0:
+            raise InvalidArgumentError(f"fixed_s must be >= 0, got {self.fixed_s}")
+
+    def seconds(self, nbytes: float) -> float:
+        return self.fixed_s + nbytes / self.bandwidth_Bps
+
+    @classmethod
+    def fit(cls, nbytes: Sequence[float], seconds: Sequence[float]) -> LinkCost:
+        """``seconds = fixed_s + nbytes / bandwidth_Bps`` with the least relative error (weights
+        ``1 / seconds**2``) over measurements of at least two sizes; a negative intercept is
+        refitted through the origin."""
+        if len(nbytes) != len(seconds):
+            raise InvalidArgumentError("nbytes and seconds differ in length")
+        if len(set(nbytes)) < 2:
+            raise InvalidArgumentError("a fit needs measurements of at least two sizes")
+        if any(x < 0 for x in nbytes) or any(not y > 0 for y in seconds):
+            raise InvalidArgumentError("sizes must be >= 0 and times > 0")
+        pts = list(zip(nbytes, seconds, strict=True))
+        w = [1.0 / (y * y) for _, y in pts]
+        sw = sum(w)
+        mx = sum(wi * x for wi, (x, _) in zip(w, pts, strict=True)) / sw
+        my = sum(wi * y for wi, (_, y) in zip(w, pts, strict=True)) / sw
+        sxx = sum(wi * (x - mx) ** 2 for wi, (x, _) in zip(w, pts, strict=True))
+        sxy = sum(wi * (x - mx) * (y - my) for wi, (x, y) in zip(w, pts, strict=True))
+        slope = sxy / sxx
+        fixed = my - slope * mx
+        if fixed < 0:
+            slope = sum(wi * x * y for wi, (x, y) in zip(w, pts, strict=True)) / sum(
+                wi * x * x for wi, (x, _) in zip(w, pts, strict=True)
+            )
+            fixed = 0.0
+        if not slope > 0:
+            raise InvalidArgumentError("time does not grow with size: no bandwidth to fit")
+        return cls(bandwidth_Bps=1.0 / slope, fixed_s=fixed)
+
+    def relative_error(self, nbytes: float, measured_s: float) -> float:
+        """(predicted − measured) / measured."""
+        return (self.seconds(nbytes) - measured_s) / measured_s
 
 
 @dataclass
@@ -94,6 +151,16 @@ class BanaServeConfig:
     min_gain: float = 0.05
     #: no action before this time (the first windows are the warm-up transient)
     warmup_s: float = 0.0
+    #: measured link costs per mechanism (see :class:`LinkCost`); ``None`` falls back to
+    #: ``sync_s + bytes / bandwidth_Bps`` for that mechanism
+    layer_link: LinkCost | None = None
+    attention_link: LinkCost | None = None
+
+    def layer_cost(self) -> LinkCost:
+        return self.layer_link or LinkCost(self.bandwidth_Bps, self.sync_s)
+
+    def attention_cost(self) -> LinkCost:
+        return self.attention_link or LinkCost(self.bandwidth_Bps, self.sync_s)
 
     def validate(self) -> None:
         if not 0 <= self.low < self.high:
@@ -132,11 +199,11 @@ class BanaServeController:
     def layer_latency(self, k: int, kv_tokens: int) -> float:
         c = self.config
         nbytes = k * (self.weight_bytes_per_layer + self.kv_bytes_per_token_layer * kv_tokens)
-        return nbytes / c.bandwidth_Bps + c.sync_s
+        return c.layer_cost().seconds(nbytes)
 
     def attention_latency(self, fraction: float, kv_tokens: int) -> float:
         nbytes = fraction * kv_tokens * self.kv_bytes_per_token_layer * self.total_layers
-        return nbytes / self.config.bandwidth_Bps + self.config.sync_s
+        return self.config.attention_cost().seconds(nbytes)
 
     # -- the decision ------------------------------------------------------------------------
     def plan(self, views: Sequence[InstanceView], now_s: float) -> list[object]:
