@@ -34,7 +34,10 @@ def send_frame(sock: socket.socket, obj: Any) -> None:
         raise UnavailableError(f"sending a frame failed: {exc}") from None
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def recv_exact(sock: socket.socket, n: int, channel: str = "frame channel") -> bytearray:
+    """Exactly ``n`` bytes from ``sock``. A socket timeout propagates as ``TimeoutError`` (the
+    caller knows its deadline); a reset or a closed connection is ``UnavailableError`` naming
+    ``channel``."""
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
@@ -44,18 +47,18 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
         except TimeoutError:
             raise
         except OSError as exc:
-            raise UnavailableError(f"receiving a frame failed: {exc}") from None
+            raise UnavailableError(f"{channel}: receive failed: {exc}") from None
         if k == 0:
-            raise UnavailableError("connection closed by the peer")
+            raise UnavailableError(f"{channel}: connection closed by the peer")
         got += k
-    return bytes(buf)
+    return buf
 
 
 def recv_frame(sock: socket.socket) -> Any:
-    (n,) = _LEN.unpack(_recv_exact(sock, _LEN.size))
+    (n,) = _LEN.unpack(recv_exact(sock, _LEN.size))
     if n > MAX_FRAME:
         raise ProtocolError(f"frame length {n} exceeds the {MAX_FRAME}-byte limit")
     try:
-        return _dec.decode(_recv_exact(sock, n))
+        return _dec.decode(recv_exact(sock, n))
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"malformed frame: {exc}") from None

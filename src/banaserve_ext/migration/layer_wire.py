@@ -18,6 +18,7 @@ import msgspec
 import numpy as np
 
 from ..errors import ProtocolError, UnavailableError
+from .frames import recv_exact
 
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
@@ -70,22 +71,12 @@ def send_msg(sock: socket.socket, header: dict, bufs: Sequence[tuple[str, Any]] 
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytearray:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        try:
-            k = sock.recv_into(view[got:], n - got)
-        except TimeoutError:
-            raise UnavailableError(
-                f"layer server channel: no answer within {sock.gettimeout()} s"
-            ) from None
-        except OSError as exc:
-            raise UnavailableError(f"layer server channel: receive failed: {exc}") from None
-        if k == 0:
-            raise UnavailableError("layer server channel closed by the peer")
-        got += k
-    return buf
+    try:
+        return recv_exact(sock, n, "layer server channel")
+    except TimeoutError:
+        raise UnavailableError(
+            f"layer server channel: no answer within {sock.gettimeout()} s"
+        ) from None
 
 
 def recv_msg(sock: socket.socket) -> tuple[dict, dict[str, np.ndarray]]:
