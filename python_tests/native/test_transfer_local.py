@@ -113,6 +113,15 @@ def test_torch_cpu_tensor_registers_through_dlpack(engine: TransferEngine) -> No
     assert reg.addr == t.data_ptr() and reg.nbytes == 4096
 
 
+def test_torch_dtypes_numpy_lacks_register_by_their_bytes(engine: TransferEngine) -> None:
+    torch = pytest.importorskip("torch")
+    t = torch.zeros((16, 64), dtype=torch.bfloat16)  # numpy has no bfloat16
+    reg = engine.register(t)
+    assert reg.addr == t.data_ptr() and reg.nbytes == 16 * 64 * 2
+    with pytest.raises(errors.InvalidArgumentError, match="contiguous"):
+        engine.register(torch.zeros((16, 64), dtype=torch.bfloat16)[:, ::2])
+
+
 def test_allocate_gives_shared_memory_with_a_numpy_view(engine: TransferEngine) -> None:
     reg = engine.allocate(1 << 20)
     assert reg.shared and reg.array is not None and reg.array.nbytes == 1 << 20

@@ -50,7 +50,11 @@ def as_buffer_view(obj: Any, nbytes: int | None = None) -> BufferView:
             return _sized(BufferView(ptr, size, CUDA, int(dev_id), obj), nbytes)
         if int(dev_type) not in (_DL_CPU, _DL_CUDA_HOST):
             raise NotSupportedError(f"DLPack device type {int(dev_type)} is not supported")
-        arr = np.from_dlpack(obj)
+        try:
+            arr = np.from_dlpack(obj)
+        except (BufferError, RuntimeError, TypeError) as exc:
+            # a dtype numpy lacks (bfloat16, float8, ...): the bytes are what gets registered
+            return _sized(_from_tensor_like(obj, exc), nbytes)
         return _sized(_from_array(arr, obj), nbytes)
     try:
         view = memoryview(obj)
@@ -77,6 +81,15 @@ def _from_array(arr: np.ndarray, owner: Any) -> BufferView:
     return BufferView(int(arr.ctypes.data), int(arr.nbytes), HOST, 0, owner)
 
 
+def _from_tensor_like(obj: Any, why: Exception) -> BufferView:
+    """Host memory of a tensor numpy cannot view (torch-style ``data_ptr``/``is_contiguous``)."""
+    if not (hasattr(obj, "data_ptr") and hasattr(obj, "is_contiguous")):
+        raise NotSupportedError(f"cannot view {type(obj).__name__} as host memory: {why}")
+    if not obj.is_contiguous():
+        raise InvalidArgumentError("memory must be C-contiguous")
+    return BufferView(int(obj.data_ptr()), _nbytes_of(obj), HOST, 0, obj)
+
+
 def _sized(view: BufferView, nbytes: int | None) -> BufferView:
     if nbytes is None:
         return view
@@ -99,7 +112,7 @@ def _nbytes_of(obj: Any) -> int:
         return int(obj.nbytes)
     if hasattr(obj, "numel") and hasattr(obj, "element_size"):
         return int(obj.numel() * obj.element_size())
-    raise NotSupportedError("cannot find the size of this CUDA object")
+    raise NotSupportedError(f"cannot find the size of this {type(obj).__name__}")
 
 
 def array_at(addr: int, nbytes: int) -> np.ndarray:
