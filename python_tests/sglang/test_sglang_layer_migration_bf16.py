@@ -15,13 +15,18 @@ transfer façade now registers such tensors by their bytes."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from sglang_testbed.cluster import Cluster
+from sglang_testbed.logprobs import (
+    chosen_logprobs,
+    drift,
+    generate_logprobs,
+    wait_until_decoding,
+)
 from test_sglang_layer_migration import LayerServerProc
 
 from banaserve_ext.launch.servers import SGLangServerConfig, http_json
@@ -47,24 +52,10 @@ def bf16_server(
         cluster.close()
 
 
-def gen(url: str, ids: list[int], rid: str) -> dict:
-    payload = {
-        "input_ids": ids, "rid": rid, "return_logprob": True,
-        "sampling_params": {"max_new_tokens": NEW, "temperature": 0.0, "ignore_eos": True},
-    }  # fmt: skip
-    status, body = http_json(f"{url}/generate", payload, timeout_s=180)
-    assert status == 200 and isinstance(body, dict), (status, body)
-    return body
-
-
 def migrate(url: str, body: dict) -> dict:
     status, reply = http_json(f"{url}/banaserve/migrate", body, timeout_s=120)
     assert status == 200 and isinstance(reply, dict), (status, reply)
     return reply
-
-
-def chosen_logprobs(out: dict) -> list[float]:
-    return [float(t[0]) for t in out["meta_info"]["output_token_logprobs"]]
 
 
 def test_bf16_split_model_logprobs_within_tolerance_and_back_is_exact(
@@ -72,18 +63,12 @@ def test_bf16_split_model_logprobs_within_tolerance_and_back_is_exact(
 ) -> None:
     url = bf16_server.url
     ids = [(13 * j + 5) % 1000 + 1 for j in range(150)]
-    base = gen(url, ids, "lbf-base")
+    base = generate_logprobs(url, ids, "lbf-base", NEW)
     srv = LayerServerProc(tmp_path)
     try:
         with ThreadPoolExecutor(1) as pool:
-            fut = pool.submit(gen, url, ids, "lbf-mig")
-            deadline = time.monotonic() + 60
-            while True:
-                running = migrate(url, {"kind": "status"})["running"]
-                if any(r["rid"] == "lbf-mig" and r["output_len"] >= 3 for r in running):
-                    break
-                assert time.monotonic() < deadline, "the request never started decoding"
-                time.sleep(0.002)
+            fut = pool.submit(generate_logprobs, url, ids, "lbf-mig", NEW)
+            wait_until_decoding(url, "lbf-mig", 3)
             reply = migrate(url, {"kind": "layers", "first": 1, "port": srv.port})
             assert reply["moved"]["layers"] == [1]
             mig = fut.result(timeout=180)
@@ -92,14 +77,11 @@ def test_bf16_split_model_logprobs_within_tolerance_and_back_is_exact(
         migrate(url, {"kind": "layers_back"})
     finally:
         srv.kill()
-    a, b = base["output_ids"], mig["output_ids"]
-    common = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+    common, worst = drift(base, mig)
     assert common >= MIN_COMMON, f"outputs diverged at token {common} of {NEW}"
-    la, lb = chosen_logprobs(base)[:common], chosen_logprobs(mig)[:common]
-    worst = max(abs(x - y) for x, y in zip(la, lb, strict=True))
     assert worst <= LOGPROB_TOL, f"max |Δ logprob| {worst:.4f} over {common} tokens"
     print(f"layers bf16: common prefix {common}/{NEW} tokens, max |Δ logprob| {worst:.5f}")
     # migrated back: the owner's own layers again, so the output is the original bit for bit
-    after = gen(url, ids, "lbf-after")
-    assert after["output_ids"] == a
+    after = generate_logprobs(url, ids, "lbf-after", NEW)
+    assert after["output_ids"] == base["output_ids"]
     assert chosen_logprobs(after) == chosen_logprobs(base)

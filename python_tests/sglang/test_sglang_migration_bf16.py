@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from sglang_testbed.cluster import Cluster
+from sglang_testbed.logprobs import drift, generate_logprobs, wait_until_decoding
 
 from banaserve_ext.launch.servers import SGLangServerConfig, http_json
 from banaserve_ext.migration.attn_peer import AttnPeerProcess
@@ -47,41 +48,20 @@ def bf16_server(
         cluster.close()
 
 
-def gen(url: str, ids: list[int], rid: str) -> dict:
-    payload = {
-        "input_ids": ids, "rid": rid, "return_logprob": True,
-        "sampling_params": {"max_new_tokens": NEW, "temperature": 0.0, "ignore_eos": True},
-    }  # fmt: skip
-    status, body = http_json(f"{url}/generate", payload, timeout_s=180)
-    assert status == 200 and isinstance(body, dict), (status, body)
-    return body
-
-
-def chosen_logprobs(out: dict) -> list[float]:
-    return [float(t[0]) for t in out["meta_info"]["output_token_logprobs"]]
-
-
 def test_bf16_split_request_logprobs_within_tolerance(bf16_server: SGLangServerConfig) -> None:
     url = bf16_server.url
     ids = [(13 * j + 5) % 1000 + 1 for j in range(150)]
-    base = gen(url, ids, "bf-base")
+    base = generate_logprobs(url, ids, "bf-base", NEW)
     with AttnPeerProcess() as peer, ThreadPoolExecutor(1) as pool:
-        fut = pool.submit(gen, url, ids, "bf-mig")
-        while True:
-            _, st = http_json(f"{url}/banaserve/migrate", {"kind": "status"})
-            assert isinstance(st, dict)
-            if any(r["rid"] == "bf-mig" and r["output_len"] >= 3 for r in st["running"]):
-                break
+        fut = pool.submit(generate_logprobs, url, ids, "bf-mig", NEW)
+        wait_until_decoding(url, "bf-mig", 3)
         status, r = http_json(f"{url}/banaserve/migrate", {
             "kind": "kv", "rid": "bf-mig", "peer": peer.address, "fraction": 0.7,
             "scrub": True})  # fmt: skip
         assert status == 200, r
         assert isinstance(r, dict) and r["bytes"] == r["tokens"] * 2 * 2 * 2 * 32 * 2  # bf16
         mig = fut.result(timeout=180)
-    a, b = base["output_ids"], mig["output_ids"]
-    common = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+    common, worst = drift(base, mig)
     assert common >= MIN_COMMON, f"outputs diverged at token {common} of {NEW}"
-    la, lb = chosen_logprobs(base)[:common], chosen_logprobs(mig)[:common]
-    worst = max(abs(x - y) for x, y in zip(la, lb, strict=True))
     assert worst <= LOGPROB_TOL, f"max |Δ logprob| {worst:.4f} over {common} tokens"
     print(f"bf16: common prefix {common}/{NEW} tokens, max |Δ logprob| {worst:.5f}")

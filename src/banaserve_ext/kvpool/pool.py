@@ -42,6 +42,16 @@ def _core() -> Any:
     return core
 
 
+def raise_if_no_space(results: np.ndarray, where: str) -> None:
+    """``ResourceExhaustedError`` when a put left keys ``NO_SPACE`` (the others were stored)."""
+    full = int(np.count_nonzero(results == PutResult.NO_SPACE))
+    if full:
+        raise ResourceExhaustedError(
+            f"{where}: no space for {full} of {len(results)} pages "
+            "(every page is pinned or reserved); the others were stored"
+        )
+
+
 class KVPool:
     """Handle on one named pool.
 
@@ -228,12 +238,7 @@ class KVPool:
             )
         )
         if raise_on_full:
-            full = int(np.count_nonzero(results == PutResult.NO_SPACE))
-            if full:
-                raise ResourceExhaustedError(
-                    f"pool {self.name!r}: no space for {full} of {len(results)} pages "
-                    "(every page is pinned or reserved); the others were stored"
-                )
+            raise_if_no_space(results, f"pool {self.name!r}")
         return results
 
     def remove(self, keys: Keys) -> int:

@@ -26,14 +26,13 @@ import numpy as np
 from ..errors import (
     InvalidArgumentError,
     ProtocolError,
-    ResourceExhaustedError,
     TransferTimeoutError,
     UnavailableError,
 )
 from ..transfer import Registration, TransferEngine
 from . import wire
 from .memory import caller_pieces, covering_range, piece_descriptors, span_of
-from .pool import Keys, PutResult
+from .pool import Keys, raise_if_no_space
 
 
 @dataclass
@@ -213,12 +212,7 @@ class RemoteKVPool:
         del keepalive
         results = np.frombuffer(self._expect(reply, wire.Mask).data, dtype=np.uint8).copy()
         if raise_on_full:
-            full = int(np.count_nonzero(results == PutResult.NO_SPACE))
-            if full:
-                raise ResourceExhaustedError(
-                    f"pool at {self.address}: no space for {full} of {len(results)} pages "
-                    "(every page is pinned or reserved); the others were stored"
-                )
+            raise_if_no_space(results, f"pool at {self.address}")
         return results
 
     def remove(self, keys: Keys) -> int:
