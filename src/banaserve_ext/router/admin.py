@@ -155,6 +155,7 @@ class Admin:
         counts = {t: 0 for t in ("prefill", "decode", "regular")}
         for w in workers:
             counts[SMG_TYPE[w.role]] += 1
+            self.router.monitor.want_model_id(w)
         body = {
             "workers": [w.describe() for w in workers],
             "total": len(workers),

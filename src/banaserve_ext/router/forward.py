@@ -217,7 +217,9 @@ class RequestPath:
                 status = 499  # the client went away
                 raise
             status = 504
-            task.uncancel()
+            uncancel = getattr(task, "uncancel", None)  # Python >= 3.11
+            if uncancel is not None:
+                uncancel()
             if state.started:
                 conn.close_after = True
                 if conn.transport is not None:

@@ -62,8 +62,8 @@ class Monitor:
                 before = w.health.healthy
                 if w.health.record(ok) != before:
                     log.warning("worker %s is now %s", w.url, "healthy" if ok else "unhealthy")
-                if ok and w.model_id is None:
-                    await self.learn_model_id(w)
+                if ok:
+                    self.want_model_id(w)
             await asyncio.sleep(cfg.health_check_interval_secs)
 
     async def load_loop(self) -> None:
@@ -107,14 +107,23 @@ class Monitor:
         if cap:
             w.load.kv_capacity_tokens = cap
 
-    async def learn_model_id(self, w: Worker) -> None:
-        """``model_id`` of a worker registered without one: the first model of its
-        ``/v1/models`` (SGLang's served model name). Best effort; retried on health checks."""
+    def want_model_id(self, w: Worker) -> None:
+        """Learn the ``model_id`` of a worker registered without one, in the background: the
+        first model of its ``/v1/models`` (SGLang's served model name). Best effort, one probe
+        at a time per worker; asked again on registration, health checks and ``/workers``."""
+        if w.model_id is not None or w.draining or w.load.extra.get("model_probe"):
+            return
+        w.load.extra["model_probe"] = True
+        self.router.spawn(self._learn_model_id(w))
+
+    async def _learn_model_id(self, w: Worker) -> None:
         try:
             head, body = await fetch(w, "GET", "/v1/models", self.cfg.health_check_timeout_secs)
             data = json_decode(body).get("data") if head.status == 200 else None
         except (UnavailableError, msgspec.DecodeError, AttributeError):
-            return
+            data = None
+        finally:
+            w.load.extra.pop("model_probe", None)
         if isinstance(data, list) and data and isinstance(data[0], dict):
             mid = data[0].get("id")
             if isinstance(mid, str) and w.model_id is None:

@@ -182,8 +182,7 @@ class Router:
     def add_worker(self, spec: WorkerSpec, **meta: Any) -> Worker:
         """Register a worker (routable at once); its model id is learned in the background."""
         w = self.registry.add(spec, **meta)
-        if w.model_id is None:
-            self._spawn(self.monitor.learn_model_id(w))
+        self.monitor.want_model_id(w)
         return w
 
     def drain_worker(self, w: Worker) -> None:
@@ -200,7 +199,8 @@ class Router:
             self.drain_worker(w)
         return found
 
-    def _spawn(self, coro: Any) -> None:
+    def spawn(self, coro: Any) -> None:
+        """Run ``coro`` in the background until it ends or the router stops."""
         assert self.loop is not None
         task = self.loop.create_task(coro)
         self._tasks.add(task)
@@ -239,9 +239,9 @@ class Router:
             self._servers.append(ms)
             self.bound_metrics_port = ms.sockets[0].getsockname()[1]
         if not cfg.disable_health_check and cfg.health_check_interval_secs > 0:
-            self._spawn(self.monitor.health_loop())
+            self.spawn(self.monitor.health_loop())
         if cfg.load_monitor_interval > 0:
-            self._spawn(self.monitor.load_loop())
+            self.spawn(self.monitor.load_loop())
         log.info("router listening on %s:%s", cfg.host, self.bound_port)
 
     async def stop(self, grace_s: float | None = None) -> None:
