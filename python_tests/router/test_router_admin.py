@@ -11,6 +11,7 @@ import uuid
 import msgspec
 from router_testkit import Client, eventually, pd_setup, run, single_setup
 
+from banaserve_ext.router.http11 import build_request
 from banaserve_ext.router.testing import FakeConfig, FakeSpec
 
 dec = msgspec.json.decode
@@ -214,5 +215,43 @@ def test_single_worker_mode_workers_are_regular() -> None:
             st, _ = await s.client.post("/workers", {"url": spec.url})
             assert st == 202
             assert (await s.client.get("/readiness"))[0] == 200
+
+    run(main())
+
+
+def test_a_stream_in_flight_on_a_removed_worker_runs_to_the_end() -> None:
+    async def main() -> None:
+        async with single_setup(fake=FakeConfig(decode_ms_per_token=50.0)) as s:
+            c = s.client
+            reader, writer = await asyncio.open_connection("127.0.0.1", s.router.bound_port)
+            body = msgspec.json.encode(
+                {"text": "s", "stream": True, "sampling_params": {"max_new_tokens": 30}}
+            )
+            writer.write(build_request("POST", "r", "/generate", body, "application/json"))
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 ")
+            busy = next(sp for sp in s.regular if s.fleet.worker(sp.port).inflight == 1)
+            entry = dec((await c.get("/workers/" + busy.url))[1])
+            hd, raw = await c.request("DELETE", f"/workers/{entry['id']}")
+            assert hd.status in (200, 202)
+            n = len(s.log(busy))
+            for k in range(5):
+                req = {"text": f"{k}", "sampling_params": {"max_new_tokens": 1}}
+                assert (await c.post("/generate", req))[0] == 200
+            assert len(s.log(busy)) == n
+            chunks = []
+            while True:
+                size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                data = (await reader.readexactly(size + 2))[:-2]
+                if not data:
+                    break
+                chunks.append(data)
+            events = [e for e in b"".join(chunks).split(b"\n\n") if e]
+            assert len(events) == 31 and events[-1] == b"data: [DONE]"
+            writer.close()
+            assert await eventually(
+                lambda: all(w.id != entry["id"] for w in s.router.registry.all())
+            )
+            assert (await c.get(f"/workers/{entry['id']}"))[0] == 404
 
     run(main())
