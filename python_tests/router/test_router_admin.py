@@ -215,6 +215,10 @@ def test_single_worker_mode_workers_are_regular() -> None:
             st, _ = await s.client.post("/workers", {"url": spec.url})
             assert st == 202
             assert (await s.client.get("/readiness"))[0] == 200
+            # the same from Python (what an in-process controller calls)
+            (gone,) = s.router.remove_worker(spec.url)
+            assert gone.draining and gone not in s.router.colocated
+            assert dec((await s.client.get("/workers"))[1])["total"] == 2
 
     run(main())
 
