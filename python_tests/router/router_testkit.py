@@ -55,6 +55,7 @@ class Setup:
         self.client = client
         self.prefill = [s for s in fleet.specs if s.role == "prefill"]
         self.decode = [s for s in fleet.specs if s.role == "decode"]
+        self.regular = [s for s in fleet.specs if s.role == "regular"]
 
     def log(self, spec: FakeSpec) -> list[dict]:
         return self.fleet.worker(spec.port).log
@@ -82,6 +83,31 @@ async def pd_setup(
         ],
         decode=[WorkerSpec(s.url, "decode") for s in specs if s.role == "decode"],
         **opts,
+    )
+    router = Router(cfg)
+    await router.start()
+    assert router.bound_port is not None
+    client = Client(router.bound_port)
+    try:
+        yield Setup(fleet, router, client)
+    finally:
+        client.close()
+        await router.stop(grace_s=1.0)
+        await fleet.stop()
+
+
+@contextlib.asynccontextmanager
+async def single_setup(
+    n_workers: int = 2, fake: FakeConfig | None = None, **router_options: Any
+) -> AsyncIterator[Setup]:
+    """Single-worker mode (``--worker-urls``): ``n_workers`` regular fake workers."""
+    specs = [FakeSpec("127.0.0.1", 0, "regular") for _ in range(n_workers)]
+    fleet = FakeFleet(specs, fake or FakeConfig())
+    await fleet.start()
+    opts: dict[str, Any] = dict(port=0, prometheus_port=0, seed=1234, load_monitor_interval=0)
+    opts.update(router_options)
+    cfg = RouterConfig(
+        workers=[WorkerSpec(s.url, "colocated") for s in specs], pd_disaggregation=False, **opts
     )
     router = Router(cfg)
     await router.start()

@@ -262,23 +262,27 @@ def test_workers_list_add_remove_at_run_time() -> None:
         async with pd_setup(n_prefill=1, n_decode=1) as s:
             status, body = await s.client.get("/workers")
             assert status == 200 and dec(body)["total"] == 2
-            # start a second decode worker and register it
+            # start a second decode worker and register it (smg's body)
             from banaserve_ext.router.testing import FakeSpec
 
             spec = FakeSpec("127.0.0.1", 0, "decode")
             extra = await s.fleet.add(spec)
             url = spec.url
-            st, _ = await s.client.post("/workers", {"url": url, "worker_type": "decode"})
-            assert st == 200
-            st, _ = await s.client.post("/workers", {"url": url, "worker_type": "decode"})
-            assert st == 409
+            st, body = await s.client.post("/workers", {"url": url, "worker_type": "decode"})
+            assert st == 202 and dec(body)["status"] == "accepted"
+            wid = dec(body)["worker_id"]
+            assert dec(body)["location"] == f"/workers/{wid}"
+            st, body = await s.client.post("/workers", {"url": url, "worker_type": "decode"})
+            assert st == 409 and dec(body)["code"] == "WORKER_ALREADY_EXISTS"
             st, _ = await s.client.post("/workers", {"url": "ftp://x", "worker_type": "decode"})
             assert st == 400
             for k in range(20):
                 assert (await s.client.post("/generate", {"text": f"{k}"}))[0] == 200
             assert len(extra.log) > 0
-            head, _ = await s.client.request("DELETE", "/workers/" + url.replace("/", "%2F"))
-            assert head.status == 200
+            # nothing in flight: the worker is gone when DELETE answers
+            head, body = await s.client.request("DELETE", "/workers/" + url.replace("/", "%2F"))
+            assert head.status == 200 and dec(body)["status"] == "removed"
+            assert (await s.client.get(f"/workers/{wid}"))[0] == 404
             n = len(extra.log)
             for k in range(10):
                 assert (await s.client.post("/generate", {"text": f"{k}"}))[0] == 200
@@ -412,7 +416,7 @@ def test_health_checks_take_a_dead_worker_out_and_polls_reach_the_policy() -> No
             for k in range(20):
                 assert (await s.client.post("/generate", {"text": f"{k}"}))[0] == 200
             st, body = await s.client.get("/workers")
-            states = {w["url"]: w["healthy"] for w in dec(body)["workers"]}
+            states = {w["url"]: w["is_healthy"] for w in dec(body)["workers"]}
             assert states[victim.url] is False
 
     run(main())

@@ -97,6 +97,8 @@ class FakeWorker:
     dead: bool = False
     #: decode legs that gave up waiting for their prefill (a half-dispatched request)
     kv_timeouts: int = 0
+    #: tests: while set to an unset event, LLM requests are held (counted in ``inflight``)
+    gate: asyncio.Event | None = None
 
     def __post_init__(self) -> None:
         n = self.cfg.prefill_slots if self.spec.role == "prefill" else self.cfg.decode_slots
@@ -198,6 +200,8 @@ class FakeWorker:
             new_tokens = 1
         self.inflight += 1
         try:
+            if self.gate is not None:
+                await self.gate.wait()
             if self.slots is not None:
                 self.waiting += 1
                 try:
