@@ -286,7 +286,7 @@ def test_malformed_requests_are_refused_and_the_service_keeps_serving(
     name, address = service
     host, port = wire.parse_address(address)
     with socket.create_connection((host, port), timeout=5) as s:  # not our protocol
-        s.sendall(b"GET / HTTP/1.1\r\n\r\n" * 4)  # reads as a 542 MB frame: refused
+        s.sendall(b"GET / HTTP/1.1\r\n\r\n" * 4)  # reads as a 1.2 GB frame: refused
         reply = wire.recv_reply(s)
         assert isinstance(reply, wire.Error) and reply.code == ProtocolError.code
         try:

@@ -274,7 +274,7 @@ class RemoteKVPool:
                 f"pool service at {self.address} did not answer {type(req).__name__.lower()} "
                 f"within {self.timeout_s} s"
             ) from None
-        except (OSError, EOFError) as exc:
+        except OSError as exc:  # UnavailableError from the framing is one too
             raise UnavailableError(
                 f"pool service at {self.address} went away during "
                 f"{type(req).__name__.lower()} ({exc or type(exc).__name__}); "
