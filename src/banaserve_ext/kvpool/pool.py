@@ -170,7 +170,6 @@ class KVPool(KVStore):
         addr, stride, num_pages = self._live().page_region
         return int(addr), int(stride), int(num_pages)
 
-    # -- data path -----------------------------------------------------------------------------
     # -- memory --------------------------------------------------------------------------------
     def register(self, buf: Any, nbytes: int | None = None) -> None:
         """Nothing to do: pages move with one copy between caller memory and the shared
