@@ -133,10 +133,7 @@ void bind_transfer(pyb::module_& m) {
       .def_readwrite("engine_id", &EngineConfig::engine_id)
       .def_readwrite("tcp_host", &EngineConfig::tcp_host)
       .def_readwrite("tcp_port", &EngineConfig::tcp_port)
-      .def_readwrite("enable_tcp", &EngineConfig::enable_tcp)
-      .def_readwrite("enable_shm", &EngineConfig::enable_shm)
-      .def_readwrite("enable_ucx", &EngineConfig::enable_ucx)
-      .def_readwrite("enable_cuda", &EngineConfig::enable_cuda)
+      .def_readwrite("backends", &EngineConfig::backends)
       .def_readwrite("tcp_lanes", &EngineConfig::tcp_lanes)
       .def_readwrite("copy_threads", &EngineConfig::copy_threads)
       .def_readwrite("default_timeout_ms", &EngineConfig::default_timeout_ms)
@@ -149,7 +146,12 @@ void bind_transfer(pyb::module_& m) {
       .def_readwrite("delay_ms", &transfer::FaultSpec::delay_ms)
       .def_readwrite("drop", &transfer::FaultSpec::drop);
 
-  m.def("available_backends", &transfer::available_transports);
+  m.def("available_backends", &transfer::available_transports,
+        "Backends compiled into this build, in the order an engine considers them.");
+  m.def("backend_names", &transfer::backend_names,
+        "Every transfer backend this library knows, compiled into this build or not.");
+  m.def("default_backends", &transfer::default_backends,
+        "Backends an engine starts besides local when its configuration does not choose.");
   m.def(
       "baseline_tcp_round_trips_us",
       [](uint64_t nbytes, int iterations) {

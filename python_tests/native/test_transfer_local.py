@@ -16,6 +16,7 @@ from banaserve_ext.transfer import (
     TransferEngine,
     TransferState,
     available_backends,
+    backend_names,
 )
 
 PAGE = 4096
@@ -52,6 +53,24 @@ def test_constructor_has_no_side_effects() -> None:
     assert not eng.started
     with pytest.raises(errors.UnavailableError, match="not started"):
         eng.metadata()
+
+
+def test_backend_names_come_from_the_core_list() -> None:
+    names = backend_names()
+    assert names == list(_core.backend_names()) and len(set(names)) == len(names)
+    have = available_backends()
+    assert have[0] == "local" and [n for n in names if n in have] == have
+    defaults = list(_core.default_backends())
+    assert list(_core.EngineConfig().backends) == defaults
+    assert set(defaults) < set(names) and "local" not in defaults
+    with pytest.raises(errors.InvalidArgumentError, match=f"choose from {', '.join(names)}"):
+        TransferEngine(backends=("shm", "bogus")).start()
+    with pytest.raises(errors.InvalidArgumentError, match="choose from"):
+        TransferEngine(force_backend="bogus").start()
+    with TransferEngine(backends=("local",), force_backend="local") as eng:
+        src, dst, local, remote = pair(eng, pages=2)  # in this engine: the local backend
+        assert eng.submit(Op.WRITE, local, [0, 1], remote, [0, 1]).wait(5)
+        assert np.array_equal(src, dst)
 
 
 def test_write_and_read_move_exactly_the_indexed_pages(engine: TransferEngine) -> None:

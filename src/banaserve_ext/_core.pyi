@@ -2,19 +2,22 @@
 banaserve_ext compiled core (transfer engine, KV pool)
 """
 from __future__ import annotations
+import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['Batch', 'Engine', 'EngineConfig', 'FaultSpec', 'HostFence', 'KVPOOL_NO_SLOT', 'KVPool', 'PreparedList', 'ReadyFence', 'RecvStream', 'SendStream', 'available_backends', 'baseline_tcp_round_trips_us', 'build_info', 'cuda_event_fence']
+__all__: list[str] = ['Batch', 'Engine', 'EngineConfig', 'FaultSpec', 'HostFence', 'KVPOOL_NO_SLOT', 'KVPool', 'PreparedList', 'ReadyFence', 'RecvStream', 'SendStream', 'available_backends', 'backend_names', 'baseline_tcp_round_trips_us', 'build_info', 'cuda_event_fence', 'default_backends', 'raise_status', 'status_codes']
 class EngineConfig:
-    enable_cuda: bool
-    enable_shm: bool
-    enable_tcp: bool
-    enable_ucx: bool
     engine_id: str
     force_backend: str
     tcp_host: str
     def __init__(self) -> None:
+        ...
+    @property
+    def backends(self) -> list[str]:
+        ...
+    @backends.setter
+    def backends(self, arg0: collections.abc.Sequence[str]) -> None:
         ...
     @property
     def copy_threads(self) -> int:
@@ -261,7 +264,13 @@ class KVPool:
     def segment_id(self) -> int:
         ...
 def available_backends() -> list[str]:
-    ...
+    """
+    Backends compiled into this build, in the order an engine considers them.
+    """
+def backend_names() -> list[str]:
+    """
+    Every transfer backend this library knows, compiled into this build or not.
+    """
 def baseline_tcp_round_trips_us(nbytes: typing.SupportsInt | typing.SupportsIndex, iterations: typing.SupportsInt | typing.SupportsIndex) -> list[float]:
     """
     Round trips (us) of an nbytes request + 8-byte reply over loopback TCP (benchmark baseline).
@@ -271,5 +280,17 @@ def build_info() -> dict:
 def cuda_event_fence(event_handle: typing.SupportsInt | typing.SupportsIndex) -> ReadyFence:
     """
     A fence on a recorded cudaEvent_t (its integer handle).
+    """
+def default_backends() -> list[str]:
+    """
+    Backends an engine starts besides local when its configuration does not choose.
+    """
+def raise_status(code: typing.SupportsInt | typing.SupportsIndex, message: str) -> None:
+    """
+    Raises the exception the bindings map a Status of this code to (tests use it).
+    """
+def status_codes() -> dict[str, int]:
+    """
+    Every StatusCode of the C++ core: name -> value.
     """
 KVPOOL_NO_SLOT: int = 4294967295

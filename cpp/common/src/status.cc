@@ -7,19 +7,11 @@ namespace banaserve {
 
 const char* status_code_name(StatusCode code) {
   switch (code) {
-    case StatusCode::kOk: return "OK";
-    case StatusCode::kInvalidArgument: return "InvalidArgument";
-    case StatusCode::kNotFound: return "NotFound";
-    case StatusCode::kAlreadyExists: return "AlreadyExists";
-    case StatusCode::kOutOfRange: return "OutOfRange";
-    case StatusCode::kResourceExhausted: return "ResourceExhausted";
-    case StatusCode::kUnavailable: return "Unavailable";
-    case StatusCode::kTimeout: return "Timeout";
-    case StatusCode::kCancelled: return "Cancelled";
-    case StatusCode::kProtocolError: return "ProtocolError";
-    case StatusCode::kNotImplemented: return "NotImplemented";
-    case StatusCode::kInternal: return "Internal";
-    case StatusCode::kCudaError: return "CudaError";
+#define BANASERVE_STATUS_NAME_(name, value) \
+  case StatusCode::k##name:                 \
+    return #name;
+    BANASERVE_STATUS_CODES(BANASERVE_STATUS_NAME_)
+#undef BANASERVE_STATUS_NAME_
   }
   return "Unknown";
 }

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
-// A minimal test harness for the C++ unit tests (no external test framework on the build box).
-//   TEST_CASE(name) { CHECK(cond); CHECK_EQ(a, b); CHECK_OK(status); }
+// The one test harness of every C++ unit test (no external test framework on the build box);
+// CMake target banaserve_testing.
+//   TEST_CASE(name) { CHECK(cond); CHECK_EQ(a, b); CHECK_OK(status); CHECK_CODE(status, code); }
 //   int main() { return banaserve::testing::run_all(); }
 #pragma once
 
@@ -8,7 +9,11 @@
 #include <functional>
 #include <sstream>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
+
+#include "banaserve/common/status.h"
 
 namespace banaserve::testing {
 
@@ -30,6 +35,18 @@ inline int& failures() {
 struct Registrar {
   Registrar(const char* name, std::function<void()> fn) { registry().push_back({name, std::move(fn)}); }
 };
+
+/// A value as CHECK_EQ prints it: enums and chars as numbers, anything else streamed as is.
+template <typename T>
+auto printable(const T& v) {
+  if constexpr (std::is_enum_v<T>) {
+    return static_cast<long long>(static_cast<std::underlying_type_t<T>>(v));
+  } else if constexpr (std::is_arithmetic_v<T>) {
+    return +v;
+  } else {
+    return v;
+  }
+}
 
 inline void fail(const char* file, int line, const std::string& what) {
   std::fprintf(stderr, "  FAILED %s:%d: %s\n", file, line, what.c_str());
@@ -69,7 +86,8 @@ inline int run_all() {
     auto vb_ = (b);                                                                          \
     if (!(va_ == vb_)) {                                                                     \
       std::ostringstream os_;                                                                \
-      os_ << #a << " == " << #b << " (" << +va_ << " vs " << +vb_ << ")";                   \
+      os_ << #a << " == " << #b << " (" << ::banaserve::testing::printable(va_) << " vs "     \
+          << ::banaserve::testing::printable(vb_) << ")";                                    \
       ::banaserve::testing::fail(__FILE__, __LINE__, os_.str());                             \
     }                                                                                        \
   } while (0)

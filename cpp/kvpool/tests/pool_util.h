@@ -11,7 +11,7 @@
 
 #include "banaserve/kvpool/pool.h"
 
-namespace banaserve::kvpool::testing {
+namespace banaserve::kvpool::testutil {
 
 struct Keys {
   std::string data;
@@ -64,4 +64,4 @@ inline std::string unique_name(const char* tag) {
   return std::string("test-") + tag + "-" + std::to_string(getpid());
 }
 
-}  // namespace banaserve::kvpool::testing
+}  // namespace banaserve::kvpool::testutil

@@ -21,7 +21,7 @@ struct PoolTestPeer {
 
 using namespace banaserve;
 using namespace banaserve::kvpool;
-using namespace banaserve::kvpool::testing;
+using namespace banaserve::kvpool::testutil;
 
 namespace {
 
@@ -62,7 +62,7 @@ int count_corrupt(Pool& pool, int max_key, uint32_t page_size, size_t* hits_out)
 
 }  // namespace
 
-KV_TEST(writer_dead_after_reserve_leaves_nothing_visible_and_space_is_reclaimed) {
+TEST_CASE(writer_dead_after_reserve_leaves_nothing_visible_and_space_is_reclaimed) {
   std::string name = unique_name("deadres");
   auto pool = make_pool(name, 4, 256);
   pid_t pid = fork();
@@ -78,29 +78,29 @@ KV_TEST(writer_dead_after_reserve_leaves_nothing_visible_and_space_is_reclaimed)
   wait_child(pid);
   Keys keys(key_range(0, 4));
   size_t leading = 9;
-  KV_CHECK_OK(pool->exists(keys.list(), nullptr, &leading));
-  KV_CHECK_EQ(leading, 0u);
+  CHECK_OK(pool->exists(keys.list(), nullptr, &leading));
+  CHECK_EQ(leading, 0u);
   // Pool is full of the dead writer's reservations; a put reclaims them and succeeds.
   Pages src(4, 256);
   for (int i = 0; i < 4; ++i) fill_page(src.page(i), 256, i);
   std::vector<uint8_t> r(4);
-  KV_CHECK_OK(pool->put(keys.list(), src.io(), r.data()));
-  for (int i = 0; i < 4; ++i) KV_CHECK_EQ(r[i], uint8_t(PutResult::kStored));
+  CHECK_OK(pool->put(keys.list(), src.io(), r.data()));
+  for (int i = 0; i < 4; ++i) CHECK_EQ(r[i], uint8_t(PutResult::kStored));
   size_t hits = 0;
-  KV_CHECK_EQ(count_corrupt(*pool, 4, 256, &hits), 0);
-  KV_CHECK_EQ(hits, 4u);
-  KV_CHECK(pool->stats()->reaped_clients >= 1u);
-  KV_CHECK_OK(Pool::unlink(name));
+  CHECK_EQ(count_corrupt(*pool, 4, 256, &hits), 0);
+  CHECK_EQ(hits, 4u);
+  CHECK(pool->stats()->reaped_clients >= 1u);
+  CHECK_OK(Pool::unlink(name));
 }
 
-KV_TEST(process_dead_holding_the_lock_is_recovered) {
+TEST_CASE(process_dead_holding_the_lock_is_recovered) {
   std::string name = unique_name("deadlock");
   auto pool = make_pool(name, 16, 256);
   Keys keys(key_range(0, 5));
   Pages src(5, 256);
   for (int i = 0; i < 5; ++i) fill_page(src.page(i), 256, i);
   std::vector<uint8_t> r(5);
-  KV_CHECK_OK(pool->put(keys.list(), src.io(), r.data()));
+  CHECK_OK(pool->put(keys.list(), src.io(), r.data()));
   pid_t pid = fork();
   if (pid == 0) {
     auto p = Pool::open(name);
@@ -113,34 +113,34 @@ KV_TEST(process_dead_holding_the_lock_is_recovered) {
   }
   wait_child(pid);
   size_t leading = 0;
-  KV_CHECK_OK(pool->exists(keys.list(), nullptr, &leading));  // would hang if the lock stuck
-  KV_CHECK_EQ(leading, 5u);
+  CHECK_OK(pool->exists(keys.list(), nullptr, &leading));  // would hang if the lock stuck
+  CHECK_EQ(leading, 5u);
   auto st = pool->stats();
-  KV_CHECK_EQ(st->lock_recoveries, 1u);
-  KV_CHECK_EQ(st->reserved_pages, 0u);
-  KV_CHECK_EQ(st->committed_pages, 5u);
-  KV_CHECK_EQ(st->free_pages, 11u);
+  CHECK_EQ(st->lock_recoveries, 1u);
+  CHECK_EQ(st->reserved_pages, 0u);
+  CHECK_EQ(st->committed_pages, 5u);
+  CHECK_EQ(st->free_pages, 11u);
   size_t hits = 0;
-  KV_CHECK_EQ(count_corrupt(*pool, 9, 256, &hits), 0);
-  KV_CHECK_EQ(hits, 5u);
+  CHECK_EQ(count_corrupt(*pool, 9, 256, &hits), 0);
+  CHECK_EQ(hits, 5u);
   // Still fully usable.
   Keys more({key_of(7)});
   Pages one(1, 256);
   fill_page(one.page(0), 256, 7);
   uint8_t res = 0;
-  KV_CHECK_OK(pool->put(more.list(), one.io(), &res));
-  KV_CHECK_EQ(res, uint8_t(PutResult::kStored));
-  KV_CHECK_OK(Pool::unlink(name));
+  CHECK_OK(pool->put(more.list(), one.io(), &res));
+  CHECK_EQ(res, uint8_t(PutResult::kStored));
+  CHECK_OK(Pool::unlink(name));
 }
 
-KV_TEST(reader_dead_holding_pins_releases_them) {
+TEST_CASE(reader_dead_holding_pins_releases_them) {
   std::string name = unique_name("deadpin");
   const uint32_t page = 4 << 20;  // large pages so the kill lands mid-copy often
   auto pool = make_pool(name, 4, page);
   Keys keys(key_range(0, 2));
   Pages src(2, page);
   std::vector<uint8_t> r(2);
-  KV_CHECK_OK(pool->put(keys.list(), src.io(), r.data()));
+  CHECK_OK(pool->put(keys.list(), src.io(), r.data()));
   for (int round = 0; round < 5; ++round) {
     pid_t pid = fork();
     if (pid == 0) {
@@ -153,17 +153,17 @@ KV_TEST(reader_dead_holding_pins_releases_them) {
     wait_child(pid);
   }
   size_t reaped = 0;
-  KV_CHECK_OK(pool->reap(&reaped));
+  CHECK_OK(pool->reap(&reaped));
   auto st = pool->stats();
-  KV_CHECK_EQ(st->pinned_pages, 0u);
-  KV_CHECK_EQ(st->clients, 1u);  // only this process remains attached
+  CHECK_EQ(st->pinned_pages, 0u);
+  CHECK_EQ(st->clients, 1u);  // only this process remains attached
   size_t removed = 0;
-  KV_CHECK_OK(pool->clear(&removed));  // pinned pages could not be removed
-  KV_CHECK_EQ(removed, 2u);
-  KV_CHECK_OK(Pool::unlink(name));
+  CHECK_OK(pool->clear(&removed));  // pinned pages could not be removed
+  CHECK_EQ(removed, 2u);
+  CHECK_OK(Pool::unlink(name));
 }
 
-KV_TEST(writer_killed_at_random_times_never_exposes_a_partial_page) {
+TEST_CASE(writer_killed_at_random_times_never_exposes_a_partial_page) {
   std::string name = unique_name("randkill");
   const uint32_t page = 256 << 10;
   const int max_key = 64;
@@ -191,15 +191,15 @@ KV_TEST(writer_killed_at_random_times_never_exposes_a_partial_page) {
     kill(pid, SIGKILL);
     wait_child(pid);
     size_t hits = 0;
-    KV_CHECK_EQ(count_corrupt(*pool, max_key, page, &hits), 0);
+    CHECK_EQ(count_corrupt(*pool, max_key, page, &hits), 0);
   }
   size_t reaped = 0;
-  KV_CHECK_OK(pool->reap(&reaped));
+  CHECK_OK(pool->reap(&reaped));
   auto st = pool->stats();
-  KV_CHECK_EQ(st->reserved_pages, 0u);
-  KV_CHECK_EQ(st->committed_pages + st->free_pages, 32u);
-  KV_CHECK(st->puts > 0u);
-  KV_CHECK_OK(Pool::unlink(name));
+  CHECK_EQ(st->reserved_pages, 0u);
+  CHECK_EQ(st->committed_pages + st->free_pages, 32u);
+  CHECK(st->puts > 0u);
+  CHECK_OK(Pool::unlink(name));
 }
 
-KV_MAIN()
+int main() { return banaserve::testing::run_all(); }

@@ -9,7 +9,7 @@
 
 using namespace banaserve;
 using namespace banaserve::kvpool;
-using namespace banaserve::kvpool::testing;
+using namespace banaserve::kvpool::testutil;
 
 namespace {
 
@@ -33,45 +33,45 @@ std::unique_ptr<Pool> make_pool(const std::string& name, uint64_t pages, uint32_
 
 }  // namespace
 
-KV_TEST(put_then_get_round_trips_and_exists_counts_leading_hits) {
+TEST_CASE(put_then_get_round_trips_and_exists_counts_leading_hits) {
   std::string name = unique_name("roundtrip");
   auto pool = make_pool(name, 64, 4096);
   Keys keys(key_range(0, 10));
   Pages src(10, 4096);
   for (int i = 0; i < 10; ++i) fill_page(src.page(i), 4096, i);
   std::vector<uint8_t> results(10, 99);
-  KV_CHECK_OK(pool->put(keys.list(), src.io(), results.data()));
-  for (int i = 0; i < 10; ++i) KV_CHECK_EQ(results[i], uint8_t(PutResult::kStored));
+  CHECK_OK(pool->put(keys.list(), src.io(), results.data()));
+  for (int i = 0; i < 10; ++i) CHECK_EQ(results[i], uint8_t(PutResult::kStored));
 
   Keys probe({key_of(0), key_of(1), "missing", key_of(3)});
   std::vector<uint8_t> found(4);
   size_t leading = 0;
-  KV_CHECK_OK(pool->exists(probe.list(), found.data(), &leading));
-  KV_CHECK_EQ(leading, 2u);
-  KV_CHECK_EQ(found[2], 0);
-  KV_CHECK_EQ(found[3], 1);
-  KV_CHECK_OK(pool->exists(probe.list(), nullptr, &leading));
-  KV_CHECK_EQ(leading, 2u);
+  CHECK_OK(pool->exists(probe.list(), found.data(), &leading));
+  CHECK_EQ(leading, 2u);
+  CHECK_EQ(found[2], 0);
+  CHECK_EQ(found[3], 1);
+  CHECK_OK(pool->exists(probe.list(), nullptr, &leading));
+  CHECK_EQ(leading, 2u);
 
   Pages dst(4, 4096);
   size_t hits = 0;
-  KV_CHECK_OK(pool->get(probe.list(), dst.io(), found.data(), &hits));
-  KV_CHECK_EQ(hits, 3u);
-  KV_CHECK(check_page(dst.page(0), 4096, 0));
-  KV_CHECK(check_page(dst.page(1), 4096, 1));
-  KV_CHECK(check_page(dst.page(3), 4096, 3));
-  KV_CHECK_EQ(found[2], 0);
+  CHECK_OK(pool->get(probe.list(), dst.io(), found.data(), &hits));
+  CHECK_EQ(hits, 3u);
+  CHECK(check_page(dst.page(0), 4096, 0));
+  CHECK(check_page(dst.page(1), 4096, 1));
+  CHECK(check_page(dst.page(3), 4096, 3));
+  CHECK_EQ(found[2], 0);
 
   auto st = pool->stats();
-  KV_CHECK(st.ok());
-  KV_CHECK_EQ(st->committed_pages, 10u);
-  KV_CHECK_EQ(st->hits, 3u);
-  KV_CHECK_EQ(st->misses, 1u);
-  KV_CHECK_EQ(st->free_pages, 54u);
-  KV_CHECK_OK(Pool::unlink(name));
+  CHECK(st.ok());
+  CHECK_EQ(st->committed_pages, 10u);
+  CHECK_EQ(st->hits, 3u);
+  CHECK_EQ(st->misses, 1u);
+  CHECK_EQ(st->free_pages, 54u);
+  CHECK_OK(Pool::unlink(name));
 }
 
-KV_TEST(second_writer_of_a_key_learns_it_exists) {
+TEST_CASE(second_writer_of_a_key_learns_it_exists) {
   std::string name = unique_name("dup");
   auto pool = make_pool(name, 16, 256);
   Keys keys({"a", "b"});
@@ -79,64 +79,64 @@ KV_TEST(second_writer_of_a_key_learns_it_exists) {
   fill_page(src.page(0), 256, 1);
   fill_page(src.page(1), 256, 2);
   std::vector<uint8_t> r(2);
-  KV_CHECK_OK(pool->put(keys.list(), src.io(), r.data()));
+  CHECK_OK(pool->put(keys.list(), src.io(), r.data()));
   fill_page(src.page(0), 256, 7);
-  KV_CHECK_OK(pool->put(keys.list(), src.io(), r.data()));
-  KV_CHECK_EQ(r[0], uint8_t(PutResult::kExists));
+  CHECK_OK(pool->put(keys.list(), src.io(), r.data()));
+  CHECK_EQ(r[0], uint8_t(PutResult::kExists));
   Pages dst(2, 256);
-  KV_CHECK_OK(pool->get(keys.list(), dst.io(), nullptr, nullptr));
-  KV_CHECK(check_page(dst.page(0), 256, 1));  // first writer's value kept
-  KV_CHECK_OK(Pool::unlink(name));
+  CHECK_OK(pool->get(keys.list(), dst.io(), nullptr, nullptr));
+  CHECK(check_page(dst.page(0), 256, 1));  // first writer's value kept
+  CHECK_OK(Pool::unlink(name));
 }
 
-KV_TEST(reserved_pages_are_invisible_until_commit_and_concurrent_reservers_lose) {
+TEST_CASE(reserved_pages_are_invisible_until_commit_and_concurrent_reservers_lose) {
   std::string name = unique_name("twophase");
   auto pool = make_pool(name, 16, 256);
   auto other = Pool::open(name);
-  KV_CHECK(other.ok());
+  CHECK(other.ok());
   Keys keys({"k"});
   uint32_t slot = kNone;
   uint8_t result = 99;
-  KV_CHECK_OK(pool->reserve(keys.list(), &slot, &result));
-  KV_CHECK_EQ(result, uint8_t(PutResult::kStored));
-  KV_CHECK(slot != kNone);
+  CHECK_OK(pool->reserve(keys.list(), &slot, &result));
+  CHECK_EQ(result, uint8_t(PutResult::kStored));
+  CHECK(slot != kNone);
 
   size_t leading = 9;
-  KV_CHECK_OK(other.value()->exists(keys.list(), nullptr, &leading));
-  KV_CHECK_EQ(leading, 0u);
+  CHECK_OK(other.value()->exists(keys.list(), nullptr, &leading));
+  CHECK_EQ(leading, 0u);
   Pages dst(1, 256);
   size_t hits = 9;
-  KV_CHECK_OK(other.value()->get(keys.list(), dst.io(), nullptr, &hits));
-  KV_CHECK_EQ(hits, 0u);
+  CHECK_OK(other.value()->get(keys.list(), dst.io(), nullptr, &hits));
+  CHECK_EQ(hits, 0u);
   // A second client (same process, other record) reserving the same key is told it is in flight.
   uint32_t slot2 = 0;
   uint8_t result2 = 99;
-  KV_CHECK_OK(other.value()->reserve(keys.list(), &slot2, &result2));
-  KV_CHECK_EQ(result2, uint8_t(PutResult::kInFlight));
-  KV_CHECK_EQ(slot2, kNone);
+  CHECK_OK(other.value()->reserve(keys.list(), &slot2, &result2));
+  CHECK_EQ(result2, uint8_t(PutResult::kInFlight));
+  CHECK_EQ(slot2, kNone);
   // Another client cannot write into or commit my reservation.
-  KV_CHECK(!other.value()->page_address(slot).ok());
-  KV_CHECK(!other.value()->commit(&slot, 1).ok());
+  CHECK(!other.value()->page_address(slot).ok());
+  CHECK(!other.value()->commit(&slot, 1).ok());
 
   auto addr = pool->page_address(slot);
-  KV_CHECK(addr.ok());
+  CHECK(addr.ok());
   fill_page(addr.value(), 256, 42);
-  KV_CHECK_OK(pool->commit(&slot, 1));
-  KV_CHECK_OK(other.value()->get(keys.list(), dst.io(), nullptr, &hits));
-  KV_CHECK_EQ(hits, 1u);
-  KV_CHECK(check_page(dst.page(0), 256, 42));
+  CHECK_OK(pool->commit(&slot, 1));
+  CHECK_OK(other.value()->get(keys.list(), dst.io(), nullptr, &hits));
+  CHECK_EQ(hits, 1u);
+  CHECK(check_page(dst.page(0), 256, 42));
 
   // Abort frees the page and the key.
   Keys k2({"k2"});
-  KV_CHECK_OK(pool->reserve(k2.list(), &slot, &result));
-  KV_CHECK_OK(pool->abort(&slot, 1));
-  KV_CHECK_OK(pool->exists(k2.list(), nullptr, &leading));
-  KV_CHECK_EQ(leading, 0u);
-  KV_CHECK_EQ(pool->stats()->reserved_pages, 0u);
-  KV_CHECK_OK(Pool::unlink(name));
+  CHECK_OK(pool->reserve(k2.list(), &slot, &result));
+  CHECK_OK(pool->abort(&slot, 1));
+  CHECK_OK(pool->exists(k2.list(), nullptr, &leading));
+  CHECK_EQ(leading, 0u);
+  CHECK_EQ(pool->stats()->reserved_pages, 0u);
+  CHECK_OK(Pool::unlink(name));
 }
 
-KV_TEST(bad_keys_and_page_sizes_are_invalid_argument) {
+TEST_CASE(bad_keys_and_page_sizes_are_invalid_argument) {
   std::string name = unique_name("bad");
   auto pool = make_pool(name, 8, 512, 16);
   Keys too_long({std::string(17, 'x')});
@@ -144,32 +144,32 @@ KV_TEST(bad_keys_and_page_sizes_are_invalid_argument) {
   Pages src(1, 512);
   std::vector<uint8_t> r(1);
   Status s = pool->put(too_long.list(), src.io(), r.data());
-  KV_CHECK(s.code() == StatusCode::kInvalidArgument);
-  KV_CHECK(s.message().find("at most 16") != std::string::npos);
-  KV_CHECK(pool->put(empty.list(), src.io(), r.data()).code() == StatusCode::kInvalidArgument);
+  CHECK(s.code() == StatusCode::kInvalidArgument);
+  CHECK(s.message().find("at most 16") != std::string::npos);
+  CHECK(pool->put(empty.list(), src.io(), r.data()).code() == StatusCode::kInvalidArgument);
   size_t leading = 0;
-  KV_CHECK(pool->exists(too_long.list(), nullptr, &leading).code() ==
+  CHECK(pool->exists(too_long.list(), nullptr, &leading).code() ==
            StatusCode::kInvalidArgument);
   Keys ok({"fine"});
   uint64_t wrong_len = 256;
   IoList wrong{src.addrs.data(), &wrong_len, 1};
   s = pool->put(ok.list(), wrong, r.data());
-  KV_CHECK(s.code() == StatusCode::kInvalidArgument);
-  KV_CHECK(s.message().find("page size is 512") != std::string::npos);
-  KV_CHECK(pool->get(ok.list(), wrong, nullptr, nullptr).code() == StatusCode::kInvalidArgument);
-  KV_CHECK_EQ(pool->stats()->committed_pages, 0u);
-  KV_CHECK(Pool::open("bad name!").status().code() == StatusCode::kInvalidArgument);
-  KV_CHECK(Pool::open("no-such-pool-xyz").status().code() == StatusCode::kNotFound);
+  CHECK(s.code() == StatusCode::kInvalidArgument);
+  CHECK(s.message().find("page size is 512") != std::string::npos);
+  CHECK(pool->get(ok.list(), wrong, nullptr, nullptr).code() == StatusCode::kInvalidArgument);
+  CHECK_EQ(pool->stats()->committed_pages, 0u);
+  CHECK(Pool::open("bad name!").status().code() == StatusCode::kInvalidArgument);
+  CHECK(Pool::open("no-such-pool-xyz").status().code() == StatusCode::kNotFound);
   PoolOptions opts;
   opts.capacity_bytes = 4096;
   opts.page_size = 512;
-  KV_CHECK(Pool::create(name, opts).status().code() == StatusCode::kAlreadyExists);
+  CHECK(Pool::create(name, opts).status().code() == StatusCode::kAlreadyExists);
   opts.page_size = 8192;
-  KV_CHECK(Pool::create(name + "x", opts).status().code() == StatusCode::kInvalidArgument);
-  KV_CHECK_OK(Pool::unlink(name));
+  CHECK(Pool::create(name + "x", opts).status().code() == StatusCode::kInvalidArgument);
+  CHECK_OK(Pool::unlink(name));
 }
 
-KV_TEST(split_pages_scatter_and_gather_in_pieces) {
+TEST_CASE(split_pages_scatter_and_gather_in_pieces) {
   std::string name = unique_name("pieces");
   auto pool = make_pool(name, 8, 1000);
   std::vector<uint8_t> a(2 * 600), b(2 * 400);  // two "layers": 600 + 400 bytes per page
@@ -182,27 +182,27 @@ KV_TEST(split_pages_scatter_and_gather_in_pieces) {
   IoList io{addrs.data(), lens.data(), 2};
   Keys keys({"p0", "p1"});
   std::vector<uint8_t> r(2);
-  KV_CHECK_OK(pool->put(keys.list(), io, r.data()));
+  CHECK_OK(pool->put(keys.list(), io, r.data()));
   std::vector<uint8_t> a2(a.size()), b2(b.size());
   std::vector<uint64_t> out = {reinterpret_cast<uint64_t>(a2.data()), reinterpret_cast<uint64_t>(b2.data()),
                                reinterpret_cast<uint64_t>(a2.data() + 600),
                                reinterpret_cast<uint64_t>(b2.data() + 400)};
   IoList dst{out.data(), lens.data(), 2};
   size_t hits = 0;
-  KV_CHECK_OK(pool->get(keys.list(), dst, nullptr, &hits));
-  KV_CHECK_EQ(hits, 2u);
-  KV_CHECK(a == a2);
-  KV_CHECK(b == b2);
+  CHECK_OK(pool->get(keys.list(), dst, nullptr, &hits));
+  CHECK_EQ(hits, 2u);
+  CHECK(a == a2);
+  CHECK(b == b2);
   // Whole-page read returns the pieces concatenated.
   Pages whole(1, 1000);
   Keys k1({"p1"});
-  KV_CHECK_OK(pool->get(k1.list(), whole.io(), nullptr, &hits));
-  KV_CHECK(std::memcmp(whole.page(0), a.data() + 600, 600) == 0);
-  KV_CHECK(std::memcmp(whole.page(0) + 600, b.data() + 400, 400) == 0);
-  KV_CHECK_OK(Pool::unlink(name));
+  CHECK_OK(pool->get(k1.list(), whole.io(), nullptr, &hits));
+  CHECK(std::memcmp(whole.page(0), a.data() + 600, 600) == 0);
+  CHECK(std::memcmp(whole.page(0) + 600, b.data() + 400, 400) == 0);
+  CHECK_OK(Pool::unlink(name));
 }
 
-KV_TEST(eviction_at_the_high_watermark_keeps_recent_pages) {
+TEST_CASE(eviction_at_the_high_watermark_keeps_recent_pages) {
   std::string name = unique_name("evict");
   auto pool = make_pool(name, 100, 128);
   Pages src(1, 128);
@@ -210,53 +210,53 @@ KV_TEST(eviction_at_the_high_watermark_keeps_recent_pages) {
   for (int i = 0; i < 300; ++i) {
     fill_page(src.page(0), 128, i);
     Keys k({key_of(i)});
-    KV_CHECK_OK(pool->put(k.list(), src.io(), r.data()));
-    KV_CHECK_EQ(r[0], uint8_t(PutResult::kStored));
+    CHECK_OK(pool->put(k.list(), src.io(), r.data()));
+    CHECK_EQ(r[0], uint8_t(PutResult::kStored));
   }
   auto st = pool->stats();
-  KV_CHECK(st->committed_pages <= 95u);
-  KV_CHECK(st->evictions >= 200u);
-  KV_CHECK_EQ(st->committed_pages + st->free_pages, 100u);
+  CHECK(st->committed_pages <= 95u);
+  CHECK(st->evictions >= 200u);
+  CHECK_EQ(st->committed_pages + st->free_pages, 100u);
   // The most recent key survives and still reads back intact.
   Keys last({key_of(299)});
   Pages dst(1, 128);
   size_t hits = 0;
-  KV_CHECK_OK(pool->get(last.list(), dst.io(), nullptr, &hits));
-  KV_CHECK_EQ(hits, 1u);
-  KV_CHECK(check_page(dst.page(0), 128, 299));
+  CHECK_OK(pool->get(last.list(), dst.io(), nullptr, &hits));
+  CHECK_EQ(hits, 1u);
+  CHECK(check_page(dst.page(0), 128, 299));
   // Every surviving key still holds its own data.
   Keys all(key_range(0, 300));
   Pages many(300, 128);
   std::vector<uint8_t> found(300);
-  KV_CHECK_OK(pool->get(all.list(), many.io(), found.data(), &hits));
-  KV_CHECK_EQ(hits, st->committed_pages);
+  CHECK_OK(pool->get(all.list(), many.io(), found.data(), &hits));
+  CHECK_EQ(hits, st->committed_pages);
   for (int i = 0; i < 300; ++i) {
-    if (found[i]) KV_CHECK(check_page(many.page(i), 128, i));
+    if (found[i]) CHECK(check_page(many.page(i), 128, i));
   }
-  KV_CHECK_OK(Pool::unlink(name));
+  CHECK_OK(Pool::unlink(name));
 }
 
-KV_TEST(full_pool_of_reserved_pages_reports_no_space_without_hanging) {
+TEST_CASE(full_pool_of_reserved_pages_reports_no_space_without_hanging) {
   std::string name = unique_name("full");
   auto pool = make_pool(name, 8, 64);
   Keys keys(key_range(0, 8));
   std::vector<uint32_t> slots(8);
   std::vector<uint8_t> r(8);
-  KV_CHECK_OK(pool->reserve(keys.list(), slots.data(), r.data()));
+  CHECK_OK(pool->reserve(keys.list(), slots.data(), r.data()));
   auto other = Pool::open(name);
   Keys more({"extra"});
   Pages src(1, 64);
   uint8_t res = 99;
-  KV_CHECK_OK(other.value()->put(more.list(), src.io(), &res));
-  KV_CHECK_EQ(res, uint8_t(PutResult::kNoSpace));
-  KV_CHECK_EQ(other.value()->stats()->put_no_space, 1u);
-  KV_CHECK_OK(pool->commit(slots.data(), 8));
-  KV_CHECK_OK(other.value()->put(more.list(), src.io(), &res));  // now evictable
-  KV_CHECK_EQ(res, uint8_t(PutResult::kStored));
-  KV_CHECK_OK(Pool::unlink(name));
+  CHECK_OK(other.value()->put(more.list(), src.io(), &res));
+  CHECK_EQ(res, uint8_t(PutResult::kNoSpace));
+  CHECK_EQ(other.value()->stats()->put_no_space, 1u);
+  CHECK_OK(pool->commit(slots.data(), 8));
+  CHECK_OK(other.value()->put(more.list(), src.io(), &res));  // now evictable
+  CHECK_EQ(res, uint8_t(PutResult::kStored));
+  CHECK_OK(Pool::unlink(name));
 }
 
-KV_TEST(a_page_being_read_is_never_evicted) {
+TEST_CASE(a_page_being_read_is_never_evicted) {
   // A reader copies a large page over and over while a writer floods a 4-page pool: CLOCK passes
   // the hot page many times (clearing its reference bit), so only the pin keeps it alive mid-copy.
   std::string name = unique_name("pin");
@@ -266,7 +266,7 @@ KV_TEST(a_page_being_read_is_never_evicted) {
   std::vector<uint8_t> r(1);
   fill_page(src.page(0), page, 5);
   Keys hot({"hot"});
-  KV_CHECK_OK(pool->put(hot.list(), src.io(), r.data()));
+  CHECK_OK(pool->put(hot.list(), src.io(), r.data()));
   std::atomic<bool> stop{false};
   std::atomic<int> bad{0}, reads{0};
   std::thread reader([&] {
@@ -288,124 +288,124 @@ KV_TEST(a_page_being_read_is_never_evicted) {
   fill_page(junk.page(0), page, 77);
   for (int i = 0; i < 150; ++i) {
     Keys k({key_of(i)});
-    KV_CHECK_OK(pool->put(k.list(), junk.io(), r.data()));
-    if (i % 3 == 0) KV_CHECK_OK(pool->put(hot.list(), src.io(), r.data()));
+    CHECK_OK(pool->put(k.list(), junk.io(), r.data()));
+    if (i % 3 == 0) CHECK_OK(pool->put(hot.list(), src.io(), r.data()));
   }
   stop = true;
   reader.join();
-  KV_CHECK_EQ(bad.load(), 0);
-  KV_CHECK(reads.load() > 0);
-  KV_CHECK_OK(Pool::unlink(name));
+  CHECK_EQ(bad.load(), 0);
+  CHECK(reads.load() > 0);
+  CHECK_OK(Pool::unlink(name));
 }
 
-KV_TEST(closed_pool_fails_with_unavailable) {
+TEST_CASE(closed_pool_fails_with_unavailable) {
   std::string name = unique_name("closed");
   auto pool = make_pool(name, 4, 64);
   auto client = Pool::open(name);
-  KV_CHECK(client.ok());
-  KV_CHECK_OK(pool->close_segment());
+  CHECK(client.ok());
+  CHECK_OK(pool->close_segment());
   Keys k({"a"});
   size_t leading = 0;
   Status s = client.value()->exists(k.list(), nullptr, &leading);
-  KV_CHECK(s.code() == StatusCode::kUnavailable);
-  KV_CHECK(Pool::open(name).status().code() == StatusCode::kUnavailable);
-  KV_CHECK_OK(Pool::unlink(name));
+  CHECK(s.code() == StatusCode::kUnavailable);
+  CHECK(Pool::open(name).status().code() == StatusCode::kUnavailable);
+  CHECK_OK(Pool::unlink(name));
 }
 
-KV_TEST(remove_and_clear_free_committed_pages) {
+TEST_CASE(remove_and_clear_free_committed_pages) {
   std::string name = unique_name("remove");
   auto pool = make_pool(name, 16, 64);
   Keys keys(key_range(0, 6));
   Pages src(6, 64);
   std::vector<uint8_t> r(6);
-  KV_CHECK_OK(pool->put(keys.list(), src.io(), r.data()));
+  CHECK_OK(pool->put(keys.list(), src.io(), r.data()));
   Keys two({key_of(1), key_of(2), "nope"});
   size_t removed = 0;
-  KV_CHECK_OK(pool->remove(two.list(), &removed));
-  KV_CHECK_EQ(removed, 2u);
-  KV_CHECK_OK(pool->clear(&removed));
-  KV_CHECK_EQ(removed, 4u);
-  KV_CHECK_EQ(pool->stats()->free_pages, 16u);
-  KV_CHECK_OK(Pool::unlink(name));
+  CHECK_OK(pool->remove(two.list(), &removed));
+  CHECK_EQ(removed, 2u);
+  CHECK_OK(pool->clear(&removed));
+  CHECK_EQ(removed, 4u);
+  CHECK_EQ(pool->stats()->free_pages, 16u);
+  CHECK_OK(Pool::unlink(name));
 }
 
-KV_TEST(pinned_pages_are_readable_in_place_and_never_evicted) {
+TEST_CASE(pinned_pages_are_readable_in_place_and_never_evicted) {
   std::string name = unique_name("pinapi");
   auto pool = make_pool(name, 4, 128);
   Keys keys(key_range(0, 4));
   Pages src(4, 128);
   for (int i = 0; i < 4; ++i) fill_page(src.page(i), 128, i);
   std::vector<uint8_t> r(4);
-  KV_CHECK_OK(pool->put(keys.list(), src.io(), r.data()));
+  CHECK_OK(pool->put(keys.list(), src.io(), r.data()));
   Keys probe({key_of(0), key_of(1), key_of(2), key_of(3), "absent"});
   std::vector<uint64_t> addrs(5);
   auto handle = pool->pin(probe.list(), addrs.data());
-  KV_CHECK(handle.ok());
-  KV_CHECK_EQ(addrs[4], 0u);
+  CHECK(handle.ok());
+  CHECK_EQ(addrs[4], 0u);
   for (int i = 0; i < 4; ++i) {
-    KV_CHECK(check_page(reinterpret_cast<const uint8_t*>(addrs[i]), 128, i));
+    CHECK(check_page(reinterpret_cast<const uint8_t*>(addrs[i]), 128, i));
   }
   // Full pool, every page pinned: a put is refused, not blocked, and nothing is evicted.
   Keys more({"new"});
   uint8_t res = 99;
-  KV_CHECK_OK(pool->put(more.list(), src.io(), &res));
-  KV_CHECK_EQ(res, uint8_t(PutResult::kNoSpace));
+  CHECK_OK(pool->put(more.list(), src.io(), &res));
+  CHECK_EQ(res, uint8_t(PutResult::kNoSpace));
   size_t removed = 9;
-  KV_CHECK_OK(pool->remove(keys.list(), &removed));
-  KV_CHECK_EQ(removed, 0u);
-  KV_CHECK_EQ(pool->stats()->pinned_pages, 4u);
-  KV_CHECK_OK(pool->unpin(handle.value()));
-  KV_CHECK(pool->unpin(handle.value()).code() == StatusCode::kNotFound);
-  KV_CHECK_OK(pool->put(more.list(), src.io(), &res));
-  KV_CHECK_EQ(res, uint8_t(PutResult::kStored));
+  CHECK_OK(pool->remove(keys.list(), &removed));
+  CHECK_EQ(removed, 0u);
+  CHECK_EQ(pool->stats()->pinned_pages, 4u);
+  CHECK_OK(pool->unpin(handle.value()));
+  CHECK(pool->unpin(handle.value()).code() == StatusCode::kNotFound);
+  CHECK_OK(pool->put(more.list(), src.io(), &res));
+  CHECK_EQ(res, uint8_t(PutResult::kStored));
   // Handles run out after ops_per_client (4 here) pins: a typed error.
   std::vector<uint32_t> held;
   for (int i = 0; i < 4; ++i) held.push_back(pool->pin(more.list(), addrs.data()).value());
-  KV_CHECK(pool->pin(more.list(), addrs.data()).status().code() == StatusCode::kResourceExhausted);
-  for (uint32_t h : held) KV_CHECK_OK(pool->unpin(h));
-  KV_CHECK_OK(Pool::unlink(name));
+  CHECK(pool->pin(more.list(), addrs.data()).status().code() == StatusCode::kResourceExhausted);
+  for (uint32_t h : held) CHECK_OK(pool->unpin(h));
+  CHECK_OK(Pool::unlink(name));
 }
 
-KV_TEST(page_of_is_region_arithmetic) {
+TEST_CASE(page_of_is_region_arithmetic) {
   PageRegion r;
   r.addr = 0x10000;
   r.stride = 4096;
   r.num_pages = 3;
-  KV_CHECK_EQ(r.nbytes(), 3u * 4096u);
-  KV_CHECK_EQ(page_of(r, 0), 0x10000u);
-  KV_CHECK_EQ(page_of(r, 2), 0x10000u + 2u * 4096u);
+  CHECK_EQ(r.nbytes(), 3u * 4096u);
+  CHECK_EQ(page_of(r, 0), 0x10000u);
+  CHECK_EQ(page_of(r, 2), 0x10000u + 2u * 4096u);
   r.stride = uint64_t(1) << 33;  // no 32-bit overflow for big pools
-  KV_CHECK_EQ(page_of(r, 3), 0x10000u + (uint64_t(3) << 33));
+  CHECK_EQ(page_of(r, 3), 0x10000u + (uint64_t(3) << 33));
 }
 
-KV_TEST(page_region_gives_every_reserved_and_pinned_page_address) {
+TEST_CASE(page_region_gives_every_reserved_and_pinned_page_address) {
   std::string name = unique_name("region");
   auto pool = make_pool(name, 8, 256);
   PageRegion region = pool->page_region();
-  KV_CHECK_EQ(region.num_pages, 8u);
-  KV_CHECK(region.stride >= 256u);
+  CHECK_EQ(region.num_pages, 8u);
+  CHECK(region.stride >= 256u);
   Keys keys(key_range(0, 8));
   std::vector<uint32_t> slots(8);
   std::vector<uint8_t> results(8);
-  KV_CHECK_OK(pool->reserve(keys.list(), slots.data(), results.data()));
+  CHECK_OK(pool->reserve(keys.list(), slots.data(), results.data()));
   for (int i = 0; i < 8; ++i) {
-    KV_CHECK_EQ(results[i], uint8_t(PutResult::kStored));
-    KV_CHECK(slots[i] < region.num_pages);
+    CHECK_EQ(results[i], uint8_t(PutResult::kStored));
+    CHECK(slots[i] < region.num_pages);
     auto addr = pool->page_address(slots[i]);
-    KV_CHECK(addr.ok());
-    KV_CHECK_EQ(page_of(region, slots[i]), reinterpret_cast<uint64_t>(addr.value()));
+    CHECK(addr.ok());
+    CHECK_EQ(page_of(region, slots[i]), reinterpret_cast<uint64_t>(addr.value()));
     fill_page(reinterpret_cast<uint8_t*>(page_of(region, slots[i])), 256, i);
   }
-  KV_CHECK_OK(pool->commit(slots.data(), slots.size()));
+  CHECK_OK(pool->commit(slots.data(), slots.size()));
   std::vector<uint64_t> addrs(8);
   auto handle = pool->pin(keys.list(), addrs.data());
-  KV_CHECK(handle.ok());
+  CHECK(handle.ok());
   for (int i = 0; i < 8; ++i) {
-    KV_CHECK_EQ(addrs[i], page_of(region, slots[i]));
-    KV_CHECK(check_page(reinterpret_cast<const uint8_t*>(addrs[i]), 256, i));
+    CHECK_EQ(addrs[i], page_of(region, slots[i]));
+    CHECK(check_page(reinterpret_cast<const uint8_t*>(addrs[i]), 256, i));
   }
-  KV_CHECK_OK(pool->unpin(handle.value()));
-  KV_CHECK_OK(Pool::unlink(name));
+  CHECK_OK(pool->unpin(handle.value()));
+  CHECK_OK(Pool::unlink(name));
 }
 
-KV_MAIN()
+int main() { return banaserve::testing::run_all(); }

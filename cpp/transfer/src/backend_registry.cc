@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
-// The one place that knows which backends exist. Each backend is compiled only when its directory
-// is part of the build (CMake defines BANASERVE_HAVE_<NAME>_BACKEND for this file alone).
+// The one place that knows which backends are compiled in (their names: backend_names.h). Each
+// backend is compiled only when its directory is part of the build (CMake defines
+// BANASERVE_HAVE_<NAME>_BACKEND for this file alone).
 #include "../backends/local/local_transport.h"
+#include "banaserve/transfer/backend_names.h"
 #include "banaserve/transfer/fence.h"
 #include "banaserve/transfer/transport.h"
 
@@ -31,38 +33,53 @@ StatusOr<std::shared_ptr<ReadyFence>> make_device_event_fence(uint64_t event_han
 #endif
 }
 
-std::vector<std::string> available_transports() {
-  std::vector<std::string> names{"local"};
+namespace {
+
+struct Compiled {
+  const char* name;
+  std::unique_ptr<Transport> (*make)();
+};
+
+// The backends of this build, by their names in backend_names.h.
+const std::vector<Compiled>& compiled() {
+  static const std::vector<Compiled> table{
+      {backend::kLocal, &make_local_transport},
 #ifdef BANASERVE_HAVE_SHM_BACKEND
-  names.emplace_back("shm");
+      {backend::kShm, &make_shm_transport},
 #endif
 #ifdef BANASERVE_HAVE_TCP_BACKEND
-  names.emplace_back("tcp");
+      {backend::kTcp, &make_tcp_transport},
 #endif
 #ifdef BANASERVE_HAVE_UCX_BACKEND
-  names.emplace_back("ucx");
+      {backend::kUcx, &make_ucx_transport},
 #endif
 #ifdef BANASERVE_HAVE_CUDA_BACKEND
-  names.emplace_back("cuda");
+      {backend::kCuda, &make_cuda_transport},
 #endif
+  };
+  return table;
+}
+
+const Compiled* find_compiled(const std::string& name) {
+  for (const Compiled& c : compiled()) {
+    if (name == c.name) return &c;
+  }
+  return nullptr;
+}
+
+}  // namespace
+
+std::vector<std::string> available_transports() {
+  std::vector<std::string> names;
+  for (const BackendName& b : kBackendNames) {
+    if (find_compiled(b.name) != nullptr) names.emplace_back(b.name);
+  }
   return names;
 }
 
 StatusOr<std::unique_ptr<Transport>> create_transport(const std::string& name) {
-  if (name == "local") return make_local_transport();
-#ifdef BANASERVE_HAVE_SHM_BACKEND
-  if (name == "shm") return make_shm_transport();
-#endif
-#ifdef BANASERVE_HAVE_TCP_BACKEND
-  if (name == "tcp") return make_tcp_transport();
-#endif
-#ifdef BANASERVE_HAVE_UCX_BACKEND
-  if (name == "ucx") return make_ucx_transport();
-#endif
-#ifdef BANASERVE_HAVE_CUDA_BACKEND
-  if (name == "cuda") return make_cuda_transport();
-#endif
-  if (name == "shm" || name == "tcp" || name == "cuda" || name == "ucx" || name == "rdma") {
+  if (const Compiled* c = find_compiled(name)) return c->make();
+  if (is_known_backend(name)) {
     return BANASERVE_STATUS(StatusCode::kNotImplemented,
                             "transfer backend '" + name + "' is not compiled into this build");
   }

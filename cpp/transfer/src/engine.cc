@@ -101,12 +101,18 @@ Status Engine::start() {
   self_.host_id = current_host_id();
   self_.pid = static_cast<int32_t>(getpid());
 
-  std::vector<std::string> wanted{"local"};
+  for (const auto& name : config_.backends) {
+    if (!is_known_backend(name)) {
+      return BANASERVE_INVALID("unknown transfer backend '" + name + "'");
+    }
+  }
+  // local first, then the chosen ones this build has, in the order of backend_names.h
+  std::vector<std::string> wanted{backend::kLocal};
   for (const auto& name : available_transports()) {
-    if (name == "shm" && config_.enable_shm) wanted.push_back(name);
-    if (name == "tcp" && config_.enable_tcp) wanted.push_back(name);
-    if (name == "ucx" && config_.enable_ucx) wanted.push_back(name);
-    if (name == "cuda" && config_.enable_cuda) wanted.push_back(name);
+    if (name != backend::kLocal &&
+        std::find(config_.backends.begin(), config_.backends.end(), name) != config_.backends.end()) {
+      wanted.push_back(name);
+    }
   }
   if (!config_.force_backend.empty() &&
       std::find(wanted.begin(), wanted.end(), config_.force_backend) == wanted.end()) {
@@ -487,7 +493,7 @@ StatusOr<std::shared_ptr<Batch>> Engine::submit(const SubmitArgs& a) {
     self_record->regions = *local_table;
     self_record->same_host = true;
     record = std::move(self_record);
-    transport = transports_.front().get();  // "local" is always first
+    transport = transports_.front().get();  // local is always first
     if (a.local->device.kind != MemoryKind::kHost || a.remote->device.kind != MemoryKind::kHost) {
       // GPU memory inside this process (D2D, H2D, D2H): the device-capable backend.
       transport = nullptr;
@@ -500,7 +506,9 @@ StatusOr<std::shared_ptr<Batch>> Engine::submit(const SubmitArgs& a) {
       }
     } else {
       for (size_t i = 1; i < transports_.size(); ++i) {
-        if (std::strcmp(transports_[i]->name(), "local") == 0) transport = transports_[i].get();
+        if (std::strcmp(transports_[i]->name(), backend::kLocal) == 0) {
+          transport = transports_[i].get();
+        }
       }
     }
   }

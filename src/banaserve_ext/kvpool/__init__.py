@@ -3,7 +3,8 @@
 
 ``KVPool`` is the handle (``batch_exists``, ``batch_get``, ``batch_set``); ``banaserve pool serve``
 creates and owns a pool and exports its statistics; with ``--listen`` it also serves other hosts,
-which use ``RemoteKVPool`` (same methods) over the transfer engine's TCP path.
+which use ``RemoteKVPool`` over the transfer engine's TCP path. Both are a ``KVStore`` (the
+same methods and results).
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from .metrics import prometheus_text
 from .pool import KVPool, PutResult
 from .remote import RemoteKVPool
 from .server import PoolServer
+from .store import KVStore
 
 __all__ = [
     "KVPool",
+    "KVStore",
     "PoolServer",
     "PutResult",
     "RemoteKVPool",

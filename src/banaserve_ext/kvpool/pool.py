@@ -9,7 +9,7 @@ batches, release the GIL in the core, and raise the typed errors of :mod:`banase
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import numpy as np
@@ -21,10 +21,9 @@ from ..errors import (
     UnavailableError,
 )
 from .memory import caller_pieces
+from .store import Keys, KVStore
 
 T = TypeVar("T")
-
-Keys = Sequence[str | bytes]
 
 
 class PutResult(enum.IntEnum):
@@ -52,8 +51,8 @@ def raise_if_no_space(results: np.ndarray, where: str) -> None:
         )
 
 
-class KVPool:
-    """Handle on one named pool.
+class KVPool(KVStore):
+    """Handle on one named pool of this host (a :class:`~.store.KVStore`).
 
     The constructor only stores the configuration; :meth:`start` (or ``with``) creates or
     attaches the segment. ``create=True`` makes this handle the owner (the pool service does
@@ -139,12 +138,6 @@ class KVPool:
                 pass
         del pool
 
-    def __enter__(self) -> KVPool:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     @classmethod
     def attach(cls, name: str, **kwargs: Any) -> KVPool:
         return cls(name, **kwargs).start()
@@ -177,13 +170,15 @@ class KVPool:
         addr, stride, num_pages = self._live().page_region
         return int(addr), int(stride), int(num_pages)
 
-    # -- data path -----------------------------------------------------------------------------
-    def batch_exists(self, keys: Keys, *, suffix: str = "") -> int:
-        """Number of leading keys that are stored (stops at the first miss).
+    # -- memory --------------------------------------------------------------------------------
+    def register(self, buf: Any, nbytes: int | None = None) -> None:
+        """Nothing to do: pages move with one copy between caller memory and the shared
+        segment, which needs no registration."""
 
-        ``suffix`` is appended to every key in the core (a namespace, e.g. a TP rank) so callers
-        need not build new strings per key.
-        """
+    # -- data path (semantics: KVStore) --------------------------------------------------------
+    def batch_exists(self, keys: Keys, *, suffix: str = "") -> int:
+        """Number of leading keys that are stored (stops at the first miss); ``suffix`` is
+        appended to every key in the core."""
         return int(self._call(lambda p: p.exists(keys, suffix)))
 
     def exists_mask(self, keys: Keys, *, suffix: str = "") -> np.ndarray:
@@ -200,14 +195,8 @@ class KVPool:
         seg_lens: Any = None,
         suffix: str = "",
     ) -> np.ndarray:
-        """Copies each stored key's page into caller memory; returns a bool "found" per key.
-
-        ``dst`` is one contiguous buffer of ``len(keys) * page_size`` bytes (numpy array, CPU
-        torch tensor, any writable buffer, or an int pointer with ``nbytes``): page i lands at
-        offset ``i * page_size``. Alternatively ``addrs`` gives one address per page, or, with
-        ``seg_lens``, an (n, S) table of piece addresses whose lengths sum to the page size
-        (e.g. one piece per layer).
-        """
+        """Copies each stored key's page into caller memory (the forms of :mod:`.store`);
+        returns a bool "found" per key."""
         return self._call(
             lambda p: p.get_into(
                 keys, *self._io(p, keys, dst, nbytes, addrs, seg_lens, True), suffix
@@ -225,13 +214,8 @@ class KVPool:
         suffix: str = "",
         raise_on_full: bool = True,
     ) -> np.ndarray:
-        """Stores each key's page from caller memory (same forms as :meth:`batch_get`).
-
-        Returns a uint8 :class:`PutResult` per key. A key already stored is left untouched
-        (``EXISTS``); a key another process is writing right now is ``IN_FLIGHT``. When no page
-        can be freed (everything pinned or reserved) the key is ``NO_SPACE`` and, with
-        ``raise_on_full``, :class:`ResourceExhaustedError` is raised after the others are stored.
-        """
+        """Stores each key's page from caller memory; a uint8 :class:`PutResult` per key
+        (see :meth:`.KVStore.batch_set`)."""
         results = self._call(
             lambda p: p.put_from(
                 keys, *self._io(p, keys, src, nbytes, addrs, seg_lens, False), suffix

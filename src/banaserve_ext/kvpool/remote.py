@@ -1,13 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
 """``RemoteKVPool``: a pool on another host, reached through ``banaserve pool serve --listen``.
 
-The methods and results are those of :class:`~.pool.KVPool` (``batch_exists``,
-``exists_mask``, ``batch_get``, ``batch_set``, ``remove``, ``stats``), so a caller such as the
-HiCache backend can hold either. Each call is one request on a control connection plus, for
-``batch_get``/``batch_set``, one transfer-engine batch that the service runs between the pool's
-pages and this process's memory (TCP). This process's memory is registered with a local engine:
-buffers given to :meth:`register` stay registered; any other memory is registered for the call
-(and kept until a later call needs other memory).
+It is a :class:`~.store.KVStore` like :class:`~.pool.KVPool` (same methods, same results), so a
+caller such as the HiCache backend can hold either. Each call is one request on a control
+connection plus, for ``batch_get``/``batch_set``, one transfer-engine batch that the service
+runs between the pool's pages and this process's memory (TCP). This process's memory is
+registered with a local engine: buffers given to :meth:`register` stay registered; any other
+memory is registered for the call (and kept until a later call needs other memory).
 
 When the service goes away (restart, crash, network), the call in progress raises
 :class:`UnavailableError` and the next call connects again.
@@ -32,7 +31,8 @@ from ..errors import (
 from ..transfer import Registration, TransferEngine
 from . import wire
 from .memory import caller_pieces, covering_range, piece_descriptors, span_of
-from .pool import Keys, raise_if_no_space
+from .pool import raise_if_no_space
+from .store import Keys, KVStore
 
 
 @dataclass
@@ -58,8 +58,9 @@ def _key_list(keys: Keys) -> list[Any] | tuple[Any, ...]:
     return keys if isinstance(keys, (list, tuple)) else list(keys)
 
 
-class RemoteKVPool:
-    """Client of a remote pool service at ``address`` (``"host:port"``).
+class RemoteKVPool(KVStore):
+    """A :class:`~.store.KVStore`: client of a remote pool service at ``address``
+    (``"host:port"``).
 
     ``pool`` optionally names the pool the caller expects (NotFoundError when the service
     serves another); ``page_size`` likewise (InvalidArgumentError on a mismatch).
@@ -111,12 +112,6 @@ class RemoteKVPool:
                 self._engine.stop()
                 self._engine = None
 
-    def __enter__(self) -> RemoteKVPool:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     @property
     def connected(self) -> bool:
         return self._sock is not None
@@ -147,8 +142,8 @@ class RemoteKVPool:
 
     # -- memory --------------------------------------------------------------------------------
     def register(self, buf: Any, nbytes: int | None = None) -> None:
-        """Keeps ``buf`` (a buffer, CPU tensor, or int pointer with ``nbytes``) registered for
-        every later call, e.g. SGLang's host KV pool; other memory is registered per call."""
+        """Keeps ``buf`` (a buffer, CPU tensor, or int pointer with ``nbytes``) registered with
+        the local engine for every later call; other memory is registered per call."""
         span = span_of(buf, writable=False, nbytes=nbytes)
         with self._lock:
             self._release_temp()
@@ -178,8 +173,8 @@ class RemoteKVPool:
         seg_lens: Any = None,
         suffix: str = "",
     ) -> np.ndarray:
-        """As :meth:`KVPool.batch_get`: copies each stored key's page into caller memory and
-        returns a bool "found" per key."""
+        """As :meth:`.KVStore.batch_get`: one request, then the service writes the found pages
+        into this process's memory."""
         flat, lens, keepalive = caller_pieces(
             dst, addrs, seg_lens, nbytes, len(keys), self.page_size, writable=True
         )
@@ -200,9 +195,8 @@ class RemoteKVPool:
         suffix: str = "",
         raise_on_full: bool = True,
     ) -> np.ndarray:
-        """As :meth:`KVPool.batch_set`: a uint8 :class:`PutResult` per key; ``NO_SPACE`` keys
-        raise :class:`ResourceExhaustedError` (after the others are stored) with
-        ``raise_on_full``."""
+        """As :meth:`.KVStore.batch_set`: one request, then the service reads the pages from
+        this process's memory into reserved slots and commits them."""
         flat, lens, keepalive = caller_pieces(
             src, addrs, seg_lens, nbytes, len(keys), self.page_size, writable=False
         )
@@ -274,7 +268,7 @@ class RemoteKVPool:
                 f"pool service at {self.address} did not answer {type(req).__name__.lower()} "
                 f"within {self.timeout_s} s"
             ) from None
-        except (OSError, EOFError) as exc:
+        except OSError as exc:  # UnavailableError from the framing is one too
             raise UnavailableError(
                 f"pool service at {self.address} went away during "
                 f"{type(req).__name__.lower()} ({exc or type(exc).__name__}); "

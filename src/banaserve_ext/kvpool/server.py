@@ -214,7 +214,7 @@ class PoolServer:
             while not self._stop.is_set():
                 try:
                     req = wire.recv_request(conn.sock)
-                except (EOFError, OSError):
+                except OSError:  # closed or reset (UnavailableError is an OSError)
                     return
                 except ProtocolError as exc:
                     with contextlib.suppress(OSError):

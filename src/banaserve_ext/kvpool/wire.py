@@ -2,24 +2,25 @@
 """Control messages between a remote client (:class:`~.remote.RemoteKVPool`) and the pool
 service (:class:`~.server.PoolServer`).
 
-One request, one reply, on a plain TCP connection; every frame is a 4-byte little-endian length
-followed by a msgpack-encoded message. Page bytes never travel here: a request carries the
-client's piece addresses and the service moves the pages with the transfer engine.
+One request, one reply, on a plain TCP connection, each one frame of :mod:`.._framing` (a
+4-byte big-endian length, then a msgpack message). Page bytes never travel here: a request
+carries the client's piece addresses and the service moves the pages with the transfer engine.
 """
 
 from __future__ import annotations
 
 import socket
-import struct
 from typing import Any
 
 import msgspec
 
-from ..errors import STATUS_CODE_TO_ERROR, BanaserveError, InternalError, ProtocolError
+from .. import _framing
+from ..errors import STATUS_CODE_TO_ERROR, BanaserveError, InternalError
 
-PROTOCOL_VERSION = 1
-MAX_FRAME = 64 << 20
-_LEN = struct.Struct("<I")
+#: 2: frames moved to the shared big-endian framing (1 had a little-endian length)
+PROTOCOL_VERSION = 2
+MAX_FRAME = _framing.MAX_FRAME
+CHANNEL = "pool control connection"
 
 
 class Hello(msgspec.Struct, tag="hello", array_like=True):
@@ -88,7 +89,6 @@ class Error(msgspec.Struct, tag="error", array_like=True):
 
 Reply = Welcome | Count | Mask | StatsReply | Error
 
-_encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(Request)
 _reply_decoder = msgspec.msgpack.Decoder(Reply)
 
@@ -103,43 +103,15 @@ def raise_error(reply: Error) -> None:
 
 
 def send(sock: socket.socket, msg: Any) -> None:
-    body = _encoder.encode(msg)
-    sock.sendall(_LEN.pack(len(body)) + body)
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:])
-        if k == 0:
-            raise EOFError("connection closed")
-        got += k
-    return bytes(buf)
-
-
-def _recv_frame(sock: socket.socket) -> bytes:
-    (n,) = _LEN.unpack(_recv_exact(sock, _LEN.size))
-    if n > MAX_FRAME:
-        raise ProtocolError(f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
-    return _recv_exact(sock, n)
+    _framing.send(sock, msg, max_bytes=MAX_FRAME, channel=CHANNEL)
 
 
 def recv_request(sock: socket.socket) -> Any:
-    frame = _recv_frame(sock)
-    try:
-        return _request_decoder.decode(frame)
-    except msgspec.DecodeError as exc:
-        raise ProtocolError(f"malformed request: {exc}") from None
+    return _framing.recv(sock, _request_decoder, max_bytes=MAX_FRAME, channel=CHANNEL)
 
 
 def recv_reply(sock: socket.socket) -> Any:
-    frame = _recv_frame(sock)
-    try:
-        return _reply_decoder.decode(frame)
-    except msgspec.DecodeError as exc:
-        raise ProtocolError(f"malformed reply: {exc}") from None
+    return _framing.recv(sock, _reply_decoder, max_bytes=MAX_FRAME, channel=CHANNEL)
 
 
 def parse_address(address: str, *, listen: bool = False) -> tuple[str, int]:

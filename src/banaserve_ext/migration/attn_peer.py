@@ -14,9 +14,9 @@ over them.
    log-sum-exp (float32 [N, Hq]);
 4. ``free``s the slice when the request finishes, or reads it back first (migration back).
 
-Requests and replies are :mod:`.frames` (msgpack dicts with an ``op``); a failure is answered as
-``{"error": {"type", "message"}}`` and raised by the client as the same
-:mod:`banaserve_ext.errors` class.
+Requests and replies are frames of :mod:`banaserve_ext._framing` (msgpack dicts with an
+``op``); a failure is answered as ``{"error": {"type", "message"}}`` and raised by the client as
+the same :mod:`banaserve_ext.errors` class.
 """
 
 from __future__ import annotations
@@ -33,11 +33,24 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from .. import errors
+from .. import _framing, errors
 from ..errors import InvalidArgumentError, NotFoundError, UnavailableError
-from .frames import recv_frame, send_frame
 
 logger = logging.getLogger(__name__)
+
+#: queries and partial outputs of a whole batch travel in one frame: a larger limit than the
+#: framing's default
+MAX_FRAME = 1 << 30
+_CHANNEL = "attention peer channel"
+
+
+def send_frame(sock: socket.socket, msg: Any) -> None:
+    _framing.send(sock, msg, max_bytes=MAX_FRAME, channel=_CHANNEL)
+
+
+def recv_frame(sock: socket.socket) -> Any:
+    return _framing.recv(sock, max_bytes=MAX_FRAME, channel=_CHANNEL)
+
 
 #: element sizes of the dtypes a slice may hold
 DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}

@@ -1,10 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
 """Frames of the layer server's control channel (one TCP connection on 127.0.0.1 or a LAN).
 
-A frame is ``[u32 header length][msgpack header][u64 length, bytes]*`` where the header names
-the raw buffers that follow (``header["bufs"] = [[name, dtype, shape], ...]``). Tensors travel
-as raw bytes, never pickled; buffers are sent with one ``sendmsg`` straight from the tensors'
-memory and received into one preallocated bytearray each.
+A frame is ``[u32 header length][msgpack header][u64 length, bytes]*`` (big-endian). The
+header, itself one frame of :mod:`banaserve_ext._framing`, names the raw buffers that follow
+(``header["bufs"] = [[name, dtype, shape], ...]``). Tensors travel as raw bytes, never pickled;
+buffers are sent with one ``sendmsg`` straight from the tensors' memory and received into one
+preallocated bytearray each.
 """
 
 from __future__ import annotations
@@ -14,20 +15,16 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
-import msgspec
 import numpy as np
 
+from .. import _framing
 from ..errors import ProtocolError, UnavailableError
-from .frames import recv_exact
 
-_U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
+_CHANNEL = "layer server channel"
 #: a corrupt length must not make us allocate gigabytes
 MAX_HEADER = 1 << 24
 MAX_BUFFER = 1 << 34
-
-_enc = msgspec.msgpack.Encoder()
-_dec = msgspec.msgpack.Decoder()
 
 _DTYPES = {"float32", "float16", "bfloat16", "int64", "int32", "uint8"}
 
@@ -57,8 +54,7 @@ def send_msg(sock: socket.socket, header: dict, bufs: Sequence[tuple[str, Any]] 
     views = [_as_bytes_view(a) for _, a in bufs]
     header = dict(header)
     header["bufs"] = [[n, dtype_name(a), list(a.shape)] for n, a in bufs]
-    body = _enc.encode(header)
-    parts: list[Any] = [_U32.pack(len(body)), body]
+    parts: list[Any] = [_framing.encode(header, max_bytes=MAX_HEADER)]
     for v in views:
         parts += [_U64.pack(v.nbytes), v]
     try:
@@ -67,28 +63,23 @@ def send_msg(sock: socket.socket, header: dict, bufs: Sequence[tuple[str, Any]] 
         if sent < total:  # rare partial send: finish with one joined buffer
             sock.sendall(b"".join(bytes(p) for p in parts)[sent:])
     except OSError as exc:
-        raise UnavailableError(f"layer server channel: send failed: {exc}") from None
+        raise UnavailableError(f"{_CHANNEL}: send failed: {exc}") from None
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytearray:
     try:
-        return recv_exact(sock, n, "layer server channel")
+        return _framing.recv_exact(sock, n, _CHANNEL)
     except TimeoutError:
-        raise UnavailableError(
-            f"layer server channel: no answer within {sock.gettimeout()} s"
-        ) from None
+        raise UnavailableError(f"{_CHANNEL}: no answer within {sock.gettimeout()} s") from None
 
 
 def recv_msg(sock: socket.socket) -> tuple[dict, dict[str, np.ndarray]]:
     """Receives one frame: the header and its buffers as numpy arrays (bfloat16 as raw uint16
     words, to be viewed as bfloat16 by torch callers with :func:`to_tensor`)."""
-    (n,) = _U32.unpack(_recv_exact(sock, _U32.size))
-    if n > MAX_HEADER:
-        raise ProtocolError(f"header of {n} bytes exceeds the {MAX_HEADER}-byte limit")
     try:
-        header = _dec.decode(bytes(_recv_exact(sock, n)))
-    except msgspec.DecodeError as exc:
-        raise ProtocolError(f"malformed header: {exc}") from None
+        header = _framing.recv(sock, max_bytes=MAX_HEADER, channel=_CHANNEL)
+    except TimeoutError:
+        raise UnavailableError(f"{_CHANNEL}: no answer within {sock.gettimeout()} s") from None
     if not isinstance(header, dict):
         raise ProtocolError("a frame header must be a map")
     arrays: dict[str, np.ndarray] = {}

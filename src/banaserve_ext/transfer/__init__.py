@@ -45,11 +45,11 @@ __all__ = [
     "FaultSpec",
     "EngineMetadata",
     "available_backends",
+    "backend_names",
     "HostFence",
 ]
 
 _log = logging.getLogger("banaserve_ext.transfer")
-_KNOWN_BACKENDS = ("shm", "tcp", "ucx", "cuda")
 
 
 class Op(enum.IntEnum):
@@ -117,6 +117,12 @@ def _core() -> Any:
 def available_backends() -> list[str]:
     """Backends compiled into this build, e.g. ``['local', 'shm', 'tcp']``."""
     return list(_core().available_backends())
+
+
+def backend_names() -> list[str]:
+    """Every backend this library knows, compiled into this build or not (the one list, in
+    ``cpp/transfer/include/banaserve/transfer/backend_names.h``)."""
+    return list(_core().backend_names())
 
 
 def _timeout_ms(timeout_s: float | None) -> int:
@@ -387,11 +393,9 @@ class TransferEngine:
         self.tcp_port = tcp_port
         env_backend = _env.get(_env.TRANSFER_BACKEND)
         self.force_backend = force_backend or ("" if env_backend == "auto" else env_backend)
-        if backends is None:
-            backends = ("shm", "tcp", "cuda") + (("ucx",) if _env.get(_env.TRANSFER_UCX) else ())
-            if self.force_backend in _KNOWN_BACKENDS and self.force_backend not in backends:
-                backends = (*backends, self.force_backend)
-        self.backends = tuple(backends)
+        #: the backends to start besides local; None: the core's defaults (resolved at start)
+        self.backends = tuple(backends) if backends is not None else None
+        self._with_ucx = bool(_env.get(_env.TRANSFER_UCX))
         self.tcp_lanes = tcp_lanes if tcp_lanes is not None else _env.get(_env.TRANSFER_TCP_LANES)
         self.copy_threads = (
             copy_threads if copy_threads is not None else _env.get(_env.TRANSFER_THREADS)
@@ -406,23 +410,32 @@ class TransferEngine:
         self._core_engine: Any = None
 
     # ---- lifecycle ---------------------------------------------------------------------------
+    def _chosen_backends(self, core: Any) -> tuple[str, ...]:
+        if self.backends is not None:
+            return self.backends
+        chosen = tuple(core.default_backends())
+        if self._with_ucx:  # BANASERVE_TRANSFER_UCX opts in to the ucx backend
+            chosen += ("ucx",)
+        if self.force_backend and self.force_backend not in chosen:
+            chosen += (self.force_backend,)  # an unknown name is refused with the others
+        return chosen
+
     def start(self) -> TransferEngine:
         if self._core_engine is not None:
             return self
-        unknown = set(self.backends) - set(_KNOWN_BACKENDS)
+        core = _core()
+        known = list(core.backend_names())
+        backends = self._chosen_backends(core)
+        unknown = sorted(set(backends) - set(known))
         if unknown:
             raise InvalidArgumentError(
-                f"unknown backends {sorted(unknown)}; choose from {', '.join(_KNOWN_BACKENDS)}"
+                f"unknown backends {unknown}; choose from {', '.join(known)}"
             )
-        core = _core()
         cfg = core.EngineConfig()
         cfg.engine_id = self.engine_id_hint
         cfg.tcp_host = self.tcp_host
         cfg.tcp_port = self.tcp_port
-        cfg.enable_tcp = "tcp" in self.backends
-        cfg.enable_shm = "shm" in self.backends
-        cfg.enable_ucx = "ucx" in self.backends
-        cfg.enable_cuda = "cuda" in self.backends
+        cfg.backends = list(backends)
         cfg.tcp_lanes = self.tcp_lanes
         cfg.copy_threads = self.copy_threads
         cfg.default_timeout_ms = int(self.default_timeout_s * 1000)

@@ -86,7 +86,7 @@ class CudaTransport final : public Transport {
  public:
   ~CudaTransport() override { stop(); }
 
-  const char* name() const override { return "cuda"; }
+  const char* name() const override { return backend::kCuda; }
 
   Capabilities capabilities() const override {
     Capabilities caps;

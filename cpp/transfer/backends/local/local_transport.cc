@@ -11,7 +11,7 @@ constexpr uint64_t kChunkNbytes = 1 << 20;
 
 class LocalTransport final : public Transport {
  public:
-  const char* name() const override { return "local"; }
+  const char* name() const override { return backend::kLocal; }
 
   Capabilities capabilities() const override {
     Capabilities caps;

@@ -46,7 +46,7 @@ class ShmTransport final : public Transport {
   ShmTransport(const ShmTransport&) = delete;
   ShmTransport& operator=(const ShmTransport&) = delete;
 
-  const char* name() const override { return "shm"; }
+  const char* name() const override { return backend::kShm; }
   Capabilities capabilities() const override;
   Status start(const TransportContext& ctx) override;
   void stop() override;

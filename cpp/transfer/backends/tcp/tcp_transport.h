@@ -27,7 +27,7 @@ class TcpTransport final : public Transport {
   TcpTransport(const TcpTransport&) = delete;
   TcpTransport& operator=(const TcpTransport&) = delete;
 
-  const char* name() const override { return "tcp"; }
+  const char* name() const override { return backend::kTcp; }
   Capabilities capabilities() const override;
   Status start(const TransportContext& ctx) override;
   void stop() override;

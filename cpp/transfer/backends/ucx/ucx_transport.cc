@@ -104,7 +104,7 @@ class UcxTransport final : public Transport {
  public:
   ~UcxTransport() override { stop(); }
 
-  const char* name() const override { return "ucx"; }
+  const char* name() const override { return backend::kUcx; }
 
   Capabilities capabilities() const override {
     Capabilities caps;

@@ -31,6 +31,8 @@ from typing import Any
 
 import msgspec
 
+from ..._framing import recv as recv_frame
+from ..._framing import send as send_frame
 from ...errors import (
     AlreadyExistsError,
     BanaserveError,
@@ -42,7 +44,6 @@ from ...errors import (
     TransferTimeoutError,
     UnavailableError,
 )
-from ...migration.frames import recv_frame, send_frame
 
 logger = logging.getLogger(__name__)
 

@@ -12,23 +12,38 @@
 
 namespace banaserve {
 
+// The status codes, listed once: the enum, status_code_name(), kAllStatusCodes and the bindings'
+// status_codes() (which banaserve_ext.errors is tested against) are all made from this list.
 // Wire/ABI-stable values: the bindings and the Python exception table key on these numbers.
+#define BANASERVE_STATUS_CODES(X)                                                             \
+  X(Ok, 0)                                                                                    \
+  X(InvalidArgument, 1)   /* malformed input: bad sizes, unregistered or out-of-range memory */ \
+  X(NotFound, 2)          /* unknown peer, key, handle */                                     \
+  X(AlreadyExists, 3)     /* duplicate registration, key already committed by another writer */ \
+  X(OutOfRange, 4)        /* index outside a prepared list */                                 \
+  X(ResourceExhausted, 5) /* pool full, queue full */                                         \
+  X(Unavailable, 6)       /* peer unreachable or dead, engine not started */                  \
+  X(Timeout, 7)           /* deadline passed */                                               \
+  X(Cancelled, 8)         /* cancelled by the caller */                                       \
+  X(ProtocolError, 9)     /* malformed or truncated frame from a peer */                      \
+  X(NotImplemented, 10)   /* capability not provided by the chosen backend */                 \
+  X(Internal, 11)         /* a bug or an OS error with no better mapping */                   \
+  X(CudaError, 12)        /* CUDA runtime failure (CUDA backend only) */
+
 enum class StatusCode : uint8_t {
-  kOk = 0,
-  kInvalidArgument = 1,    // malformed input: bad sizes, unregistered or out-of-range memory
-  kNotFound = 2,           // unknown peer, key, handle
-  kAlreadyExists = 3,      // duplicate registration, key already committed by another writer
-  kOutOfRange = 4,         // index outside a prepared list
-  kResourceExhausted = 5,  // pool full, queue full
-  kUnavailable = 6,        // peer unreachable or dead, engine not started
-  kTimeout = 7,            // deadline passed
-  kCancelled = 8,          // cancelled by the caller
-  kProtocolError = 9,      // malformed or truncated frame from a peer
-  kNotImplemented = 10,    // capability not provided by the chosen backend
-  kInternal = 11,          // a bug or an OS error with no better mapping
-  kCudaError = 12,         // CUDA runtime failure (CUDA backend only)
+#define BANASERVE_STATUS_ENUMERATOR_(name, value) k##name = value,
+  BANASERVE_STATUS_CODES(BANASERVE_STATUS_ENUMERATOR_)
+#undef BANASERVE_STATUS_ENUMERATOR_
 };
 
+/// Every status code, kOk first, in value order.
+inline constexpr StatusCode kAllStatusCodes[] = {
+#define BANASERVE_STATUS_LISTED_(name, value) StatusCode::k##name,
+    BANASERVE_STATUS_CODES(BANASERVE_STATUS_LISTED_)
+#undef BANASERVE_STATUS_LISTED_
+};
+
+/// "InvalidArgument", "NotFound", ... ("Ok" for kOk); "Unknown" for a value outside the list.
 const char* status_code_name(StatusCode code);
 
 /// A cheap value: OK carries no allocation. Non-OK carries a message and the source location

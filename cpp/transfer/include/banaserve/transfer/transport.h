@@ -98,8 +98,8 @@ class Transport {
                     std::vector<CopyRun> runs) = 0;
 };
 
-/// Creates a backend by name ("local", "shm", "tcp"). kNotFound for an unknown name,
-/// kNotImplemented for a backend not compiled in.
+/// Creates a backend by name (backend_names.h). kNotFound for an unknown name, kNotImplemented
+/// for a backend not compiled in.
 StatusOr<std::unique_ptr<Transport>> create_transport(const std::string& name);
 /// Names of the compiled-in backends, in the order the engine considers them.
 std::vector<std::string> available_transports();

@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include "banaserve/transfer/backend_names.h"
+
 namespace banaserve::transfer {
 
 enum class MemoryKind : uint8_t { kHost = 0, kCuda = 1 };
@@ -83,14 +85,13 @@ struct EngineConfig {
   std::string engine_id;          // "" → generated
   std::string tcp_host = "127.0.0.1";
   uint16_t tcp_port = 0;          // 0 → ephemeral
-  bool enable_tcp = true;
-  bool enable_shm = true;
-  bool enable_ucx = true;   // used only when the ucx backend is compiled in
-  bool enable_cuda = true;  // used only when the cuda backend is compiled in
+  // Backends to start besides local (names of backend_names.h; one not compiled into this build
+  // is skipped, an unknown name is refused by start()).
+  std::vector<std::string> backends = default_backends();
   int tcp_lanes = 2;              // persistent connections per peer
   int copy_threads = 2;           // shm copy workers
   uint64_t default_timeout_ms = 30000;
-  std::string force_backend;      // "" (auto) | "local" | "shm" | "tcp" | "ucx" | "cuda"
+  std::string force_backend;      // "" (auto) or one of backend_names.h, started
   uint32_t peer_check_interval_ms = 100;  // liveness check of same-host peers
 };
 
