@@ -5,18 +5,20 @@ from pathlib import Path
 
 import pytest
 
-from banaserve_ext import _env
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-#: ../shared/data/traces beside the checkout (CI puts it there too)
-TRACES_DIR = REPO_ROOT.parent / "shared" / "data" / "traces"
+from banaserve_ext import _env, data
 
 
 @pytest.fixture(scope="session")
 def traces_dir() -> Path:
-    if not TRACES_DIR.is_dir():
-        pytest.fail(f"trace data not found at {TRACES_DIR} (expected ../shared/data/traces)")
-    return TRACES_DIR
+    """The full traces (../shared/data/traces beside the checkout; CI has them). Tests that need
+    more than the slices shipped in banaserve_ext/data skip without them."""
+    root = data.shared_traces_dir()
+    if root is None:
+        pytest.skip(
+            f"needs the full trace data, ../{data.SHARED_TRACES_RELPATH} beside the "
+            "checkout (not there)"
+        )
+    return root
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from banaserve_ext import data
 from banaserve_ext.errors import InvalidArgumentError
 from banaserve_ext.launch import cli, replay
 
@@ -83,8 +84,20 @@ def test_load_rejects_unknown_format(tmp_path: Path) -> None:
         replay.load_trace(tmp_path / "x.txt", 5)
 
 
-def test_real_trace_slice_scales_into_the_tiny_model(traces_dir: Path) -> None:
-    trace = replay.load_trace(traces_dir / "mooncake_fast25" / "conversation_trace.jsonl", 40)
+def test_replay_without_a_path_replays_the_shipped_slice() -> None:
+    assert _args().replay is None
+    assert _args("--replay").replay == data.LAUNCH_TRACE
+    assert _args("--replay", "t.csv").replay == Path("t.csv")
+    assert data.LAUNCH_TRACE.is_file()
+
+
+def test_missing_trace_fails_before_any_server_starts(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(_args("--replay", "/nonexistent/trace.jsonl")) == 2
+    assert "trace file not found: /nonexistent/trace.jsonl" in capsys.readouterr().err
+
+
+def test_real_trace_slice_scales_into_the_tiny_model() -> None:
+    trace = replay.load_trace(data.LAUNCH_TRACE, 40)
     reqs = replay.scale(trace, rate_rps=2.0, length_scale=1 / 16, max_input=1024,
                         max_output=32, vocab_size=1024)  # fmt: skip
     assert len(reqs) == 40

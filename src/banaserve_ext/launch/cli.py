@@ -3,6 +3,7 @@
 backend behind a PD router, on this host.
 
     banaserve launch                              # tiny embedded model on CPU, 1 prefill + 1 decode
+    banaserve launch --replay                     # the shipped Mooncake slice (banaserve_ext.data)
     banaserve launch --replay ../shared/data/traces/mooncake_fast25/conversation_trace.jsonl
 
 Waits for every server, prints the router URL, and serves until Ctrl-C (or, with ``--replay``,
@@ -20,6 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ..data import LAUNCH_TRACE
 from ..errors import BanaserveError, InvalidArgumentError
 from .servers import LOOPBACK, RouterConfig, ServerProcess, SGLangServerConfig, free_port
 
@@ -45,7 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server-arg", action="append", default=[],
                    help="extra argument for every SGLang server (repeatable)")
     g = p.add_argument_group("replay")
-    g.add_argument("--replay", type=Path, help="trace to replay (.jsonl Mooncake or .csv Azure)")
+    g.add_argument("--replay", type=Path, nargs="?", const=LAUNCH_TRACE, metavar="TRACE",
+                   help="trace to replay (.jsonl Mooncake or .csv Azure); without a path, the "
+                   f"shipped slice {LAUNCH_TRACE.name}")
     g.add_argument("--replay-requests", type=int, default=40, help="first N requests (default 40)")
     g.add_argument("--replay-rate", type=float, default=2.0,
                    help="mean arrival rate after scaling, requests/s (default 2)")
@@ -92,6 +96,10 @@ def plan(
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.replay is not None and not Path(args.replay).is_file():  # before any server starts
+        print(f"banaserve launch: trace file not found: {args.replay} (--replay without a path "
+              f"replays the shipped slice {LAUNCH_TRACE.name})", file=sys.stderr)  # fmt: skip
+        return 2
     n = args.prefill + args.decode
     if args.device == "cpu":
         print(f"banaserve launch: {args.prefill} prefill + {args.decode} decode CPU servers "

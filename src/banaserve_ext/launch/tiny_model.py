@@ -29,6 +29,14 @@ class TinyModelSpec:
     seed: int = 0
 
 
+#: A plain "role: content" chat template, so ``/v1/chat/completions`` works on the tiny model.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ message['role'] }}: {{ message['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
 def _corpus() -> list[str]:
     # A small deterministic English-ish corpus; enough for a byte-level BPE with ~1k merges.
     words = (
@@ -57,9 +65,11 @@ def _train_tokenizer(vocab_size: int):  # -> transformers.PreTrainedTokenizerFas
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
-    return PreTrainedTokenizerFast(
+    out = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
+    out.chat_template = CHAT_TEMPLATE
+    return out
 
 
 def create_tiny_llama(path: str | Path, spec: TinyModelSpec | None = None) -> Path:
@@ -72,7 +82,8 @@ def create_tiny_llama(path: str | Path, spec: TinyModelSpec | None = None) -> Pa
         raise InvalidArgumentError("num_attention_heads must be a multiple of num_key_value_heads")
     out = Path(path)
     stamp = out / _STAMP
-    want = json.dumps(asdict(spec), sort_keys=True)
+    # the chat template is part of the stamp: directories made before it existed are rewritten
+    want = json.dumps({**asdict(spec), "chat_template": CHAT_TEMPLATE}, sort_keys=True)
     if stamp.is_file() and stamp.read_text() == want:
         return out
 

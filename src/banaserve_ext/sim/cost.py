@@ -281,9 +281,11 @@ def _read_csv(path: Path, columns: tuple[str, ...]) -> list[list[str]]:
 
 
 def default_calibration_dir() -> Path:
-    from .traces import default_traces_dir
+    """The fitted cost table shipped with the package (a copy of the shared calibration's
+    ``derived/opsum_linear_fits.csv``)."""
+    from ..data import calibration_dir
 
-    return default_traces_dir() / "calibration"
+    return calibration_dir()
 
 
 def load_fit_cost_model(model: ModelSpec, gpu_table_name: str, tp: int,

@@ -14,7 +14,7 @@ from ..policies.global_cache_aware import GlobalCacheAwarePolicy
 from .engine import ClusterConfig, Simulator
 from .metrics import summarize
 from .models import get_gpu, get_model, kv_capacity_tokens
-from .traces import default_traces_dir, load_mooncake, scale_rate
+from .traces import load_trace, scale_rate
 
 #: Mooncake FAST'25, routing ablation, mean TTFT (s) on the conversation trace
 MOONCAKE_MEASURED_TTFT_S = {
@@ -57,8 +57,7 @@ def ablation_cluster(mode: str, n: int = 16) -> tuple[ClusterConfig, Any, Any]:
 
 def routing_ablation(limit: int | None = None, rate_scale: float | None = None,
                      progress: bool = False) -> dict[str, Any]:
-    path = default_traces_dir() / "mooncake_fast25" / "conversation_trace.jsonl"
-    trace = load_mooncake(path, limit)
+    trace = load_trace("mooncake-conv", limit)
     # Mooncake's ablation ran at a load where random routing reached ~20 s of mean TTFT; the
     # trace's native 3.4 req/s is far lighter than that on 16 TP8 nodes in our cost model, so by
     # default it is replayed at 2.5x its rate (inter-arrival times / 2.5)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import data
 from ..errors import InvalidArgumentError, NotFoundError
 
 MOONCAKE_BLOCK_TOKENS = 512
@@ -28,13 +29,15 @@ class TraceRequest:
 
 
 def default_traces_dir() -> Path:
-    """``../shared/data/traces`` beside the checkout (the repo layout and CI's)."""
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        cand = parent.parent / "shared" / "data" / "traces"
-        if cand.is_dir():
-            return cand
-    return Path("/work/shared/data/traces")
+    """The full traces, ``../shared/data/traces`` beside the checkout (the repo layout and CI's);
+    NotFoundError when absent (only slices are shipped: :mod:`banaserve_ext.data`)."""
+    root = data.shared_traces_dir()
+    if root is None:
+        raise NotFoundError(
+            f"full trace data not found (expected ../{data.SHARED_TRACES_RELPATH} beside the "
+            "checkout; only small slices are shipped, see banaserve_ext/data/traces/README.md)"
+        )
+    return root
 
 
 def _open(path: str | Path) -> Path:
@@ -175,16 +178,12 @@ def load_llmservingsim_requests(path: str | Path) -> list[TraceRequest]:
 
 
 def load_trace(spec: str, limit: int | None = None) -> list[TraceRequest]:
-    """By name (``mooncake-conv``, ``mooncake-synth``, ``azure-code``, ``azure-conv``) or path."""
-    root = default_traces_dir()
-    named = {
-        "mooncake-conv": ("mooncake", root / "mooncake_fast25" / "conversation_trace.jsonl"),
-        "mooncake-synth": ("mooncake", root / "mooncake_fast25" / "synthetic_trace.jsonl"),
-        "azure-code": ("azure", root / "azure_llm_2023" / "AzureLLMInferenceTrace_code.csv"),
-        "azure-conv": ("azure", root / "azure_llm_2023" / "AzureLLMInferenceTrace_conv.csv"),
-    }
-    if spec in named:
-        kind, path = named[spec]
+    """By name (``mooncake-conv``, ``mooncake-synth``, ``azure-code``, ``azure-conv``) or path.
+
+    A named trace is read from the full traces when they are beside the checkout, else from the
+    shipped slice of its first 300 requests (enough when ``limit`` <= 300)."""
+    if spec in data.NAMED_TRACES:
+        kind, path = data.named_trace_path(spec, limit)
     else:
         path = Path(spec)
         kind = "azure" if path.suffix == ".csv" else "mooncake"

@@ -16,9 +16,18 @@ What it does, and why:
   something wrong. ``torch.ops.sgl_kernel.*`` is left empty, so ``cpu_has_amx_support()`` stays
   False and layers take their native torch paths.
 * torchvision. The only torchvision wheel reachable here is a CUDA build whose C extension cannot
-  load; its ``_meta_registrations`` / ``_autograd_registrations`` then fail at import, and SGLang's
-  config package imports torchvision. Both modules are replaced by empty placeholders; the detection
-  ops they register (nms, roi_align...) are unused by text models.
+  load; its ``_meta_registrations`` then fails at import (``operator torchvision::nms does not
+  exist``), and SGLang's config package imports torchvision. When (and only when) torchvision
+  reports its extension missing, an import hook (:mod:`.torchvision_guard`) gives it empty
+  ``_meta_registrations`` / ``_autograd_registrations`` modules; the detection ops they register
+  (nms, roi_align...) are unused by text models, and calling one still fails with torchvision's
+  own error. ``.ci/install-sglang-cpu`` installs the same hook in every process of its venv (a
+  ``.pth`` file), so SGLang's own tools run there too.
+* post-warmup GC freeze (an SGLang patch, :func:`patch_http_server`). Servers started with
+  ``--skip-server-warmup`` (ours are) POST ``/freeze_gc`` to themselves before uvicorn listens,
+  so every start logged ``post-warmup freeze_gc failed`` with a ``Connection refused``
+  traceback and the scheduler, detokenizer and tokenizer never froze their start-up objects.
+  The patch waits until the HTTP port accepts connections, then lets SGLang post.
 * ``SGLANG_USE_CPU_ENGINE=1`` unless already set (otherwise rotary embedding imports vllm).
 
 The SGLang-internal patches that only matter once SGLang is imported (Mooncake's host-index path)
@@ -43,7 +52,6 @@ SGL_KERNEL_CPU_NAMES: tuple[str, ...] = (
     "assign_req_to_token_pool_cpu",
     "copy_all_layer_kv_cache_cpu",
 )
-
 
 
 def _unavailable(name: str) -> Callable[..., object]:
@@ -83,34 +91,12 @@ def _install_sgl_kernel_stand_in() -> None:
     sys.modules["sgl_kernel"] = mod
 
 
-def _torchvision_c_extension_loads() -> bool:
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None or not spec.submodule_search_locations:
-        return True  # not installed: nothing to fix
-    import glob
-
-    for loc in spec.submodule_search_locations:
-        libs = glob.glob(os.path.join(loc, "_C*.so"))
-        if not libs:
-            continue
-        import ctypes
-
-        import torch  # noqa: F401  (the extension links against libtorch)
-
-        try:
-            ctypes.CDLL(libs[0])
-            return True
-        except OSError:
-            return False
-    return False
-
-
 def install_torchvision_placeholders() -> None:
-    """Let `import torchvision` succeed when its C extension cannot load (see module doc)."""
-    if "torchvision" in sys.modules or _torchvision_c_extension_loads():
-        return
-    for name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
-        sys.modules.setdefault(name, types.ModuleType(name))
+    """Let ``import torchvision`` succeed when its C extension cannot load (see module doc and
+    :mod:`.torchvision_guard`). Idempotent, imports nothing heavy."""
+    from . import torchvision_guard
+
+    torchvision_guard.install()
 
 
 def install() -> None:
@@ -125,6 +111,47 @@ def install() -> None:
 def active() -> bool:
     """True in processes started through the CPU launcher (or their children)."""
     return _env.get(_env.SGLANG_CPU_COMPAT)
+
+
+#: how long the post-warmup GC freeze waits for the server's own HTTP port
+FREEZE_GC_WAIT_S = 120.0
+
+
+def _wait_until_listening(url: str, timeout_s: float) -> bool:
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host, parts.port or 80), timeout=1.0).close()
+            return True
+        except OSError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+
+
+def patch_http_server() -> None:
+    """SGLang patch for the process that runs the HTTP server (the CPU launcher's main process,
+    which calls it; importing the HTTP server elsewhere would only cost time): the post-warmup
+    GC freeze waits until the server listens. Idempotent."""
+    from sglang.srt.entrypoints import http_server
+
+    original = http_server._freeze_gc_after_server_warmup
+    if getattr(original, "_banaserve_waits", False):
+        return
+
+    def freeze_gc_once_listening(server_args: object) -> None:
+        _wait_until_listening(server_args.url(), FREEZE_GC_WAIT_S)  # type: ignore[attr-defined]
+        original(server_args)  # still logs SGLang's own warning if the port never opened
+
+    freeze_gc_once_listening._banaserve_waits = True  # type: ignore[attr-defined]
+    http_server._freeze_gc_after_server_warmup = freeze_gc_once_listening
 
 
 def apply_sglang_patches() -> None:

@@ -26,6 +26,7 @@ def main(argv: list[str]) -> None:
     from sglang.srt.utils import kill_process_tree
 
     load_plugins()
+    cpu_compat.patch_http_server()
     server_args = prepare_server_args(argv)
     try:
         run_server(server_args)
