@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from array import array
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ class SimRequest:
         "prefilled", "prefix_hit", "ready_at", "t_first", "t_done", "t_prefill_start",
         "pinst", "dinst", "join_step", "tokens_at_join", "finish_step", "alive",
         "handover_after", "handover_to", "generated", "migrations", "seg2",
+        "kv", "segs", "preemptions", "order", "recompute",
     )
 
     def __init__(self, tr: TraceRequest) -> None:
@@ -65,6 +67,19 @@ class SimRequest:
         self.generated = 0
         self.migrations = 0
         self.seg2 = False
+        self.kv = 0  # KV tokens this request holds in its current instance's pool
+        #: decode segments (instance, first step, last step): the steps that made its tokens
+        self.segs: list[tuple[Instance, int, int]] = []
+        self.preemptions = 0
+        self.order = 0
+        self.recompute = False
+
+    def token_times(self) -> list[float]:
+        """Times of every output token (first token included), in order."""
+        out = [self.t_first] if self.t_first >= 0 else []
+        for inst, a, b in self.segs:
+            out.extend(inst.tok_times[a:b])
+        return out
 
 
 def _valid(entry: tuple[int, int, SimRequest], inst: Instance) -> bool:
@@ -191,6 +206,11 @@ class Instance:
         self.tokens_prefilled = 0
         self.tokens_decoded = 0
         self.completed = 0
+        #: end time of every decode step, indexed by step number - 1 (per-token TBT)
+        self.tok_times = array("d")
+        self.preemptions = 0
+        self.recompute_s = 0.0  # recompute prefill owed by re-admitted preempted requests
+        self._order = 0  # join order (vLLM preempts the latest-joined request first)
 
     # -- queries -------------------------------------------------------------------------------
     @property
@@ -258,11 +278,17 @@ class Instance:
         pend = self.pending
         while pend and self.n_dec < self.max_num_seqs:
             r = pend[0]
-            need = 0 if self.partner is not None else r.input_len + r.output_len
-            if need and not self.pool.fits(need):
+            need = r.input_len + r.generated - r.kv
+            # on-demand KV: admit while one more token per running decode still fits
+            if need > 0 and not self.pool.fits(need + self.n_dec + 1):
                 break
             pend.popleft()
             self.pool.used += need
+            r.kv += need
+            if r.recompute:
+                # recompute (vLLM/SGLang preemption): the KV is rebuilt by a prefill pass
+                r.recompute = False
+                self.recompute_s += self.cost.prefill_s(r.input_len + r.generated)
             self._join(r)
 
     def _join(self, r: SimRequest) -> None:
@@ -277,6 +303,8 @@ class Instance:
             left = 1
         r.finish_step = self.step_count + left
         r.alive = True
+        self._order += 1
+        r.order = self._order
         self.finish_sum += r.finish_step
         self.n_dec += 1
         self.dec_ctx += r.input_len + r.generated
@@ -284,13 +312,33 @@ class Instance:
         heapq.heappush(self.heap, (r.finish_step, self.sim._seq, r))
 
     def remove_decode(self, r: SimRequest) -> None:
-        """Take a running decode out of this instance's batch (request migration)."""
+        """Take a running decode out of this instance's batch (request migration); its KV is
+        freed here."""
         r.generated = r.tokens_at_join + (self.step_count - r.join_step)
+        r.segs.append((self, r.join_step, self.step_count))
         r.alive = False
         self.finish_sum -= r.finish_step
         self.n_dec -= 1
         self.dec_ctx -= r.input_len + r.generated
-        self.pool.used -= r.input_len + r.output_len
+        # on-demand KV: the request holds its prompt and every token made so far
+        self.pool.used -= r.input_len + r.generated
+        r.kv = 0
+
+    def _preempt_latest(self) -> None:
+        """Out of KV for the next step: preempt the latest-joined decode (vLLM's order) for
+        recompute; it rejoins first, once its whole context fits again."""
+        victim = None
+        for e in self.heap:
+            r = e[2]
+            if _valid(e, self) and (victim is None or r.order > victim.order):
+                victim = r
+        if victim is None:
+            return
+        self.remove_decode(victim)
+        victim.recompute = True
+        victim.preemptions += 1
+        self.preemptions += 1
+        self.pending.appendleft(victim)
 
     def decode_remaining_tokens(self) -> int:
         return self.finish_sum - self.n_dec * self.step_count
@@ -306,6 +354,9 @@ class Instance:
 
     def _start_step(self, now: float) -> None:
         self._admit_decodes()
+        if self.n_dec and self.kind != "prefill":
+            while self.n_dec and not self.pool.fits(self.n_dec):
+                self._preempt_latest()
         chunks: list[tuple[SimRequest, int]] = []
         budget = self.max_tokens - (self.n_dec if self.kind != "prefill" else 0)
         if self.kind != "decode":
@@ -316,16 +367,20 @@ class Instance:
                 chunks.append((r, c))
                 budget -= c
             wait = self.waiting
-            while wait and budget > 0 and self.num_running < self.max_num_seqs:
+            # preempted requests go first (vLLM puts them at the head of the queue)
+            while (wait and budget > 0 and self.num_running < self.max_num_seqs
+                   and not (self.pending and self.kind == "colocated")):
                 r = wait[0]
                 if r.ready_at > now:
                     break
-                need = r.input_len + (r.output_len if self.kind == "colocated" or self.partner
-                                      is not None else 0)
-                if not self.pool.fits(need):
+                # on-demand KV: the prompt now, one token per step later; keep room for the
+                # running decodes' next token
+                need = r.input_len
+                if not self.pool.fits(need + self.n_dec):
                     break
                 wait.popleft()
                 self.pool.used += need
+                r.kv = need
                 self.sim._on_admit(self, r, now)
                 self.prefilling.append(r)
                 c = min(r.input_len - r.prefilled, budget)
@@ -343,7 +398,8 @@ class Instance:
         self.step_chunks = chunks
         if chunks:
             spec = [(c, r.prefilled) for r, c in chunks]
-            t = self.iteration_s(spec, self.n_dec, self.dec_ctx)
+            t = self.iteration_s(spec, self.n_dec, self.dec_ctx) + self.recompute_s
+            self.recompute_s = 0.0
             self.step_k, self.step_alpha, self.step_beta = 1, t, 0.0
             self.prefill_busy_s += t
             end = now + t
@@ -352,12 +408,18 @@ class Instance:
             while not _valid(heap[0], self):
                 heapq.heappop(heap)
             k = max(1, heap[0][0] - self.step_count)
+            # on-demand KV: stop the macro step where the pool fills (preemption point)
+            k = max(1, min(k, (self.pool.capacity - self.pool.used) // self.n_dec))
+            if self.recompute_s:
+                k = 1
             a = self.iteration_s((), self.n_dec, self.dec_ctx)
             a2 = self.iteration_s((), self.n_dec, self.dec_ctx + self.n_dec * min(k, 64))
             self.step_alpha = a
             self.step_beta = (a2 - a) / min(k, 64) if k > 1 else 0.0
             self.step_k = k
-            end = now + self._steps_time(k)
+            end = now + self._steps_time(k) + self.recompute_s
+            self.step_alpha += self.recompute_s
+            self.recompute_s = 0.0
         self.sim.push(end, _EV_STEP, (self, self.version))
 
     def _fit_budget(self, chunks: list[tuple[SimRequest, int]], tbt: float
@@ -399,8 +461,13 @@ class Instance:
         self.busy_s += dt
         sim = self.sim
         if self.n_dec:
+            tt = self.tok_times
+            for j in range(1, k):
+                tt.append(self.step_start + self._steps_time(j))
+            tt.append(now)
             self.step_count += k
             self.dec_ctx += k * self.n_dec
+            self.pool.used += k * self.n_dec
             self.tokens_decoded += k * self.n_dec
             heap = self.heap
             while heap and heap[0][0] <= self.step_count:
@@ -408,11 +475,7 @@ class Instance:
                 if not _valid(entry, self):
                     continue
                 r = entry[2]
-                r.alive = False
-                self.finish_sum -= r.finish_step
-                r.generated = r.tokens_at_join + (self.step_count - r.join_step)
-                self.n_dec -= 1
-                self.dec_ctx -= r.input_len + r.generated
+                self.remove_decode(r)
                 sim._on_decode_segment_done(self, r, now)
         done_prefill = []
         for r, c in self.step_chunks:
@@ -655,7 +718,10 @@ class Simulator:
             self._finish(inst, r, now, prefill_side=True)
             return
         if inst.kind == "colocated":
-            inst._join(r)  # its KV is already reserved
+            extra = r.input_len + r.generated - r.kv  # the first output token's KV
+            inst.pool.used += extra
+            r.kv += extra
+            inst._join(r)
             return
         if inst.partner is not None:  # semi-PD: same memory, no transfer
             self.policy.on_complete(r.info, inst.load, now)
@@ -691,7 +757,8 @@ class Simulator:
     def _deliver(self, r: SimRequest, now: float) -> None:
         src = r.pinst
         if src is not None and src.kind == "prefill" and not r.seg2:
-            src.pool.used -= r.input_len
+            src.pool.used -= r.kv
+            r.kv = 0
             self.policy.on_complete(r.info, src.load, now)
             src.kick(now)
         d = r.dinst
@@ -705,7 +772,6 @@ class Simulator:
             # DynaServe: the second segment continues on another instance
             dst = r.handover_to
             r.seg2 = True
-            inst.pool.used -= r.input_len + r.output_len
             self.policy.on_complete(r.info, inst.load, now)
             dst.load.active_requests += 1
             self._transfer(inst, dst, r, now, r.input_len + r.generated, 0.0)
@@ -718,11 +784,10 @@ class Simulator:
         r.generated = r.output_len
         inst.completed += 1
         if prefill_side:
-            whole = inst.kind == "colocated" or inst.partner is not None
-            inst.pool.used -= r.input_len + (r.output_len if whole else 0)
+            inst.pool.used -= r.kv
+            r.kv = 0
             self.policy.on_complete(r.info, inst.load, now)
-        else:
-            inst.pool.used -= r.input_len + r.output_len
+        else:  # its KV was freed when it left the batch
             if inst.kind == "colocated" and not r.seg2:
                 self.policy.on_complete(r.info, inst.load, now)
             elif inst.kind == "decode" and inst.partner is None and not r.seg2:
