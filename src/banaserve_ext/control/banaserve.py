@@ -35,6 +35,12 @@ from dataclasses import dataclass, field
 from ..errors import InvalidArgumentError
 
 
+def _measured_flip_cost() -> float:
+    from .costs import measured_costs
+
+    return measured_costs().flip_cost_s
+
+
 @dataclass(frozen=True)
 class LinkCost:
     """Time one migration takes to move ``n`` bytes: ``fixed_s + n / bandwidth_Bps``.
@@ -94,6 +100,10 @@ class LinkCost:
 
 @dataclass
 class InstanceView:
+    """One instance as the controller sees it at a tick. Everything here is observable on a live
+    SGLang server (``/get_load``-style counters, the scheduler's queue, the last step time), so a
+    live process can fill it in; fields after ``accepting`` are optional additions (0 = unknown)."""
+
     idx: int
     role: str  # "prefill" | "decode" | "colocated"
     util: float  # busy share of the last window, 0..1
@@ -103,6 +113,17 @@ class InstanceView:
     #: share of this instance's step time that is decode attention (for attention migration)
     attn_share: float = 0.0
     accepting: bool = True
+    #: requests waiting: prefill queue (prefill/colocated) or KV-transferred requests waiting
+    #: for decode memory (decode)
+    queue_len: int = 0
+    #: predicted seconds to drain the queued work (prefill: queued tokens x prefill rate;
+    #: decode: how long the oldest waiting request has waited)
+    queue_delay_s: float = 0.0
+    #: running decode requests and the last decode step's time (s)
+    running: int = 0
+    step_s: float = 0.0
+    #: requests preempted (KV exhausted) during the last window
+    preempted: int = 0
 
 
 @dataclass(frozen=True)
@@ -111,6 +132,7 @@ class MigrateLayers:
     dst: int
     layers: int
     latency_s: float
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -119,12 +141,16 @@ class MigrateAttention:
     dst: int
     fraction: float
     latency_s: float
+    reason: str = ""
 
 
 @dataclass(frozen=True)
 class FlipRole:
     idx: int
     new_role: str
+    reason: str = ""
+    #: what the flip is predicted to cost (drain excluded): the instance serves nothing for it
+    cost_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -133,6 +159,7 @@ class Revert:
 
     src: int
     dst: int
+    reason: str = ""
 
 
 @dataclass
@@ -155,6 +182,17 @@ class BanaServeConfig:
     #: ``sync_s + bytes / bandwidth_Bps`` for that mechanism
     layer_link: LinkCost | None = None
     attention_link: LinkCost | None = None
+    #: role flips: a flip fires when one tier's mean queueing delay stays above
+    #: ``flip_queue_s`` for ``flip_persist`` windows while the other tier has slack (below
+    #: ``flip_queue_s / 4`` and its utilisation after losing one instance below ``flip_low``).
+    #: ``flip_queue_s = None`` keeps the older utilisation trigger (``flip_high``).
+    flip_queue_s: float | None = None
+    flip_persist: int = 10
+    #: role-switch time after the drain (s); None = the measured value in
+    #: ``bench/sim/costs.json`` (see :func:`banaserve_ext.control.costs.measured_costs`)
+    flip_cost_s: float | None = None
+    #: a flip is worth it only if the queue it relieves is worth this many flip costs
+    flip_cost_factor: float = 1.0
 
     def layer_cost(self) -> LinkCost:
         return self.layer_link or LinkCost(self.bandwidth_Bps, self.sync_s)
@@ -194,6 +232,8 @@ class BanaServeController:
         self._flip_ticks = 0
         self._rev_ticks = 0
         self._last_action = float("-inf")
+        self._flip_cost = (self.config.flip_cost_s if self.config.flip_cost_s is not None
+                           else _measured_flip_cost())
 
     # -- costs -------------------------------------------------------------------------------
     def layer_latency(self, k: int, kv_tokens: int) -> float:
@@ -213,7 +253,8 @@ class BanaServeController:
             return []
         if now_s - self._last_action < c.cooldown_s or now_s < c.warmup_s:
             return []
-        acts = self._maybe_flip(live)
+        acts = (self._maybe_flip_queue(live, now_s) if c.flip_queue_s is not None
+                else self._maybe_flip(live))
         if acts:
             return self._commit(acts, now_s)
         acts = self._maybe_revert(views)
@@ -258,7 +299,10 @@ class BanaServeController:
                 break
             moved = hi.util * k / self.total_layers
             peak = max(hi.util - moved, lo.util + moved, others)
-            cand = (peak, lat, MigrateLayers(hi.idx, lo.idx, k, lat))
+            why = (f"util {hi.util:.2f} on {hi.idx} vs {lo.util:.2f} on {lo.idx} for "
+                   f"{c.persist} windows; peak {current:.2f} -> {peak:.2f}; {k} layers in "
+                   f"{lat:.2f} s (LinkCost)")
+            cand = (peak, lat, MigrateLayers(hi.idx, lo.idx, k, lat, why))
             if best is None or cand[:2] < best[:2]:
                 best = cand
         if hi.role == "decode" and hi.attn_share > 0:
@@ -268,7 +312,10 @@ class BanaServeController:
                     continue
                 moved = hi.util * phi * hi.attn_share
                 peak = max(hi.util - moved, lo.util + moved, others)
-                cand = (peak, lat, MigrateAttention(hi.idx, lo.idx, phi, lat))
+                why = (f"decode util {hi.util:.2f} on {hi.idx} vs {lo.util:.2f} on {lo.idx} "
+                       f"for {c.persist} windows; attention share {hi.attn_share:.2f}; peak "
+                       f"{current:.2f} -> {peak:.2f}; {phi:.2f} of the KV in {lat:.2f} s")
+                cand = (peak, lat, MigrateAttention(hi.idx, lo.idx, phi, lat, why))
                 if best is None or cand[:2] < best[:2]:
                     best = cand
         if best is None or current - best[0] < c.min_gain:
@@ -300,7 +347,61 @@ class BanaServeController:
         if not cands:
             return []
         self._flip_ticks = 0
-        return [FlipRole(min(cands, key=lambda v: v.util).idx, role)]
+        why = (f"util prefill {up:.2f} / decode {ud:.2f} for {c.persist} windows "
+               f"(flip_high {c.flip_high}, flip_low {c.flip_low})")
+        return [FlipRole(min(cands, key=lambda v: v.util).idx, role, why, self._flip_cost)]
+
+    def _maybe_flip_queue(self, live: Sequence[InstanceView], now_s: float) -> list[object]:
+        """Flip on a persistent queueing signal: one tier's requests wait (prefill queue, or
+        decode requests waiting for KV memory / being preempted) while the other tier has
+        slack. The flip costs a drain plus ``flip_cost_s`` of role switch, so it fires only
+        after ``flip_persist`` windows and when the queued delay is worth ``flip_cost_factor``
+        flip costs spread over the receiving tier."""
+        c = self.config
+        assert c.flip_queue_s is not None
+        pre = [v for v in live if v.role == "prefill"]
+        dec = [v for v in live if v.role == "decode"]
+        if not pre or not dec:
+            self._flip_ticks = 0
+            return []
+
+        def pressure(tier: Sequence[InstanceView]) -> float:
+            return sum(v.queue_delay_s + (v.preempted > 0) * c.flip_queue_s for v in tier
+                       ) / len(tier)
+
+        qp, qd = pressure(pre), pressure(dec)
+        up = sum(v.util for v in pre) / len(pre)
+        ud = sum(v.util for v in dec) / len(dec)
+        slack = c.flip_queue_s / 4
+        if qp > c.flip_queue_s and qd < slack and len(dec) > 1 and \
+                ud * len(dec) / (len(dec) - 1) < c.flip_low:
+            donor_tier, role, hot, q, u_after = dec, "prefill", "prefill", qp, \
+                ud * len(dec) / (len(dec) - 1)
+        elif qd > c.flip_queue_s and qp < slack and len(pre) > 1 and \
+                up * len(pre) / (len(pre) - 1) < c.flip_low:
+            donor_tier, role, hot, q, u_after = pre, "decode", "decode", qd, \
+                up * len(pre) / (len(pre) - 1)
+        else:
+            self._flip_ticks = 0
+            return []
+        self._flip_ticks += 1
+        if self._flip_ticks < c.flip_persist:
+            return []
+        # the queue, spread over the enlarged tier, must outweigh the instance's lost time
+        n_hot = len(pre) if hot == "prefill" else len(dec)
+        if q * n_hot < c.flip_cost_factor * self._flip_cost:
+            return []
+        busy = {a.action.src for a in self.active} | {a.action.dst for a in self.active}
+        cands = [v for v in donor_tier if v.idx not in busy]
+        if not cands:
+            return []
+        self._flip_ticks = 0
+        donor = min(cands, key=lambda v: (v.queue_len, v.util))
+        why = (f"{hot} queueing {q:.2f} s > {c.flip_queue_s:.2f} s for {c.flip_persist} "
+               f"windows; {'decode' if hot == 'prefill' else 'prefill'} queue "
+               f"{qd if hot == 'prefill' else qp:.2f} s, util {u_after:.2f} after losing "
+               f"{donor.idx}; flip cost {self._flip_cost:.1f} s + drain")
+        return [FlipRole(donor.idx, role, why, self._flip_cost)]
 
     def _maybe_revert(self, views: Sequence[InstanceView]) -> list[object]:
         by = {v.idx: v for v in views}
@@ -312,7 +413,9 @@ class BanaServeController:
                 self._rev_ticks += 1
                 if self._rev_ticks >= self.config.persist:
                     self._rev_ticks = 0
-                    return [Revert(a.action.src, a.action.dst)]
+                    why = (f"imbalance reversed: util {d.util:.2f} on receiver {d.idx} vs "
+                           f"{s.util:.2f} on donor {s.idx} for {self.config.persist} windows")
+                    return [Revert(a.action.src, a.action.dst, why)]
                 return []
         self._rev_ticks = 0
         return []
