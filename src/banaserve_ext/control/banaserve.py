@@ -6,11 +6,15 @@ actions; a runtime (the simulator's actuator, later the live controller) carries
 
 Decision per tick:
 
-1. **Role flip** when one tier's mean utilisation stays above ``flip_high`` for ``persist``
-   windows while the other tier, after losing one instance, would stay below ``flip_low``
-   (``U * n / (n - 1)``): the idlest instance of the idle tier drains and changes role
-   (coarse, the Splitwise/TetriInfer move). The gap between the two thresholds is the
-   hysteresis that keeps a flip from undoing itself.
+1. **Role flip** (coarse, the Splitwise/TetriInfer move: drain, then switch the role, which
+   costs ``flip_cost_s``, measured live, see :mod:`.costs`). With ``flip_queue_s`` set, on a
+   *persistent queueing signal*: one tier's mean queueing delay (``InstanceView.queue_delay_s``,
+   plus preemptions and decode steps slower than ``step_budget_s``) stays above
+   ``flip_queue_s`` and twice the other tier's for ``flip_persist`` windows, the queue is worth
+   the flip cost, and the donor tier's load after losing one instance stays below the busy
+   tier's after gaining it (the min-max objective). Without it, the older utilisation
+   trigger: one tier above ``flip_high`` for ``persist`` windows while the other would stay
+   below ``flip_low`` (``U * n / (n - 1)``). Nothing fires before ``warmup_s``.
 2. Otherwise, when the busiest and the idlest instance stay more than ``high`` apart for
    ``persist`` windows, solve ``min over plans of max_g U_g(plan)`` subject to
    ``migration_latency(plan) <= budget_s`` over
@@ -183,8 +187,9 @@ class BanaServeConfig:
     layer_link: LinkCost | None = None
     attention_link: LinkCost | None = None
     #: role flips: a flip fires when one tier's mean queueing delay stays above
-    #: ``flip_queue_s`` for ``flip_persist`` windows while the other tier has slack (below
-    #: ``flip_queue_s / 4`` and its utilisation after losing one instance below ``flip_low``).
+    #: ``flip_queue_s`` (and twice the other tier's) for ``flip_persist`` windows, and the
+    #: other tier's load after losing one instance stays below the busy tier's load after
+    #: gaining it (min-max) or below ``flip_low``.
     #: ``flip_queue_s = None`` keeps the older utilisation trigger (``flip_high``).
     flip_queue_s: float | None = None
     flip_persist: int = 10
@@ -193,6 +198,9 @@ class BanaServeConfig:
     flip_cost_s: float | None = None
     #: a flip is worth it only if the queue it relieves is worth this many flip costs
     flip_cost_factor: float = 1.0
+    #: decode step time the SLO allows (the TBT budget); a decode instance stepping slower
+    #: counts as queueing in proportion (None: ignore step times)
+    step_budget_s: float | None = None
 
     def layer_cost(self) -> LinkCost:
         return self.layer_link or LinkCost(self.bandwidth_Bps, self.sync_s)
@@ -366,22 +374,34 @@ class BanaServeController:
             return []
 
         def pressure(tier: Sequence[InstanceView]) -> float:
-            return sum(v.queue_delay_s + (v.preempted > 0) * c.flip_queue_s for v in tier
-                       ) / len(tier)
+            tot = 0.0
+            for v in tier:
+                tot += v.queue_delay_s + (v.preempted > 0) * c.flip_queue_s
+                if c.step_budget_s and v.role == "decode" and v.step_s > c.step_budget_s:
+                    tot += c.flip_queue_s * v.step_s / c.step_budget_s
+            return tot / len(tier)
 
         qp, qd = pressure(pre), pressure(dec)
         up = sum(v.util for v in pre) / len(pre)
         ud = sum(v.util for v in dec) / len(dec)
-        slack = c.flip_queue_s / 4
-        if qp > c.flip_queue_s and qd < slack and len(dec) > 1 and \
-                ud * len(dec) / (len(dec) - 1) < c.flip_low:
-            donor_tier, role, hot, q, u_after = dec, "prefill", "prefill", qp, \
-                ud * len(dec) / (len(dec) - 1)
-        elif qd > c.flip_queue_s and qp < slack and len(pre) > 1 and \
-                up * len(pre) / (len(pre) - 1) < c.flip_low:
-            donor_tier, role, hot, q, u_after = pre, "decode", "decode", qd, \
-                up * len(pre) / (len(pre) - 1)
-        else:
+
+        def worth(u_hot: float, n_hot: int, u_donor: float, n_donor: int) -> float | None:
+            """The donor tier's load after giving one instance, if that keeps the busier tier
+            less loaded than now (min-max) or under ``flip_low``; else None."""
+            if n_donor < 2:
+                return None
+            after_d = u_donor * n_donor / (n_donor - 1)
+            after_h = u_hot * n_hot / (n_hot + 1)
+            return after_d if after_d < max(c.flip_low, after_h) else None
+
+        u_after = None
+        if qp > c.flip_queue_s and qp > 2 * qd:
+            u_after = worth(up, len(pre), ud, len(dec))
+            donor_tier, role, hot, q = dec, "prefill", "prefill", qp
+        elif qd > c.flip_queue_s and qd > 2 * qp:
+            u_after = worth(ud, len(dec), up, len(pre))
+            donor_tier, role, hot, q = pre, "decode", "decode", qd
+        if u_after is None:
             self._flip_ticks = 0
             return []
         self._flip_ticks += 1
@@ -400,7 +420,8 @@ class BanaServeController:
         why = (f"{hot} queueing {q:.2f} s > {c.flip_queue_s:.2f} s for {c.flip_persist} "
                f"windows; {'decode' if hot == 'prefill' else 'prefill'} queue "
                f"{qd if hot == 'prefill' else qp:.2f} s, util {u_after:.2f} after losing "
-               f"{donor.idx}; flip cost {self._flip_cost:.1f} s + drain")
+               f"{donor.idx} (load prefill {up:.2f} / decode {ud:.2f}); flip cost "
+               f"{self._flip_cost:.1f} s + drain")
         return [FlipRole(donor.idx, role, why, self._flip_cost)]
 
     def _maybe_revert(self, views: Sequence[InstanceView]) -> list[object]:

@@ -68,12 +68,14 @@ def load_utils(sim: Simulator, busy: Sequence[float], slo: Slo) -> list[float]:
     for inst, b in zip(sim.instances, busy, strict=True):
         if inst.kind == "decode":
             step = inst.iteration_s((), inst.n_dec, inst.dec_ctx) if inst.n_dec else 0.0
-            u = max(inst.pool.frac, inst.n_dec / inst.max_num_seqs, step / slo.tpot_s)
+            u = max(inst.pool.frac, inst.n_dec / inst.max_num_seqs, step / slo.step_budget_s)
+            # requests waiting for decode memory are load the running batch cannot take
+            u *= 1.0 + len(inst.pending) / max(1, inst.n_dec)
         else:
             q = inst.queued_prefill_tokens()
             backlog = inst.cost.prefill_s(q) * inst._scale() if q else 0.0
             u = b + backlog / slo.ttft_s
-        out.append(min(2.0, u))
+        out.append(min(4.0, u))
     return out
 
 
@@ -461,7 +463,8 @@ def build(system: str, s: Setup) -> Simulator:
                             budget_s=5.0, layer_link=costs.layer_link,
                             attention_link=costs.attention_link,
                             flip_queue_s=0.25 * s.slo.ttft_s, flip_persist=10,
-                            flip_cost_s=costs.flip_cost_s)), s.slo)
+                            flip_cost_s=costs.flip_cost_s,
+                            step_budget_s=s.slo.step_budget_s)), s.slo)
         controller.events.append((0.0, f"start P:D {n_p}:{n - n_p} | {why}"))
     elif system == "dynaserve":
         cfg = replace(base, n_colocated=n, tbt_budget_s=s.slo.step_budget_s)
@@ -504,7 +507,10 @@ def profile_from_trace(trace: Sequence[TraceRequest], cost: CostModel, window_s:
 
 
 def simulate(system: str, s: Setup, trace: Sequence[TraceRequest],
-             progress: Callable[[float], None] | None = None) -> tuple[dict, Simulator]:
+             progress: Callable[[float], None] | None = None, summary: bool = True
+             ) -> tuple[dict, Simulator]:
+    """Run one system; ``summary=False`` skips the latency summary (the caller computes its
+    own) and returns an empty dict."""
     if system == "distserve" and s.pd_prefill is None:
         best = None
         for n_p in range(1, s.instances):
@@ -526,6 +532,8 @@ def simulate(system: str, s: Setup, trace: Sequence[TraceRequest],
     sim = build(system, s)
     sim.progress = progress
     reqs = sim.run(trace)
+    if not summary:
+        return {}, sim
     res = summarize(reqs, s.slo)
     if isinstance(sim.controller, BanaServeActuator):
         res["control_actions"] = float(len(sim.controller.events))
