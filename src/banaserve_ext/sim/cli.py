@@ -81,7 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          "mode (tables, action logs) under --out")
     rep.add_argument("--out", default="bench/sim/results", help="output directory")
     rep.add_argument("--seeds", type=int, default=3, help="seeds per cell (median reported)")
-    rep.add_argument("--minutes", type=float, default=20.0, help="simulated minutes per run")
+    rep.add_argument("--minutes", type=float, default=20.0,
+                     help="simulated minutes per run of a shifting-mix workload")
+    rep.add_argument("--stationary-minutes", type=float, default=10.0,
+                     help="simulated minutes per run of a stationary trace window")
     rep.add_argument("--jobs", type=int, default=2, help="worker processes")
     rep.add_argument("--workloads", default=None,
                      help="comma-separated subset (default: all of the report's workloads)")
@@ -190,10 +193,12 @@ def main(args: argparse.Namespace) -> int:
             from .report import WORKLOADS, main_progress, report
 
             wls = tuple(w for w in args.workloads.split(",") if w) if args.workloads else WORKLOADS
-            if args.seeds < 1 or args.jobs < 1 or args.minutes <= 0:
-                raise InvalidArgumentError("--seeds and --jobs must be >= 1, --minutes > 0")
+            if args.seeds < 1 or args.jobs < 1 or min(args.minutes,
+                                                       args.stationary_minutes) <= 0:
+                raise InvalidArgumentError("--seeds and --jobs must be >= 1, minutes > 0")
             print(report(Path(args.out), seeds=args.seeds, duration_s=args.minutes * 60,
-                         jobs=args.jobs, workloads=wls, progress=main_progress))
+                         stationary_s=args.stationary_minutes * 60, jobs=args.jobs,
+                         workloads=wls, progress=main_progress))
         return 0
     except BanaserveError as exc:
         print(f"banaserve sim: error: {exc}", file=sys.stderr)
