@@ -172,6 +172,7 @@ class Instance:
         self.load.kv_capacity_tokens = pool.capacity
         self.load.extra["instance"] = idx
         self.waiting: deque[SimRequest] = deque()
+        self.waiting_tokens = 0  # prompt tokens still to compute in ``waiting`` (O(1) query)
         self.prefilling: list[SimRequest] = []
         self.pending: deque[SimRequest] = deque()  # decode work waiting to join the batch
         self.heap: list[tuple[int, int, SimRequest]] = []
@@ -218,7 +219,7 @@ class Instance:
         return self.n_dec + len(self.prefilling)
 
     def queued_prefill_tokens(self) -> int:
-        return sum(r.input_len - r.prefilled for r in self.waiting) + sum(
+        return self.waiting_tokens + sum(
             r.input_len - r.prefilled for r in self.prefilling)
 
     def _scale(self) -> float:
@@ -379,6 +380,7 @@ class Instance:
                 if not self.pool.fits(need + self.n_dec):
                     break
                 wait.popleft()
+                self.waiting_tokens -= r.input_len - r.prefilled
                 self.pool.used += need
                 r.kv = need
                 self.sim._on_admit(self, r, now)
@@ -672,6 +674,7 @@ class Simulator:
         r.pinst = inst
         self._prefix_lookup(inst, r, now)
         inst.waiting.append(r)
+        inst.waiting_tokens += r.input_len - r.prefilled
         if r.ready_at > now:
             self.push(r.ready_at, _EV_READY, inst)
         inst.kick(now)

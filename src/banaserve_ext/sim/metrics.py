@@ -87,7 +87,7 @@ def tbt_stats(reqs: Sequence) -> tuple[np.ndarray, np.ndarray]:
             key = id(inst)
             if key not in offset:
                 offset[key] = pos
-                arr = np.array(inst.tok_times, dtype=float)
+                arr = np.frombuffer(inst.tok_times, dtype=float).copy()
                 parts.append(arr)
                 pos += len(arr)
             if b > a:
@@ -110,8 +110,11 @@ def tbt_stats(reqs: Sequence) -> tuple[np.ndarray, np.ndarray]:
     keep[cross[(cross >= 0) & (cross < len(keep))]] = False
     gaps = np.diff(t)[keep]
     gcount = np.maximum(counts - 1, 0)
-    ids = np.repeat(np.arange(len(reqs)), gcount)
-    srt = gaps[np.lexsort((gaps, ids))]
+    ids = np.repeat(np.arange(len(reqs), dtype=np.int64), gcount)
+    # sort the gaps within each request in one pass: ids are ascending, so sorting
+    # id + gap / scale (gap / scale < 1) keeps the requests apart and orders each one's gaps
+    scale = float(gaps.max()) * 1.001 + 1e-12 if len(gaps) else 1.0
+    srt = (np.sort(ids + gaps / scale) - ids) * scale
     start = np.cumsum(gcount) - gcount
     has = gcount > 0
     pos = 0.99 * (gcount[has] - 1)
