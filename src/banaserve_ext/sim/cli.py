@@ -137,8 +137,9 @@ def _load_requests(path: str):  # -> list[TraceRequest]
 
 def replay(args: argparse.Namespace) -> dict[str, float]:
     from ..policies import make_policy
+    from .cluster import Simulator
     from .cost import ProfileCostModel
-    from .engine import ClusterConfig, Simulator
+    from .engine import ClusterConfig
     from .metrics import summarize
     from .models import get_gpu, get_model
 

@@ -48,8 +48,9 @@ from ..control import (
 from ..errors import InvalidArgumentError
 from ..policies import make_policy
 from .cache import PrefixCache
+from .cluster import Simulator
 from .cost import CostModel, load_fit_cost_model
-from .engine import ClusterConfig, Instance, SimRequest, Simulator
+from .engine import ClusterConfig, Instance, SimRequest
 from .metrics import Slo, slo_attainment, summarize, tbt_gaps
 from .models import ModelSpec, get_gpu, get_model, kv_capacity_tokens
 from .traces import TraceRequest, default_traces_dir, load_lengths_poisson, load_trace, scale_rate
