@@ -6,11 +6,15 @@ actions; a runtime (the simulator's actuator, later the live controller) carries
 
 Decision per tick:
 
-1. **Role flip** when one tier's mean utilisation stays above ``flip_high`` for ``persist``
-   windows while the other tier, after losing one instance, would stay below ``flip_low``
-   (``U * n / (n - 1)``): the idlest instance of the idle tier drains and changes role
-   (coarse, the Splitwise/TetriInfer move). The gap between the two thresholds is the
-   hysteresis that keeps a flip from undoing itself.
+1. **Role flip** (coarse, the Splitwise/TetriInfer move: drain, then switch the role, which
+   costs ``flip_cost_s``, measured live, see :mod:`.costs`). With ``flip_queue_s`` set, on a
+   *persistent queueing signal*: one tier's mean queueing delay (``InstanceView.queue_delay_s``,
+   plus preemptions and decode steps slower than ``step_budget_s``) stays above
+   ``flip_queue_s`` and twice the other tier's for ``flip_persist`` windows, the queue is worth
+   the flip cost, and the donor tier's load after losing one instance stays below the busy
+   tier's after gaining it (the min-max objective). Without it, the older utilisation
+   trigger: one tier above ``flip_high`` for ``persist`` windows while the other would stay
+   below ``flip_low`` (``U * n / (n - 1)``). Nothing fires before ``warmup_s``.
 2. Otherwise, when the busiest and the idlest instance stay more than ``high`` apart for
    ``persist`` windows, solve ``min over plans of max_g U_g(plan)`` subject to
    ``migration_latency(plan) <= budget_s`` over
@@ -33,6 +37,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..errors import InvalidArgumentError
+
+
+def _measured_flip_cost() -> float:
+    from .costs import measured_costs
+
+    return measured_costs().flip_cost_s
 
 
 @dataclass(frozen=True)
@@ -94,6 +104,10 @@ class LinkCost:
 
 @dataclass
 class InstanceView:
+    """One instance as the controller sees it at a tick. Everything here is observable on a live
+    SGLang server (``/get_load``-style counters, the scheduler's queue, the last step time), so a
+    live process can fill it in; fields after ``accepting`` are optional additions (0 = unknown)."""
+
     idx: int
     role: str  # "prefill" | "decode" | "colocated"
     util: float  # busy share of the last window, 0..1
@@ -103,6 +117,17 @@ class InstanceView:
     #: share of this instance's step time that is decode attention (for attention migration)
     attn_share: float = 0.0
     accepting: bool = True
+    #: requests waiting: prefill queue (prefill/colocated) or KV-transferred requests waiting
+    #: for decode memory (decode)
+    queue_len: int = 0
+    #: predicted seconds to drain the queued work (prefill: queued tokens x prefill rate;
+    #: decode: how long the oldest waiting request has waited)
+    queue_delay_s: float = 0.0
+    #: running decode requests and the last decode step's time (s)
+    running: int = 0
+    step_s: float = 0.0
+    #: requests preempted (KV exhausted) during the last window
+    preempted: int = 0
 
 
 @dataclass(frozen=True)
@@ -111,6 +136,7 @@ class MigrateLayers:
     dst: int
     layers: int
     latency_s: float
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -119,12 +145,16 @@ class MigrateAttention:
     dst: int
     fraction: float
     latency_s: float
+    reason: str = ""
 
 
 @dataclass(frozen=True)
 class FlipRole:
     idx: int
     new_role: str
+    reason: str = ""
+    #: what the flip is predicted to cost (drain excluded): the instance serves nothing for it
+    cost_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -133,6 +163,7 @@ class Revert:
 
     src: int
     dst: int
+    reason: str = ""
 
 
 @dataclass
@@ -155,6 +186,21 @@ class BanaServeConfig:
     #: ``sync_s + bytes / bandwidth_Bps`` for that mechanism
     layer_link: LinkCost | None = None
     attention_link: LinkCost | None = None
+    #: role flips: a flip fires when one tier's mean queueing delay stays above
+    #: ``flip_queue_s`` (and twice the other tier's) for ``flip_persist`` windows, and the
+    #: other tier's load after losing one instance stays below the busy tier's load after
+    #: gaining it (min-max) or below ``flip_low``.
+    #: ``flip_queue_s = None`` keeps the older utilisation trigger (``flip_high``).
+    flip_queue_s: float | None = None
+    flip_persist: int = 10
+    #: role-switch time after the drain (s); None = the measured value in
+    #: ``bench/sim/costs.json`` (see :func:`banaserve_ext.control.costs.measured_costs`)
+    flip_cost_s: float | None = None
+    #: a flip is worth it only if the queue it relieves is worth this many flip costs
+    flip_cost_factor: float = 1.0
+    #: decode step time the SLO allows (the TBT budget); a decode instance stepping slower
+    #: counts as queueing in proportion (None: ignore step times)
+    step_budget_s: float | None = None
 
     def layer_cost(self) -> LinkCost:
         return self.layer_link or LinkCost(self.bandwidth_Bps, self.sync_s)
@@ -194,6 +240,8 @@ class BanaServeController:
         self._flip_ticks = 0
         self._rev_ticks = 0
         self._last_action = float("-inf")
+        self._flip_cost = (self.config.flip_cost_s if self.config.flip_cost_s is not None
+                           else _measured_flip_cost())
 
     # -- costs -------------------------------------------------------------------------------
     def layer_latency(self, k: int, kv_tokens: int) -> float:
@@ -213,7 +261,8 @@ class BanaServeController:
             return []
         if now_s - self._last_action < c.cooldown_s or now_s < c.warmup_s:
             return []
-        acts = self._maybe_flip(live)
+        acts = (self._maybe_flip_queue(live, now_s) if c.flip_queue_s is not None
+                else self._maybe_flip(live))
         if acts:
             return self._commit(acts, now_s)
         acts = self._maybe_revert(views)
@@ -258,7 +307,10 @@ class BanaServeController:
                 break
             moved = hi.util * k / self.total_layers
             peak = max(hi.util - moved, lo.util + moved, others)
-            cand = (peak, lat, MigrateLayers(hi.idx, lo.idx, k, lat))
+            why = (f"util {hi.util:.2f} on {hi.idx} vs {lo.util:.2f} on {lo.idx} for "
+                   f"{c.persist} windows; peak {current:.2f} -> {peak:.2f}; {k} layers in "
+                   f"{lat:.2f} s (LinkCost)")
+            cand = (peak, lat, MigrateLayers(hi.idx, lo.idx, k, lat, why))
             if best is None or cand[:2] < best[:2]:
                 best = cand
         if hi.role == "decode" and hi.attn_share > 0:
@@ -268,7 +320,10 @@ class BanaServeController:
                     continue
                 moved = hi.util * phi * hi.attn_share
                 peak = max(hi.util - moved, lo.util + moved, others)
-                cand = (peak, lat, MigrateAttention(hi.idx, lo.idx, phi, lat))
+                why = (f"decode util {hi.util:.2f} on {hi.idx} vs {lo.util:.2f} on {lo.idx} "
+                       f"for {c.persist} windows; attention share {hi.attn_share:.2f}; peak "
+                       f"{current:.2f} -> {peak:.2f}; {phi:.2f} of the KV in {lat:.2f} s")
+                cand = (peak, lat, MigrateAttention(hi.idx, lo.idx, phi, lat, why))
                 if best is None or cand[:2] < best[:2]:
                     best = cand
         if best is None or current - best[0] < c.min_gain:
@@ -300,7 +355,74 @@ class BanaServeController:
         if not cands:
             return []
         self._flip_ticks = 0
-        return [FlipRole(min(cands, key=lambda v: v.util).idx, role)]
+        why = (f"util prefill {up:.2f} / decode {ud:.2f} for {c.persist} windows "
+               f"(flip_high {c.flip_high}, flip_low {c.flip_low})")
+        return [FlipRole(min(cands, key=lambda v: v.util).idx, role, why, self._flip_cost)]
+
+    def _maybe_flip_queue(self, live: Sequence[InstanceView], now_s: float) -> list[object]:
+        """Flip on a persistent queueing signal: one tier's requests wait (prefill queue, or
+        decode requests waiting for KV memory / being preempted) while the other tier has
+        slack. The flip costs a drain plus ``flip_cost_s`` of role switch, so it fires only
+        after ``flip_persist`` windows and when the queued delay is worth ``flip_cost_factor``
+        flip costs spread over the receiving tier."""
+        c = self.config
+        assert c.flip_queue_s is not None
+        pre = [v for v in live if v.role == "prefill"]
+        dec = [v for v in live if v.role == "decode"]
+        if not pre or not dec:
+            self._flip_ticks = 0
+            return []
+
+        def pressure(tier: Sequence[InstanceView]) -> float:
+            tot = 0.0
+            for v in tier:
+                tot += v.queue_delay_s + (v.preempted > 0) * c.flip_queue_s
+                if c.step_budget_s and v.role == "decode" and v.step_s > c.step_budget_s:
+                    tot += c.flip_queue_s * v.step_s / c.step_budget_s
+            return tot / len(tier)
+
+        qp, qd = pressure(pre), pressure(dec)
+        up = sum(v.util for v in pre) / len(pre)
+        ud = sum(v.util for v in dec) / len(dec)
+
+        def worth(u_hot: float, n_hot: int, u_donor: float, n_donor: int) -> float | None:
+            """The donor tier's load after giving one instance, if that keeps the busier tier
+            less loaded than now (min-max) or under ``flip_low``; else None."""
+            if n_donor < 2:
+                return None
+            after_d = u_donor * n_donor / (n_donor - 1)
+            after_h = u_hot * n_hot / (n_hot + 1)
+            return after_d if after_d < max(c.flip_low, after_h) else None
+
+        u_after = None
+        if qp > c.flip_queue_s and qp > 2 * qd:
+            u_after = worth(up, len(pre), ud, len(dec))
+            donor_tier, role, hot, q = dec, "prefill", "prefill", qp
+        elif qd > c.flip_queue_s and qd > 2 * qp:
+            u_after = worth(ud, len(dec), up, len(pre))
+            donor_tier, role, hot, q = pre, "decode", "decode", qd
+        if u_after is None:
+            self._flip_ticks = 0
+            return []
+        self._flip_ticks += 1
+        if self._flip_ticks < c.flip_persist:
+            return []
+        # the queue, spread over the enlarged tier, must outweigh the instance's lost time
+        n_hot = len(pre) if hot == "prefill" else len(dec)
+        if q * n_hot < c.flip_cost_factor * self._flip_cost:
+            return []
+        busy = {a.action.src for a in self.active} | {a.action.dst for a in self.active}
+        cands = [v for v in donor_tier if v.idx not in busy]
+        if not cands:
+            return []
+        self._flip_ticks = 0
+        donor = min(cands, key=lambda v: (v.queue_len, v.util))
+        why = (f"{hot} queueing {q:.2f} s > {c.flip_queue_s:.2f} s for {c.flip_persist} "
+               f"windows; {'decode' if hot == 'prefill' else 'prefill'} queue "
+               f"{qd if hot == 'prefill' else qp:.2f} s, util {u_after:.2f} after losing "
+               f"{donor.idx} (load prefill {up:.2f} / decode {ud:.2f}); flip cost "
+               f"{self._flip_cost:.1f} s + drain")
+        return [FlipRole(donor.idx, role, why, self._flip_cost)]
 
     def _maybe_revert(self, views: Sequence[InstanceView]) -> list[object]:
         by = {v.idx: v for v in views}
@@ -312,7 +434,9 @@ class BanaServeController:
                 self._rev_ticks += 1
                 if self._rev_ticks >= self.config.persist:
                     self._rev_ticks = 0
-                    return [Revert(a.action.src, a.action.dst)]
+                    why = (f"imbalance reversed: util {d.util:.2f} on receiver {d.idx} vs "
+                           f"{s.util:.2f} on donor {s.idx} for {self.config.persist} windows")
+                    return [Revert(a.action.src, a.action.dst, why)]
                 return []
         self._rev_ticks = 0
         return []

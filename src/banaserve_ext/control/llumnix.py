@@ -16,6 +16,7 @@ class Migration:
     src: int
     dst: int
     requests: int
+    reason: str = ""
 
 
 @dataclass
@@ -35,4 +36,6 @@ class LlumnixMigrator:
         dst = min(live, key=lambda v: (v.kv_frac, v.util))
         if src.kv_frac - dst.kv_frac <= self.gap:
             return []
-        return [Migration(src.idx, dst.idx, self.per_tick)]
+        why = (f"KV use {src.kv_frac:.2f} on {src.idx} vs {dst.kv_frac:.2f} on {dst.idx} "
+               f"(gap > {self.gap})")
+        return [Migration(src.idx, dst.idx, self.per_tick, why)]

@@ -7,8 +7,9 @@ the controllers of :mod:`banaserve_ext.control`, on cost models built from measu
 
 from __future__ import annotations
 
+from .cluster import Simulator
 from .cost import FitCostModel, ProfileCostModel, load_fit_cost_model
-from .engine import ClusterConfig, Instance, SimRequest, Simulator
+from .engine import ClusterConfig, Instance, SimRequest
 from .metrics import Slo, goodput, slo_attainment, summarize
 from .models import GPUS, MODELS, get_gpu, get_model
 from .traces import TraceRequest, load_azure, load_lengths_poisson, load_mooncake, load_trace

@@ -7,6 +7,7 @@ compare the controllers against the baselines.
     banaserve sim run --trace mooncake-conv --system banaserve --model llama-3.1-70b --gpu h100
     banaserve sim ablation [--limit N] [--json]
     banaserve sim compare --out DIR [--plots]
+    banaserve sim report [--out bench/sim/results] [--seeds 3] [--minutes 20] [--jobs 2]
 """
 
 from __future__ import annotations
@@ -76,6 +77,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cp.add_argument("--plots", action="store_true", help="write PNG plots (needs matplotlib)")
     cp.add_argument("--quick", action="store_true", help="fewer bisection steps")
 
+    rep = sub.add_parser("report", help="the whole comparison: every system, workload and SLO "
+                         "mode (tables, action logs) under --out")
+    rep.add_argument("--out", default="bench/sim/results", help="output directory")
+    rep.add_argument("--seeds", type=int, default=3, help="seeds per cell (median reported)")
+    rep.add_argument("--minutes", type=float, default=20.0,
+                     help="simulated minutes per run of a shifting-mix workload")
+    rep.add_argument("--stationary-minutes", type=float, default=10.0,
+                     help="simulated minutes per run of a stationary trace window")
+    rep.add_argument("--jobs", type=int, default=2, help="worker processes")
+    rep.add_argument("--workloads", default=None,
+                     help="comma-separated subset (default: all of the report's workloads)")
+
 
 def _systems() -> list[str]:
     from .systems import SYSTEMS
@@ -124,8 +137,9 @@ def _load_requests(path: str):  # -> list[TraceRequest]
 
 def replay(args: argparse.Namespace) -> dict[str, float]:
     from ..policies import make_policy
+    from .cluster import Simulator
     from .cost import ProfileCostModel
-    from .engine import ClusterConfig, Simulator
+    from .engine import ClusterConfig
     from .metrics import summarize
     from .models import get_gpu, get_model
 
@@ -176,6 +190,16 @@ def main(args: argparse.Namespace) -> int:
             from .experiments import compare
 
             print(compare(Path(args.out), limit=args.limit, plots=args.plots, quick=args.quick))
+        elif args.action == "report":
+            from .report import WORKLOADS, main_progress, report
+
+            wls = tuple(w for w in args.workloads.split(",") if w) if args.workloads else WORKLOADS
+            if args.seeds < 1 or args.jobs < 1 or min(args.minutes,
+                                                       args.stationary_minutes) <= 0:
+                raise InvalidArgumentError("--seeds and --jobs must be >= 1, minutes > 0")
+            print(report(Path(args.out), seeds=args.seeds, duration_s=args.minutes * 60,
+                         stationary_s=args.stationary_minutes * 60, jobs=args.jobs,
+                         workloads=wls, progress=main_progress))
         return 0
     except BanaserveError as exc:
         print(f"banaserve sim: error: {exc}", file=sys.stderr)

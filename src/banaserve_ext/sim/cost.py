@@ -241,6 +241,11 @@ class FitCostModel:
             base = max(base, c["decode_a_ms"])
             op += c["decode_b_ms_per_ctx_tok"] * decode_ctx
             op += max(c["decode_c_ms_per_req"], 0.0) * n_decode
+            if n_tok:
+                # in a mixed batch the GEMMs are compute-bound: each decode token costs the
+                # dense-layer time of one more prefill token (the decode fit's intercept only
+                # covers streaming the weights once, which the prefill pays already)
+                op += c["prefill_b_ms_per_tok"] * n_decode
         ms = self.op_factor * (base + op) * layer_frac
         return ms + self.step_ms + self.layer_ms * self.layers * layer_frac + self.request_ms * seqs
 

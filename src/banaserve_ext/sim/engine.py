@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The discrete-event core: instances, iteration-level batching, KV memory, KV transfer,
-prefix caches and the event loop.
+"""The discrete-event core: requests, KV pools, the cluster's configuration and the instances
+(iteration-level batching, KV memory on demand with preemption, the step machine). The cluster
+around them (event loop, routing, transfers) is :mod:`.cluster`.
 
 Instances run vLLM-V1-like iterations: running decodes first (one token each), then the chunks
 of partially prefilled requests, then new requests FCFS while ``max_num_seqs``, the token budget
@@ -15,17 +16,21 @@ from __future__ import annotations
 
 import heapq
 import math
+from array import array
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import InvalidArgumentError
 from ..policies.base import RequestInfo, WorkerLoad
 from .cache import PrefixCache
 from .cost import CostModel
 from .models import GpuSpec, ModelSpec
-from .traces import MOONCAKE_BLOCK_TOKENS, TraceRequest
+from .traces import TraceRequest
+
+if TYPE_CHECKING:
+    from .cluster import Simulator
 
 KINDS = ("colocated", "prefill", "decode")
 
@@ -39,6 +44,7 @@ class SimRequest:
         "prefilled", "prefix_hit", "ready_at", "t_first", "t_done", "t_prefill_start",
         "pinst", "dinst", "join_step", "tokens_at_join", "finish_step", "alive",
         "handover_after", "handover_to", "generated", "migrations", "seg2",
+        "kv", "segs", "preemptions", "order", "recompute",
     )
 
     def __init__(self, tr: TraceRequest) -> None:
@@ -65,6 +71,19 @@ class SimRequest:
         self.generated = 0
         self.migrations = 0
         self.seg2 = False
+        self.kv = 0  # KV tokens this request holds in its current instance's pool
+        #: decode segments (instance, first step, last step): the steps that made its tokens
+        self.segs: list[tuple[Instance, int, int]] = []
+        self.preemptions = 0
+        self.order = 0
+        self.recompute = False
+
+    def token_times(self) -> list[float]:
+        """Times of every output token (first token included), in order."""
+        out = [self.t_first] if self.t_first >= 0 else []
+        for inst, a, b in self.segs:
+            out.extend(inst.tok_times[a:b])
+        return out
 
 
 def _valid(entry: tuple[int, int, SimRequest], inst: Instance) -> bool:
@@ -157,6 +176,7 @@ class Instance:
         self.load.kv_capacity_tokens = pool.capacity
         self.load.extra["instance"] = idx
         self.waiting: deque[SimRequest] = deque()
+        self.waiting_tokens = 0  # prompt tokens still to compute in ``waiting`` (O(1) query)
         self.prefilling: list[SimRequest] = []
         self.pending: deque[SimRequest] = deque()  # decode work waiting to join the batch
         self.heap: list[tuple[int, int, SimRequest]] = []
@@ -191,6 +211,11 @@ class Instance:
         self.tokens_prefilled = 0
         self.tokens_decoded = 0
         self.completed = 0
+        #: end time of every decode step, indexed by step number - 1 (per-token TBT)
+        self.tok_times = array("d")
+        self.preemptions = 0
+        self.recompute_s = 0.0  # recompute prefill owed by re-admitted preempted requests
+        self._order = 0  # join order (vLLM preempts the latest-joined request first)
 
     # -- queries -------------------------------------------------------------------------------
     @property
@@ -198,7 +223,7 @@ class Instance:
         return self.n_dec + len(self.prefilling)
 
     def queued_prefill_tokens(self) -> int:
-        return sum(r.input_len - r.prefilled for r in self.waiting) + sum(
+        return self.waiting_tokens + sum(
             r.input_len - r.prefilled for r in self.prefilling)
 
     def _scale(self) -> float:
@@ -258,11 +283,17 @@ class Instance:
         pend = self.pending
         while pend and self.n_dec < self.max_num_seqs:
             r = pend[0]
-            need = 0 if self.partner is not None else r.input_len + r.output_len
-            if need and not self.pool.fits(need):
+            need = r.input_len + r.generated - r.kv
+            # on-demand KV: admit while one more token per running decode still fits
+            if need > 0 and not self.pool.fits(need + self.n_dec + 1):
                 break
             pend.popleft()
             self.pool.used += need
+            r.kv += need
+            if r.recompute:
+                # recompute (vLLM/SGLang preemption): the KV is rebuilt by a prefill pass
+                r.recompute = False
+                self.recompute_s += self.cost.prefill_s(r.input_len + r.generated)
             self._join(r)
 
     def _join(self, r: SimRequest) -> None:
@@ -277,6 +308,8 @@ class Instance:
             left = 1
         r.finish_step = self.step_count + left
         r.alive = True
+        self._order += 1
+        r.order = self._order
         self.finish_sum += r.finish_step
         self.n_dec += 1
         self.dec_ctx += r.input_len + r.generated
@@ -284,13 +317,33 @@ class Instance:
         heapq.heappush(self.heap, (r.finish_step, self.sim._seq, r))
 
     def remove_decode(self, r: SimRequest) -> None:
-        """Take a running decode out of this instance's batch (request migration)."""
+        """Take a running decode out of this instance's batch (request migration); its KV is
+        freed here."""
         r.generated = r.tokens_at_join + (self.step_count - r.join_step)
+        r.segs.append((self, r.join_step, self.step_count))
         r.alive = False
         self.finish_sum -= r.finish_step
         self.n_dec -= 1
         self.dec_ctx -= r.input_len + r.generated
-        self.pool.used -= r.input_len + r.output_len
+        # on-demand KV: the request holds its prompt and every token made so far
+        self.pool.used -= r.input_len + r.generated
+        r.kv = 0
+
+    def _preempt_latest(self) -> None:
+        """Out of KV for the next step: preempt the latest-joined decode (vLLM's order) for
+        recompute; it rejoins first, once its whole context fits again."""
+        victim = None
+        for e in self.heap:
+            r = e[2]
+            if _valid(e, self) and (victim is None or r.order > victim.order):
+                victim = r
+        if victim is None:
+            return
+        self.remove_decode(victim)
+        victim.recompute = True
+        victim.preemptions += 1
+        self.preemptions += 1
+        self.pending.appendleft(victim)
 
     def decode_remaining_tokens(self) -> int:
         return self.finish_sum - self.n_dec * self.step_count
@@ -306,6 +359,9 @@ class Instance:
 
     def _start_step(self, now: float) -> None:
         self._admit_decodes()
+        if self.n_dec and self.kind != "prefill":
+            while self.n_dec and not self.pool.fits(self.n_dec):
+                self._preempt_latest()
         chunks: list[tuple[SimRequest, int]] = []
         budget = self.max_tokens - (self.n_dec if self.kind != "prefill" else 0)
         if self.kind != "decode":
@@ -316,16 +372,21 @@ class Instance:
                 chunks.append((r, c))
                 budget -= c
             wait = self.waiting
-            while wait and budget > 0 and self.num_running < self.max_num_seqs:
+            # preempted requests go first (vLLM puts them at the head of the queue)
+            while (wait and budget > 0 and self.num_running < self.max_num_seqs
+                   and not (self.pending and self.kind == "colocated")):
                 r = wait[0]
                 if r.ready_at > now:
                     break
-                need = r.input_len + (r.output_len if self.kind == "colocated" or self.partner
-                                      is not None else 0)
-                if not self.pool.fits(need):
+                # on-demand KV: the prompt now, one token per step later; keep room for the
+                # running decodes' next token
+                need = r.input_len
+                if not self.pool.fits(need + self.n_dec):
                     break
                 wait.popleft()
+                self.waiting_tokens -= r.input_len - r.prefilled
                 self.pool.used += need
+                r.kv = need
                 self.sim._on_admit(self, r, now)
                 self.prefilling.append(r)
                 c = min(r.input_len - r.prefilled, budget)
@@ -343,7 +404,8 @@ class Instance:
         self.step_chunks = chunks
         if chunks:
             spec = [(c, r.prefilled) for r, c in chunks]
-            t = self.iteration_s(spec, self.n_dec, self.dec_ctx)
+            t = self.iteration_s(spec, self.n_dec, self.dec_ctx) + self.recompute_s
+            self.recompute_s = 0.0
             self.step_k, self.step_alpha, self.step_beta = 1, t, 0.0
             self.prefill_busy_s += t
             end = now + t
@@ -352,12 +414,18 @@ class Instance:
             while not _valid(heap[0], self):
                 heapq.heappop(heap)
             k = max(1, heap[0][0] - self.step_count)
+            # on-demand KV: stop the macro step where the pool fills (preemption point)
+            k = max(1, min(k, (self.pool.capacity - self.pool.used) // self.n_dec))
+            if self.recompute_s:
+                k = 1
             a = self.iteration_s((), self.n_dec, self.dec_ctx)
             a2 = self.iteration_s((), self.n_dec, self.dec_ctx + self.n_dec * min(k, 64))
             self.step_alpha = a
             self.step_beta = (a2 - a) / min(k, 64) if k > 1 else 0.0
             self.step_k = k
-            end = now + self._steps_time(k)
+            end = now + self._steps_time(k) + self.recompute_s
+            self.step_alpha += self.recompute_s
+            self.recompute_s = 0.0
         self.sim.push(end, _EV_STEP, (self, self.version))
 
     def _fit_budget(self, chunks: list[tuple[SimRequest, int]], tbt: float
@@ -399,8 +467,13 @@ class Instance:
         self.busy_s += dt
         sim = self.sim
         if self.n_dec:
+            tt = self.tok_times
+            for j in range(1, k):
+                tt.append(self.step_start + self._steps_time(j))
+            tt.append(now)
             self.step_count += k
             self.dec_ctx += k * self.n_dec
+            self.pool.used += k * self.n_dec
             self.tokens_decoded += k * self.n_dec
             heap = self.heap
             while heap and heap[0][0] <= self.step_count:
@@ -408,11 +481,7 @@ class Instance:
                 if not _valid(entry, self):
                     continue
                 r = entry[2]
-                r.alive = False
-                self.finish_sum -= r.finish_step
-                r.generated = r.tokens_at_join + (self.step_count - r.join_step)
-                self.n_dec -= 1
-                self.dec_ctx -= r.input_len + r.generated
+                self.remove_decode(r)
                 sim._on_decode_segment_done(self, r, now)
         done_prefill = []
         for r, c in self.step_chunks:
@@ -432,311 +501,3 @@ class Instance:
                 op(now)
         if not self.busy:
             self._start_step(now)
-
-
-class Simulator:
-    """Replays requests through a cluster under a routing policy and optional controller."""
-
-    def __init__(self, cfg: ClusterConfig, cost: CostModel, *, policy: Any,
-                 decode_policy: Any | None = None, controller: Any | None = None,
-                 splitter: Any | None = None, tick_s: float = 1.0,
-                 progress: Callable[[float], None] | None = None) -> None:
-        cfg.validate()
-        self.cfg = cfg
-        self.cost = cost
-        self.model = cfg.model
-        self.policy = policy
-        self.decode_policy = decode_policy or policy
-        self.controller = controller
-        self.splitter = splitter
-        self.tick_s = tick_s
-        self.progress = progress
-        self._events: list[tuple[float, int, int, Any]] = []
-        self._seq = 0
-        self.now = 0.0
-        self.instances: list[Instance] = []
-        self.events_log: list[tuple[float, str, str]] = []
-        self.finished: list[SimRequest] = []
-        self.util_trace: list[tuple[float, list[float]]] = []
-        self._busy_mark: list[float] = []
-        self._build()
-
-    # -- construction --------------------------------------------------------------------------
-    def _capacity(self, layers_held: int | None = None) -> int:
-        from .models import kv_capacity_tokens
-
-        if self.cfg.kv_capacity_tokens is not None:
-            return self.cfg.kv_capacity_tokens
-        return kv_capacity_tokens(self.model, self.cfg.gpu, self.cfg.tp, layers_held)
-
-    def _new(self, kind: str, pool: KVPool) -> Instance:
-        cfg = self.cfg
-        max_tokens = cfg.prefill_max_tokens if kind == "prefill" else cfg.max_batched_tokens
-        inst = Instance(self, len(self.instances), kind, pool, self.cost, cfg.max_num_seqs,
-                        max_tokens)
-        self.instances.append(inst)
-        return inst
-
-    def _build(self) -> None:
-        cfg = self.cfg
-        cap = self._capacity()
-        for _ in range(cfg.n_colocated):
-            self._new("colocated", KVPool(cap))
-        for _ in range(cfg.n_prefill):
-            self._new("prefill", KVPool(cap))
-        for _ in range(cfg.n_decode):
-            self._new("decode", KVPool(cap))
-        for _ in range(cfg.n_split):
-            pool = KVPool(cap)
-            p = self._new("prefill", pool)
-            d = self._new("decode", pool)
-            p.partner, d.partner = d, p
-            p.max_tokens = cfg.max_batched_tokens
-            self.set_split(p, cfg.split_prefill_share)
-        blocks = cfg.cache_tokens_per_instance // MOONCAKE_BLOCK_TOKENS
-        if cfg.cache_mode != "none":
-            for inst in self.instances:
-                if inst.kind != "decode":
-                    inst.cache = PrefixCache(blocks)
-        n_front = sum(1 for i in self.instances if i.kind != "decode")
-        self.global_store = (PrefixCache(blocks * n_front) if cfg.cache_mode == "global"
-                             else None)
-        self._busy_mark = [0.0] * len(self.instances)
-        gbps = cfg.link_gbps if cfg.link_gbps is not None else cfg.gpu.nic_gbps * cfg.tp
-        self.link_Bps = gbps * 1e9
-
-    def set_split(self, prefill_half: Instance, share: float) -> None:
-        """semi-PD: give the prefill half ``share`` of the SMs and the decode half the rest.
-
-        Prefill is compute-bound: its time scales as 1/x (semi-PD's ``l_x = (100/x) l_100``).
-        Decode is mostly memory-bound: its time follows semi-PD's own fitted shape
-        ``TPOT_y = a2/y + b2`` (a2 = 0.6284, b2 = 0.3818 on Llama3-8B/ShareGPT), normalised to
-        1 at y = 1, so half the SMs cost a decode step 1.62x rather than 2x.
-        """
-        share = min(0.95, max(0.05, share))
-        prefill_half.time_scale = 1.0 / share
-        if prefill_half.partner is not None:
-            y = 1.0 - share
-            prefill_half.partner.time_scale = (0.6284 / y + 0.3818) / (0.6284 + 0.3818)
-        prefill_half.load.extra["sm_share"] = share
-
-    # -- events --------------------------------------------------------------------------------
-    def push(self, t: float, kind: int, payload: Any) -> None:
-        self._seq += 1
-        heapq.heappush(self._events, (t, kind, self._seq, payload))
-
-    def call_at(self, t: float, fn: Callable[[float], None]) -> None:
-        self.push(t, _EV_CALL, fn)
-
-    def log(self, what: str, detail: str) -> None:
-        self.events_log.append((self.now, what, detail))
-
-    @property
-    def front(self) -> list[Instance]:
-        return [i for i in self.instances if i.kind != "decode" and i.accepting]
-
-    @property
-    def decoders(self) -> list[Instance]:
-        return [i for i in self.instances if i.kind == "decode" and i.accepting]
-
-    def run(self, trace: Sequence[TraceRequest]) -> list[SimRequest]:
-        reqs = [SimRequest(tr) for tr in trace]
-        for r in reqs:
-            self.push(r.arrival, _EV_ARRIVAL, r)
-        self.total = len(reqs)
-        if self.controller is not None or self.tick_s > 0:
-            self.push(self.tick_s, _EV_TICK, None)
-        next_progress = 0.0
-        events = self._events
-        pop = heapq.heappop
-        while events:
-            t, kind, _, payload = pop(events)
-            self.now = t
-            if kind == _EV_STEP:
-                payload[0].on_step_end(t, payload[1])
-            elif kind == _EV_ARRIVAL:
-                self._route(payload, t)
-            elif kind == _EV_TRANSFER:
-                inst, r = payload
-                inst.transfers_active = max(0, inst.transfers_active - 1)
-                self._deliver(r, t)
-            elif kind == _EV_READY:
-                payload.kick(t)
-            elif kind == _EV_CALL:
-                payload(t)
-            elif kind == _EV_TICK:
-                self._tick(t)
-                stuck = not events and not any(i.busy for i in self.instances)
-                if len(self.finished) < self.total and not stuck:
-                    self.push(t + self.tick_s, _EV_TICK, None)
-            if self.progress is not None and len(self.finished) >= next_progress:
-                self.progress(len(self.finished) / max(1, self.total))
-                next_progress = len(self.finished) + max(1, self.total // 100)
-        unfinished = [r for r in reqs if r.t_done < 0]
-        if unfinished:
-            raise InvalidArgumentError(
-                f"{len(unfinished)} requests never finished (first: request {unfinished[0].rid}, "
-                f"input {unfinished[0].input_len} tokens): does the KV capacity hold one request? "
-                f"({self.instances[0].pool.capacity} tokens per instance)"
-            )
-        return reqs
-
-    def _tick(self, now: float) -> None:
-        utils = []
-        for i, inst in enumerate(self.instances):
-            busy = inst.busy_s
-            if inst.busy:  # count the running step pro rata
-                busy += now - inst.step_start
-            utils.append(min(1.0, (busy - self._busy_mark[i]) / self.tick_s))
-            self._busy_mark[i] = busy
-        self.util_trace.append((now, utils))
-        if self.controller is not None:
-            self.controller.on_tick(self, now, utils)
-
-    # -- request lifecycle ---------------------------------------------------------------------
-    def _route(self, r: SimRequest, now: float) -> None:
-        cands = self.front
-        loads = [i.load for i in cands]
-        for inst in cands:
-            inst.load.queued_requests = len(inst.waiting)
-            inst.load.kv_used_tokens = inst.pool.used
-            inst.load.extra["queue_s"] = None
-        if self.splitter is not None:
-            inst = self.splitter.place(self, cands, r, now)
-        else:
-            inst = cands[self.policy.select(r.info, loads, now)]
-        self.policy.on_dispatch(r.info, inst.load, now)
-        r.pinst = inst
-        self._prefix_lookup(inst, r, now)
-        inst.waiting.append(r)
-        if r.ready_at > now:
-            self.push(r.ready_at, _EV_READY, inst)
-        inst.kick(now)
-
-    def _prefix_lookup(self, inst: Instance, r: SimRequest, now: float) -> None:
-        if inst.cache is None or not r.hash_ids:
-            return
-        local = inst.cache.match(r.hash_ids, record=True)
-        remote = 0
-        if self.global_store is not None:
-            remote = self.global_store.match(r.hash_ids, record=True)
-        blocks = max(local, remote)
-        hit = min(blocks * MOONCAKE_BLOCK_TOKENS, r.input_len - 1)
-        if hit <= 0:
-            return
-        r.prefix_hit = hit
-        r.prefilled = hit
-        kvb = self.model.kv_bytes_per_token
-        local_tok = min(local * MOONCAKE_BLOCK_TOKENS, hit)
-        remote_tok = hit - local_tok
-        t_load = local_tok * kvb / (self.cfg.local_cache_gbps * 1e9)
-        if remote_tok:
-            t_load += self.cfg.link_base_s + remote_tok * kvb / self.link_Bps
-        # layer-wise: the load overlaps the prefill of the suffix; only the excess and the last
-        # layer are exposed
-        compute = self.cost.prefill_s(r.input_len - hit, hit) * inst._scale()
-        exposed = t_load / self.model.layers + max(0.0, t_load - compute)
-        r.ready_at = now + exposed
-
-    def _on_admit(self, inst: Instance, r: SimRequest, now: float) -> None:
-        r.t_prefill_start = now
-
-    def _on_prefill_done(self, inst: Instance, r: SimRequest, now: float) -> None:
-        if inst.pipe_frac > 0.0:
-            now += inst.tail_s
-        r.t_first = now
-        r.generated = 1
-        self.policy.on_prefill_done(r.info, inst.load, now)
-        if inst.cache is not None and r.hash_ids:
-            inst.cache.insert(r.hash_ids)
-            if self.global_store is not None:
-                self.global_store.insert(r.hash_ids)
-        if r.output_len <= 1:
-            self._finish(inst, r, now, prefill_side=True)
-            return
-        if inst.kind == "colocated":
-            inst._join(r)  # its KV is already reserved
-            return
-        if inst.partner is not None:  # semi-PD: same memory, no transfer
-            self.policy.on_complete(r.info, inst.load, now)
-            d = inst.partner
-            d.load.active_requests += 1
-            r.pinst = inst
-            d.pending.append(r)
-            d.kick(now)
-            return
-        # PD: pick a decode instance, move the KV
-        decs = self.decoders or [i for i in self.instances if i.kind == "decode"]
-        for d in decs:
-            d.load.kv_used_tokens = d.pool.used
-            d.load.queued_requests = len(d.pending)
-        idx = self.decode_policy.select(r.info, [d.load for d in decs], now)
-        d = decs[idx]
-        self.decode_policy.on_dispatch(r.info, d.load, now)
-        self._transfer(inst, d, r, now, r.input_len, now - r.t_prefill_start)
-
-    def _transfer(self, src: Instance, dst: Instance, r: SimRequest, now: float, tokens: int,
-                  overlap_s: float) -> None:
-        nbytes = tokens * self.model.kv_bytes_per_token
-        src.transfers_active += 1
-        share = self.link_Bps / max(1, src.transfers_active, dst.transfers_active + 1)
-        total = nbytes / share
-        if self.cfg.layerwise_transfer:
-            exposed = total / self.model.layers + max(0.0, total - overlap_s)
-        else:
-            exposed = total
-        r.dinst = dst
-        self.push(now + self.cfg.link_base_s + exposed, _EV_TRANSFER, (src, r))
-
-    def _deliver(self, r: SimRequest, now: float) -> None:
-        src = r.pinst
-        if src is not None and src.kind == "prefill" and not r.seg2:
-            src.pool.used -= r.input_len
-            self.policy.on_complete(r.info, src.load, now)
-            src.kick(now)
-        d = r.dinst
-        assert d is not None
-        d.pending.append(r)
-        d.kick(now)
-
-    def _on_decode_segment_done(self, inst: Instance, r: SimRequest, now: float) -> None:
-        if (r.handover_to is not None and 0 < r.handover_after < r.output_len
-                and r.generated < r.output_len and not r.seg2):
-            # DynaServe: the second segment continues on another instance
-            dst = r.handover_to
-            r.seg2 = True
-            inst.pool.used -= r.input_len + r.output_len
-            self.policy.on_complete(r.info, inst.load, now)
-            dst.load.active_requests += 1
-            self._transfer(inst, dst, r, now, r.input_len + r.generated, 0.0)
-            return
-        self._finish(inst, r, now)
-
-    def _finish(self, inst: Instance, r: SimRequest, now: float, prefill_side: bool = False
-                ) -> None:
-        r.t_done = now
-        r.generated = r.output_len
-        inst.completed += 1
-        if prefill_side:
-            whole = inst.kind == "colocated" or inst.partner is not None
-            inst.pool.used -= r.input_len + (r.output_len if whole else 0)
-            self.policy.on_complete(r.info, inst.load, now)
-        else:
-            inst.pool.used -= r.input_len + r.output_len
-            if inst.kind == "colocated" and not r.seg2:
-                self.policy.on_complete(r.info, inst.load, now)
-            elif inst.kind == "decode" and inst.partner is None and not r.seg2:
-                self.decode_policy.on_complete(r.info, inst.load, now)
-            else:
-                inst.load.active_requests = max(0, inst.load.active_requests - 1)
-        self.finished.append(r)
-        if inst.partner is not None:  # semi-PD: memory freed for the other half
-            inst.partner.kick(now)
-
-
-@dataclass
-class RunResult:
-    requests: list[SimRequest]
-    sim: Simulator
-    wall_s: float = 0.0
-    extra: dict = field(default_factory=dict)

@@ -11,7 +11,8 @@ import numpy as np
 
 from ..policies import make_policy
 from ..policies.global_cache_aware import GlobalCacheAwarePolicy
-from .engine import ClusterConfig, Simulator
+from .cluster import Simulator
+from .engine import ClusterConfig
 from .metrics import summarize
 from .models import get_gpu, get_model, kv_capacity_tokens
 from .traces import load_trace, scale_rate

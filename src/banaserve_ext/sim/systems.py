@@ -38,6 +38,9 @@ from ..control import (
     LlumnixMigrator,
     LoadView,
     MigrateAttention,
+    WorkloadProfile,
+    choose_prefill_count,
+    measured_costs,
     MigrateLayers,
     Revert,
     SemiPDController,
@@ -45,9 +48,10 @@ from ..control import (
 from ..errors import InvalidArgumentError
 from ..policies import make_policy
 from .cache import PrefixCache
+from .cluster import Simulator
 from .cost import CostModel, load_fit_cost_model
-from .engine import ClusterConfig, Instance, SimRequest, Simulator
-from .metrics import Slo, slo_attainment, summarize
+from .engine import ClusterConfig, Instance, SimRequest
+from .metrics import Slo, slo_attainment, summarize, tbt_gaps
 from .models import ModelSpec, get_gpu, get_model, kv_capacity_tokens
 from .traces import TraceRequest, default_traces_dir, load_lengths_poisson, load_trace, scale_rate
 
@@ -65,26 +69,44 @@ def load_utils(sim: Simulator, busy: Sequence[float], slo: Slo) -> list[float]:
     for inst, b in zip(sim.instances, busy, strict=True):
         if inst.kind == "decode":
             step = inst.iteration_s((), inst.n_dec, inst.dec_ctx) if inst.n_dec else 0.0
-            u = max(inst.pool.frac, inst.n_dec / inst.max_num_seqs, step / slo.tpot_s)
+            u = max(inst.pool.frac, inst.n_dec / inst.max_num_seqs, step / slo.step_budget_s)
+            # requests waiting for decode memory are load the running batch cannot take
+            u *= 1.0 + len(inst.pending) / max(1, inst.n_dec)
         else:
             q = inst.queued_prefill_tokens()
             backlog = inst.cost.prefill_s(q) * inst._scale() if q else 0.0
             u = b + backlog / slo.ttft_s
-        out.append(min(2.0, u))
+        out.append(min(4.0, u))
     return out
 
 
-def _views(sim: Simulator, utils: Sequence[float]) -> list[InstanceView]:
+def _views(sim: Simulator, utils: Sequence[float], preempted: Sequence[int] | None = None
+           ) -> list[InstanceView]:
+    """What a live runtime would report per instance (see :mod:`banaserve_ext.control`)."""
     out = []
     L = sim.model.layers
-    for inst, u in zip(sim.instances, utils, strict=True):
+    now = sim.now
+    for i, (inst, u) in enumerate(zip(sim.instances, utils, strict=True)):
         attn = 0.0
+        step = inst.iteration_s((), inst.n_dec, inst.dec_ctx) if inst.n_dec else 0.0
         if inst.kind == "decode" and inst.n_dec:
             full = inst.cost.decode_step_s(inst.n_dec, inst.dec_ctx)
             bare = inst.cost.decode_step_s(inst.n_dec, 0)
             attn = max(0.0, (full - bare) / full) if full > 0 else 0.0
+        if inst.kind == "decode":
+            qlen = len(inst.pending)
+            # how long the oldest request has waited for decode memory (capped: a preempted
+            # request's first token is long past)
+            qdel = min(10.0, now - inst.pending[0].t_first) if inst.pending else 0.0
+        else:
+            qlen = len(inst.waiting)
+            q = inst.queued_prefill_tokens()
+            qdel = inst.cost.prefill_s(q) * inst._scale() if q else 0.0
         out.append(InstanceView(inst.idx, inst.kind, u, inst.pool.frac, inst.pool.used,
-                                int(round(inst.layer_frac * L)), attn, inst.accepting))
+                                int(round(inst.layer_frac * L)), attn, inst.accepting,
+                                queue_len=qlen, queue_delay_s=max(0.0, qdel),
+                                running=inst.n_dec, step_s=step,
+                                preempted=preempted[i] if preempted else 0))
     return out
 
 
@@ -100,7 +122,9 @@ class BanaServeActuator:
         self.hop_s = hop_s
         self.links: list[tuple[int, int, str, float]] = []  # (src, dst, kind, share)
         self.draining: dict[int, str] = {}
+        self.switching: set[int] = set()
         self.events: list[tuple[float, str]] = []
+        self._preempt_mark: list[int] = []
 
     def on_tick(self, sim: Simulator, now: float, utils: list[float]) -> None:
         insts = sim.instances
@@ -112,15 +136,15 @@ class BanaServeActuator:
             inst = insts[idx]
             if not (inst.waiting or inst.prefilling or inst.pending or inst.n_dec or inst.busy
                     or inst.pool.used):
-                inst.kind = role
-                inst.load.role = role
-                inst.max_tokens = (sim.cfg.prefill_max_tokens if role == "prefill"
-                                   else sim.cfg.max_batched_tokens)
-                if role == "prefill" and inst.cache is None and sim.cfg.cache_mode != "none":
-                    inst.cache = PrefixCache(sim.cfg.cache_tokens_per_instance // 512)
-                inst.accepting = True
                 del self.draining[idx]
-                self._event(sim, now, f"flip {idx}->{role}")
+                self.switching.add(idx)
+                cost = self.ctrl._flip_cost
+                self._event(sim, now, f"drained {idx}; role switch to {role} takes {cost:.1f} s")
+                sim.call_at(now + cost, self._switched(sim, idx, role))
+        if len(self._preempt_mark) != len(insts):
+            self._preempt_mark = [i.preemptions for i in insts]
+        pre = [i.preemptions - m for i, m in zip(insts, self._preempt_mark, strict=True)]
+        self._preempt_mark = [i.preemptions for i in insts]
         raw = load_utils(sim, utils, self.slo)
         if self._ema is None or len(self._ema) != len(raw):
             self._ema = raw
@@ -130,19 +154,39 @@ class BanaServeActuator:
         lu = self._ema
         for src, dst, _kind, _share in self.links:
             insts[src].remote_slow = min(3.0, 1.0 / max(0.2, 1.0 - min(lu[dst], 0.8)))
-        for act in self.ctrl.plan(_views(sim, lu), now):
+        views = _views(sim, lu, pre)
+        for v in views:
+            if v.idx in self.switching:
+                v.accepting = False
+        for act in self.ctrl.plan(views, now):
             if isinstance(act, FlipRole):
                 insts[act.idx].accepting = False
                 self.draining[act.idx] = act.new_role
-                self._event(sim, now, f"drain {act.idx} for {act.new_role}")
+                self._event(sim, now, f"drain {act.idx} for {act.new_role} | {act.reason}")
             elif isinstance(act, MigrateLayers):
                 sim.call_at(now + act.latency_s, self._layers_done(sim, act))
-                self._event(sim, now, f"layers {act.layers} {act.src}->{act.dst}")
+                self._event(sim, now, f"layers {act.layers} {act.src}->{act.dst} | "
+                            f"{act.reason}")
             elif isinstance(act, MigrateAttention):
                 sim.call_at(now + act.latency_s, self._attn_done(sim, act))
-                self._event(sim, now, f"attention {act.fraction:.2f} {act.src}->{act.dst}")
+                self._event(sim, now, f"attention {act.fraction:.2f} {act.src}->{act.dst} | "
+                            f"{act.reason}")
             elif isinstance(act, Revert):
                 self._revert(sim, act, now)
+
+    def _switched(self, sim: Simulator, idx: int, role: str) -> Callable[[float], None]:
+        def apply(now: float) -> None:
+            inst = sim.instances[idx]
+            inst.kind = role
+            inst.load.role = role
+            inst.max_tokens = (sim.cfg.prefill_max_tokens if role == "prefill"
+                               else sim.cfg.max_batched_tokens)
+            if role == "prefill" and inst.cache is None and sim.cfg.cache_mode != "none":
+                inst.cache = PrefixCache(sim.cfg.cache_tokens_per_instance // 512)
+            inst.accepting = True
+            self.switching.discard(idx)
+            self._event(sim, now, f"flip {idx}->{role} done")
+        return apply
 
     def _event(self, sim: Simulator, now: float, what: str) -> None:
         self.events.append((now, what))
@@ -196,7 +240,7 @@ class BanaServeActuator:
                 cap = _capacity(sim, None, 0)
                 src.pool.capacity = max(src.pool.used, cap)
                 dst.pool.capacity = max(dst.pool.used, cap)
-                self._event(sim, now, f"revert {link[2]} {act.src}->{act.dst}")
+                self._event(sim, now, f"revert {link[2]} {act.src}->{act.dst} | {act.reason}")
             else:
                 keep.append(link)
         self.links = keep
@@ -212,8 +256,11 @@ class SemiPDActuator:
     """Runs Algorithm 1 per semi-PD instance every ``window_s`` of simulated time."""
 
     def __init__(self, ttft_slo_s: float, tpot_slo_s: float, window_s: float = 10.0,
-                 percentile: float = 90.0, start_share: float = 50.0) -> None:
+                 percentile: float = 90.0, start_share: float = 50.0,
+                 tail_tbt: bool = False) -> None:
         self.ttft_slo_s, self.tpot_slo_s = ttft_slo_s, tpot_slo_s
+        #: judge decode by each request's P99 TBT (a TBT SLO) instead of its mean TPOT
+        self.tail_tbt = tail_tbt
         self.window_s = window_s
         self.percentile = percentile
         self.start_share = start_share
@@ -244,7 +291,11 @@ class SemiPDActuator:
             if reqs:
                 t = np.array([r.t_first - r.arrival for r in reqs])
                 ttft = float(np.percentile(t, self.percentile))
-                tp = [(r.t_done - r.t_first) / (r.output_len - 1) for r in reqs if r.output_len > 1]
+                if self.tail_tbt:
+                    tp = [float(np.percentile(g, 99)) for g in map(tbt_gaps, reqs) if len(g)]
+                else:
+                    tp = [(r.t_done - r.t_first) / (r.output_len - 1) for r in reqs
+                          if r.output_len > 1]
                 if tp:
                     tpot = float(np.percentile(tp, self.percentile))
             nx = ctrl.update(x, ttft, tpot, now)
@@ -254,7 +305,12 @@ class SemiPDActuator:
                 inst.kick(now)
                 if inst.partner is not None:
                     inst.partner.kick(now)
-                self.events.append((now, f"split {inst.idx} x={nx:.0f}"))
+                why = (f"window P{self.percentile:.0f} TTFT "
+                       f"{ttft if ttft is not None else float('nan'):.2f} s (SLO "
+                       f"{self.ttft_slo_s:.2f}), decode "
+                       f"{tpot * 1e3 if tpot is not None else float('nan'):.0f} ms (SLO "
+                       f"{self.tpot_slo_s * 1e3:.0f})")
+                self.events.append((now, f"split {inst.idx} x={x:.0f}->{nx:.0f} | {why}"))
                 sim.log("control", f"semi-pd {inst.idx} x={nx:.0f}")
 
 
@@ -262,9 +318,11 @@ class LlumnixActuator:
     def __init__(self, migrator: LlumnixMigrator) -> None:
         self.migrator = migrator
         self.migrated = 0
+        self.events: list[tuple[float, str]] = []
 
     def on_tick(self, sim: Simulator, now: float, utils: list[float]) -> None:
         for m in self.migrator.plan(_views(sim, utils)):
+            self.events.append((now, f"migrate {m.requests} {m.src}->{m.dst} | {m.reason}"))
             src, dst = sim.instances[m.src], sim.instances[m.dst]
             src.at_boundary(now, self._move(sim, src, dst, m.requests))
 
@@ -347,6 +405,12 @@ class Setup:
     pd_prefill: int | None = None  # P count for PD systems (default N/2)
     #: (mean input, mean output) of the workload, for BanaServe's initial P:D split
     workload_hint: tuple[float, float] | None = None
+    #: colocated engines' token budget per iteration (vLLM's chunk size)
+    chunk: int = 2048
+    #: BanaServe: the short online profile its starting P:D split comes from
+    profile: WorkloadProfile | None = None
+    #: BanaServe: no action before this time (s)
+    warmup_s: float = 60.0
 
 
 def build(system: str, s: Setup) -> Simulator:
@@ -358,7 +422,7 @@ def build(system: str, s: Setup) -> Simulator:
         raise InvalidArgumentError(f"--instances must be >= 2, got {n}")
     cap = kv_capacity_tokens(s.model, gpu, s.tp)
     cache_tokens = s.cache_tokens if s.cache_tokens is not None else 2 * cap
-    base = ClusterConfig(s.model, gpu, s.tp, max_num_seqs=256, max_batched_tokens=2048,
+    base = ClusterConfig(s.model, gpu, s.tp, max_num_seqs=256, max_batched_tokens=s.chunk,
                          cache_mode="local" if s.has_hashes else "none",
                          cache_tokens_per_instance=cache_tokens)
     n_p = s.pd_prefill if s.pd_prefill is not None else max(1, n // 2)
@@ -381,22 +445,35 @@ def build(system: str, s: Setup) -> Simulator:
         cfg = replace(base, n_colocated=n)
         controller = LlumnixActuator(LlumnixMigrator())
     elif system == "banaserve":
-        if s.pd_prefill is None and s.workload_hint is not None:
+        why = f"P={n_p} given"
+        if s.pd_prefill is None and s.profile is not None:
+            n_p, why = choose_prefill_count(
+                n, s.profile, lambda b, ctx: s.cost.decode_step_s(b, ctx), s.slo.step_budget_s,
+                cap, base.max_num_seqs)
+        elif s.pd_prefill is None and s.workload_hint is not None:
             n_p = initial_prefill_instances(s.cost, n, *s.workload_hint)
+            why = f"P={n_p} from mean lengths (no profile)"
         cfg = replace(base, n_prefill=n_p, n_decode=n - n_p,
                       cache_mode="global" if s.has_hashes else "none")
         decode_policy = make_policy("load_aware", seed=s.seed + 1)
         bw = (cfg.link_gbps or gpu.nic_gbps * s.tp) * 1e9
+        costs = measured_costs()
         controller = BanaServeActuator(BanaServeController(
             s.model.layers, s.model.weight_bytes_per_layer, s.model.kv_bytes_per_token_layer,
-            BanaServeConfig(bandwidth_Bps=bw, persist=5, cooldown_s=15.0,
-                                                 warmup_s=20.0)), s.slo)
+            BanaServeConfig(bandwidth_Bps=bw, persist=5, cooldown_s=30.0, warmup_s=s.warmup_s,
+                            budget_s=5.0, layer_link=costs.layer_link,
+                            attention_link=costs.attention_link,
+                            flip_queue_s=0.25 * s.slo.ttft_s, flip_persist=10,
+                            flip_cost_s=costs.flip_cost_s,
+                            step_budget_s=s.slo.step_budget_s)), s.slo)
+        controller.events.append((0.0, f"start P:D {n_p}:{n - n_p} | {why}"))
     elif system == "dynaserve":
-        cfg = replace(base, n_colocated=n, tbt_budget_s=s.slo.tpot_s)
+        cfg = replace(base, n_colocated=n, tbt_budget_s=s.slo.step_budget_s)
         splitter = DynaServePlacer(DynaServeSplitter(), seed=s.seed)
     else:  # semi-pd
         cfg = replace(base, n_split=n, split_prefill_share=0.5)
-        controller = SemiPDActuator(s.slo.ttft_s, s.slo.tpot_s)
+        controller = SemiPDActuator(s.slo.ttft_s, s.slo.step_budget_s,
+                                    tail_tbt=s.slo.mode == "p99-tbt")
     return Simulator(cfg, s.cost, policy=policy, decode_policy=decode_policy,
                      controller=controller, splitter=splitter, tick_s=tick)
 
@@ -410,8 +487,31 @@ def initial_prefill_instances(cost: CostModel, n: int, mean_in: float, mean_out:
     return min(n - 1, max(1, round(n * pre / (pre + dec))))
 
 
+def profile_from_trace(trace: Sequence[TraceRequest], cost: CostModel, window_s: float = 60.0
+                       ) -> WorkloadProfile:
+    """The short online profile: what the first ``window_s`` of arrivals show (rate, lengths,
+    the prefill time per request on this cost model). Only requests that arrived in the window
+    are looked at, as a live system would."""
+    if not trace:
+        raise InvalidArgumentError("empty trace: nothing to profile")
+    t0 = trace[0].arrival_s
+    seen = [r for r in trace if r.arrival_s - t0 <= window_s]
+    if len(seen) < 2:
+        seen = list(trace[:2]) if len(trace) > 1 else list(trace)
+    span = max(1e-9, seen[-1].arrival_s - t0) if len(seen) > 1 else window_s
+    rate = (len(seen) - 1) / span if len(seen) > 1 else 1.0 / window_s
+    pre = float(np.mean([cost.prefill_s(min(r.input_len, 16384)) * max(1, r.input_len / 16384)
+                         for r in seen]))
+    out = float(np.mean([r.output_len for r in seen]))
+    ctx = float(np.mean([r.input_len + r.output_len / 2 for r in seen]))
+    return WorkloadProfile(rate, pre, out, ctx, window_s)
+
+
 def simulate(system: str, s: Setup, trace: Sequence[TraceRequest],
-             progress: Callable[[float], None] | None = None) -> tuple[dict, Simulator]:
+             progress: Callable[[float], None] | None = None, summary: bool = True
+             ) -> tuple[dict, Simulator]:
+    """Run one system; ``summary=False`` skips the latency summary (the caller computes its
+    own) and returns an empty dict."""
     if system == "distserve" and s.pd_prefill is None:
         best = None
         for n_p in range(1, s.instances):
@@ -425,12 +525,16 @@ def simulate(system: str, s: Setup, trace: Sequence[TraceRequest],
         res = summarize(best[2], s.slo)
         res["best_prefill_instances"] = float(best[1])
         return res, best[3]
+    if system == "banaserve" and s.profile is None and s.pd_prefill is None and trace:
+        s = replace(s, profile=profile_from_trace(trace, s.cost))
     if s.workload_hint is None and trace:
         s = replace(s, workload_hint=(float(np.mean([r.input_len for r in trace])),
                                       float(np.mean([r.output_len for r in trace]))))
     sim = build(system, s)
     sim.progress = progress
     reqs = sim.run(trace)
+    if not summary:
+        return {}, sim
     res = summarize(reqs, s.slo)
     if isinstance(sim.controller, BanaServeActuator):
         res["control_actions"] = float(len(sim.controller.events))

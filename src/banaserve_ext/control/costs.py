@@ -1,0 +1,89 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Measured costs the controllers charge: the role-flip time and the fitted migration links.
+
+They live in one small JSON file, ``bench/sim/costs.json`` in a checkout, so that a live
+measurement (the live controller's flip: drain + SGLang role switch; the migration benchmarks'
+:meth:`LinkCost.fit`) replaces a number in one place and both the simulator and the live
+controller pick it up. Every entry carries a ``source`` note; a value nobody has measured yet
+says so. Outside a checkout (an installed wheel) the built-in copy below is used, with the same
+notes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from ..errors import InvalidArgumentError
+from .banaserve import LinkCost
+
+#: the same content as bench/sim/costs.json at release time
+_BUILTIN = {
+    "flip_cost_s": {"value": 10.0, "source": "PLACEHOLDER, not yet measured live"},
+    "layer_link": {"bandwidth_Bps": 2.2e9, "fixed_s": 0.0036,
+                   "source": "LinkCost.fit, banaserve bench layer-migration (dev box)"},
+    "attention_link": {"bandwidth_Bps": 4.18e9, "fixed_s": 0.00043,
+                       "source": "LinkCost.fit, bench_kv_migration.py over tcp (dev box)"},
+}
+
+
+@dataclass(frozen=True)
+class MeasuredCosts:
+    flip_cost_s: float
+    layer_link: LinkCost
+    attention_link: LinkCost
+    #: entry -> where its number comes from
+    sources: dict[str, str]
+    path: str
+
+    @property
+    def flip_measured(self) -> bool:
+        return "not yet measured" not in self.sources.get("flip_cost_s", "")
+
+
+def default_costs_path() -> Path:
+    return Path(__file__).resolve().parents[3] / "bench" / "sim" / "costs.json"
+
+
+def parse_costs(data: dict, where: str) -> MeasuredCosts:
+    try:
+        flip = float(data["flip_cost_s"]["value"])
+        links = {k: LinkCost(float(data[k]["bandwidth_Bps"]), float(data[k]["fixed_s"]))
+                 for k in ("layer_link", "attention_link")}
+        sources = {k: str(data[k].get("source", "")) for k in
+                   ("flip_cost_s", "layer_link", "attention_link")}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidArgumentError(f"{where}: malformed costs file ({exc!r}); needs "
+                                   "flip_cost_s.value and {layer,attention}_link."
+                                   "{bandwidth_Bps,fixed_s}") from exc
+    if not flip >= 0:
+        raise InvalidArgumentError(f"{where}: flip_cost_s must be >= 0, got {flip}")
+    return MeasuredCosts(flip, links["layer_link"], links["attention_link"], sources, where)
+
+
+def measured_costs(path: str | None = None) -> MeasuredCosts:
+    """The costs file at ``path`` (default: ``bench/sim/costs.json`` of this checkout, else the
+    built-in copy; the default is read once per process)."""
+    if path is None:
+        return _default_costs()
+    return _read(Path(path))
+
+
+@lru_cache(maxsize=1)
+def _default_costs() -> MeasuredCosts:
+    p = default_costs_path()
+    if not p.is_file():
+        return parse_costs(_BUILTIN, "built-in")
+    return _read(p)
+
+
+def _read(p: Path) -> MeasuredCosts:
+    try:
+        data = json.loads(p.read_text())
+    except OSError as exc:
+        raise InvalidArgumentError(f"cannot read costs file {p}: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise InvalidArgumentError(f"{p}: not JSON ({exc})") from exc
+    return parse_costs(data, str(p))
