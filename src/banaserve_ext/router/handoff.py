@@ -181,14 +181,14 @@ class _Stitch:
         self.text += self.seg_text
         self.seg_ids, self.seg_text = [], ""
 
-    def event(self, obj: dict, final_segment: bool) -> dict:
+    def event(self, obj: dict, final: bool) -> dict:
         self.seg_ids = list(obj.get("output_ids") or [])
         self.seg_text = str(obj.get("text") or "")
         meta = dict(obj.get("meta_info") or {})
         self.seg.update(output_tokens=len(self.seg_ids), reused_tokens=meta.get("cached_tokens"))
         fr = meta.get("finish_reason")
         ended_early = isinstance(fr, dict) and fr.get("type") != "length"
-        if fr is not None and (final_segment or ended_early):
+        if fr is not None and (final or ended_early):
             self.finish = fr
         elif fr is not None:
             meta["finish_reason"] = None  # a segment ended, the request goes on

@@ -80,6 +80,10 @@ class Router:
         self.bound_metrics_port: int | None = None
         self._routes: dict[tuple[str, str], Handler] = self.admin.routes()
         self._register_gauges()
+        if cfg.dynaserve_handoff:
+            self.enable_handoff(
+                HandoffConfig(kv_pool=cfg.handoff_kv_pool, l3_wait_s=cfg.handoff_l3_wait_secs)
+            )
 
     def _make_policy(self, name: str, seed: int | None) -> PolicyBase:
         cfg = self.cfg
