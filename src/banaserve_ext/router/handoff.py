@@ -175,6 +175,7 @@ class _Stitch:
         self.finish: Any = None
         self.info: dict[str, Any] = {"segments": []}
         self.seg: dict[str, Any] = {}  # the running segment's entry in info["segments"]
+        self.rid: Any = None  # the first segment's request id: the client's one id
 
     def begin(self) -> None:
         self.produced += self.seg_ids
@@ -192,6 +193,9 @@ class _Stitch:
             self.finish = fr
         elif fr is not None:
             meta["finish_reason"] = None  # a segment ended, the request goes on
+        if self.rid is None:
+            self.rid = meta.get("id")
+        meta["id"] = self.rid
         meta["prompt_tokens"] = self.n
         meta["completion_tokens"] = len(self.produced) + len(self.seg_ids)
         meta["handoff"] = self.info
@@ -241,8 +245,39 @@ class HandoffPath:
         cands = [w for w in self.router.colocated if w.usable(now)]
         if len(cands) < 2 or not self.takes(obj):
             return False
+        path = self.router.path
+        assert path is not None
+        path.inflight += 1  # the router's graceful stop waits for hand-offs too
+        path.idle.clear()
+        t0 = time.perf_counter()
+        status = 200
+        sent: list[bool] = [False]  # the answer's head went to the client
+        timeout = self.router.cfg.request_timeout_secs
+        try:
+            status = await asyncio.wait_for(self._serve(req, conn, obj, cands, sent), timeout)
+        except asyncio.TimeoutError:
+            status = 504
+            if sent[0]:
+                conn.close_after = True
+                if conn.transport is not None:
+                    conn.transport.abort()
+            else:
+                msg = f"request timed out after {timeout} s"
+                conn.respond(req, 504, error_body(msg, 504))
+        finally:
+            path.inflight -= 1
+            if path.inflight == 0:
+                path.idle.set()
+            m = self.router.metrics
+            m.inc("requests_total", (("route", "/generate"), ("status", str(status))))
+            m.observe("request_duration_seconds", (("route", "/generate"),),
+                      time.perf_counter() - t0)  # fmt: skip
+        return True
+
+    async def _serve(
+        self, req: Request, conn: ClientConnection, obj: dict, cands: list[Worker], sent: list[bool]
+    ) -> int:
         stream = obj.get("stream") is True
-        started = False
         if self.l3 is not None and self.l3.suffix is None:
             await self.learn_store_namespace()
         try:
@@ -256,44 +291,47 @@ class HandoffPath:
             plan = self.cfg.planner.plan(len(ids), total, [w.load for w in cands], split_at)
         except (ValueError, InvalidArgumentError) as exc:
             conn.respond(req, 400, error_body(f"hand-off: {exc}", 400))
-            return True
+            return 400
         except SegmentFailed as exc:
             conn.respond(req, 502, error_body(str(exc), 502))
-            return True
+            return 502
         st = _Stitch(len(ids))
         head_sent = False
 
         def emit(out: dict) -> None:
-            nonlocal head_sent, started
+            nonlocal head_sent
             if not stream:
                 return
             data = b"data: " + json_encode(out) + b"\n\n"
             if not head_sent:
                 conn.write(conn.stream_head(req, 200, "text/event-stream"))
-                head_sent = started = True
+                head_sent = sent[0] = True
             conn.write(chunk(data))
 
         try:
             await self._run(obj, list(ids), sp, total, plan, cands, st, emit)
         except _ClientError as exc:
+            status = exc.status
             if not head_sent:
                 conn.respond(req, exc.status, exc.body)
-                return True
+                return status
             emit({"error": {"message": exc.body.decode(errors="replace"), "code": exc.status}})
         except SegmentFailed as exc:
+            status = 502
             msg = f"hand-off failed: {exc}"
             log.warning("%s", msg)
             if not head_sent:
                 conn.respond(req, 502, error_body(msg, 502))
-                return True
+                return status
             emit({"error": {"message": msg, "code": 502}})
         else:
+            status = 200
             if not stream:
                 conn.respond(req, 200, json_encode(st.last or {}))
-                return True
+                return status
         if head_sent:
             conn.write(chunk(b"data: [DONE]\n\n") + LAST_CHUNK)
-        return True
+        return status
 
     # -- the segments ---------------------------------------------------------------------------
     async def _run(
@@ -362,6 +400,9 @@ class HandoffPath:
             if done >= until:
                 return
             body_sp = dict(sp, max_new_tokens=until - done)
+            if sp.get("min_new_tokens"):  # what is left of the minimum, within this segment
+                body_sp["min_new_tokens"] = max(0, min(int(sp["min_new_tokens"]) - done,
+                                                       until - done))  # fmt: skip
             try:
                 await self._segment(w, obj, ids + st.produced, body_sp, st, emit, final)
                 return
