@@ -6,15 +6,16 @@ the request continues on A with the same ids, no token repeated or lost; both fa
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 import pytest
-from router_testkit import run, single_setup
+from router_testkit import eventually, run, single_setup
 
 from banaserve_ext.router.handoff import SPLIT_HEADER, HandoffConfig
 from banaserve_ext.router.http11 import build_request
-from banaserve_ext.router.testing import _Failure, fake_next_token
+from banaserve_ext.router.testing import FakeConfig, _Failure, fake_next_token
 
 PROMPT = list(range(10, 30))
 TOTAL = 8
@@ -102,5 +103,29 @@ def test_both_workers_failing_is_one_502_naming_both() -> None:
             assert status == 502
             msg = final["error"]["message"]
             assert "hand-off failed" in msg and a.url in msg and b.url in msg
+
+    run(body())
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_live_migration_moves_a_running_segment_with_identical_ids(stream: bool) -> None:
+    async def body() -> None:
+        fake = FakeConfig(decode_ms_per_token=40.0)
+        async with single_setup(2, fake=fake, disable_health_check=True) as s:
+            path = s.router.enable_handoff(HandoffConfig())
+            a, b = s.regular
+            req = asyncio.create_task(_generate(s, stream, len(PROMPT) + 2))
+            assert await eventually(lambda: bool(path.running.get(b.url)), 10.0)
+            status, raw = await s.client.post(f"/handoff/migrate?url={b.url}", {})
+            assert status == 200 and json.loads(raw)["migrated"] == 1
+            status, final, events = await req
+            assert status == 200, final
+            _check(final, events, stream)
+            segs = final["meta_info"]["handoff"]["segments"]
+            assert [g["worker"] for g in segs] == [a.url, b.url, a.url]
+            assert segs[1]["error"].startswith(f"migrated off worker {b.url}")
+            assert path.migrated == 1 and not path.running.get(b.url)
+            status, raw = await s.client.post("/handoff/migrate", {})
+            assert status == 400
 
     run(body())

@@ -39,6 +39,7 @@ from array import array
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
 
 import msgspec
 
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
     from .http11 import Request
     from .registry import Worker
     from .server import Router
+    from .upstream import Exchange
 
 log = logging.getLogger("banaserve_ext.router.handoff")
 
@@ -217,10 +219,39 @@ class HandoffPath:
         self.l3 = L3Watcher(cfg.kv_pool) if cfg.kv_pool else None
         self.handed_off = 0
         self.fallbacks = 0
+        #: streaming segments by worker URL (live migration moves them)
+        self.running: dict[str, dict[int, Exchange]] = {}
+        self.migrating: set[int] = set()
+        self.migrated = 0
 
     def close(self) -> None:
         if self.l3 is not None:
             self.l3.close()
+
+    def migrate_off(self, url: str) -> int:
+        """Live migration: every hand-off segment running on ``url`` is stopped there (its
+        SGLang request aborted) and continues on the request's other worker from the last token
+        received, its prefix KV through the store as far as it has landed. Returns how many
+        segments were moved. Take the worker out of rotation first (``DELETE /workers``) so
+        that no new request lands on it."""
+        moved = 0
+        for key, ex in list(self.running.get(url, {}).items()):
+            if not ex.finished:
+                self.migrating.add(key)
+                ex.abort()
+                moved += 1
+        self.migrated += moved
+        return moved
+
+    async def migrate_endpoint(self, req: Request, conn: ClientConnection) -> None:
+        """``POST /handoff/migrate?url=URL``: :meth:`migrate_off`, answered with the count."""
+        url = {k: v[-1] for k, v in parse_qs(req.query).items()}.get("url")
+        if not url:
+            conn.respond(req, 400, error_body("POST /handoff/migrate needs ?url=WORKER_URL", 400))
+            return
+        url = url.rstrip("/")
+        moved = self.migrate_off(url)
+        conn.respond(req, 200, json_encode({"status": "ok", "url": url, "migrated": moved}))
 
     # -- entry ----------------------------------------------------------------------------------
     def takes(self, obj: Any) -> bool:
@@ -350,7 +381,8 @@ class HandoffPath:
         b = cands[plan.second] if plan.second is not None else None
         st.info.update(first=a.url, second=b.url if b else None, split=plan.split)
         if b is None:
-            await self._continue([a], obj, ids, sp, total, st, emit, final=True)
+            others = [w for w in cands if w is not a][:1]  # where a failure or migration goes
+            await self._continue([a, *others], obj, ids, sp, total, st, emit, final=True)
             return
         self.handed_off += 1
         if plan.split <= n:
@@ -500,15 +532,24 @@ class HandoffPath:
                     emit(out)
 
         ex.set_sink(sink)
+        running = self.running.setdefault(w.url, {})
+        running[id(ex)] = ex
         try:
             await ex.done
         except UnavailableError as exc:
+            if id(ex) in self.migrating:
+                raise SegmentFailed(
+                    f"migrated off worker {w.url} after {len(st.seg_ids)} tokens"
+                ) from None
             raise SegmentFailed(
                 f"worker {w.url} dropped the stream after {len(st.seg_ids)} tokens: {exc}"
             ) from None
         except asyncio.CancelledError:
             ex.abort()
             raise
+        finally:
+            running.pop(id(ex), None)
+            self.migrating.discard(id(ex))
         if error:
             raise SegmentFailed(f"worker {w.url} reported an error: {error[0]}")
         return last[0] if last else None

@@ -211,6 +211,7 @@ class Router:
         if self.cfg.pd_disaggregation:
             raise InvalidArgumentError("hand-off runs between unified workers, not in PD mode")
         self.handoff = HandoffPath(self, cfg)
+        self._routes[("POST", "/handoff/migrate")] = self.handoff.migrate_endpoint
         return self.handoff
 
     def spawn(self, coro: Any) -> None:
