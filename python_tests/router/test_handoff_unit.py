@@ -21,7 +21,9 @@ from banaserve_ext.router.server import Router
 
 
 def _workers(*active: int) -> list[WorkerLoad]:
-    return [WorkerLoad(f"http://w{i}", "colocated", active_requests=a) for i, a in enumerate(active)]
+    return [
+        WorkerLoad(f"http://w{i}", "colocated", active_requests=a) for i, a in enumerate(active)
+    ]
 
 
 def test_planner_runs_the_splitter_unchanged_on_live_loads() -> None:

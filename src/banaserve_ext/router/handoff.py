@@ -27,6 +27,10 @@ sees one request: ``output_ids``/``text`` cumulative over both segments, one ``f
 ``prompt_tokens = n``, ``completion_tokens`` = every output token, and a ``handoff`` entry in
 ``meta_info``. Requests the hand-off cannot carry (batches, ``n > 1``, log-probs, ...) take the
 ordinary request path.
+
+Live migration uses the same continuation: :meth:`HandoffPath.migrate_off` closes every segment
+running on a worker and the request continues on its other worker (``POST /handoff/migrate``).
+See docs/handoff.md.
 """
 
 from __future__ import annotations
