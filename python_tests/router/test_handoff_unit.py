@@ -133,3 +133,18 @@ def test_requests_a_handoff_cannot_carry_take_the_ordinary_path() -> None:
     assert not path.takes({"text": "hi", "sampling_params": dict(sp, n=2)})
     assert not path.takes({"text": "hi", "sampling_params": sp, "return_logprob": True})
     assert not path.takes({"text": "hi", "sampling_params": sp, "lora_path": "x"})
+
+
+def test_a_missing_kv_pool_only_skips_the_wait() -> None:
+    from banaserve_ext.router.handoff import L3Watcher
+
+    w = L3Watcher("no-such-pool-for-handoff-test")
+    w.learn({"model_path": "/m", "hicache_mem_layout": "layer_first", "page_size": 1})
+    assert w.suffix is not None and w.suffix.startswith("@")
+    assert run_wait(w) == (0, 0)
+
+
+def run_wait(w: object) -> tuple[int, int]:
+    import asyncio
+
+    return asyncio.run(w.wait([1, 2, 3], 1.0, 0.01))  # type: ignore[attr-defined]

@@ -47,7 +47,7 @@ from urllib.parse import parse_qs
 
 import msgspec
 
-from ..errors import InvalidArgumentError, UnavailableError
+from ..errors import BanaserveError, InvalidArgumentError, UnavailableError
 from ..policies import RequestInfo
 from ..policies.dynaserve import DynaServePlanner, HandoffPlan
 from .http11 import LAST_CHUNK, build_request, chunk
@@ -143,7 +143,11 @@ class L3Watcher:
         if self._pool is None:
             from ..kvpool import KVPool
 
-            self._pool = KVPool(self.pool_name).start()
+            try:
+                self._pool = KVPool(self.pool_name).start()
+            except BanaserveError as exc:  # no such pool (yet): B recomputes, nothing breaks
+                log.warning("hand-off: cannot attach KV pool %r: %s", self.pool_name, exc)
+                return False
         return self.suffix is not None
 
     def keys(self, tokens: list[int]) -> list[str]:
