@@ -245,6 +245,48 @@ def test_planner_without_override_routes_whole_or_split(pair: dict) -> None:
     assert ho["second"] is None and len(ho["segments"]) == 1, ho
 
 
+def test_live_migration_of_a_running_stream_keeps_the_output(pair: dict) -> None:
+    """A long stream whose segment 2 runs on B is moved off B mid-generation (the admin
+    action); it finishes on A with the single-server ids, no token repeated or lost."""
+    total = 120
+    ids = _prompt(500, 48)
+    ref = generate(pair["a"].url, input_ids=ids, max_new_tokens=total)["output_ids"]
+    body = _body(ids, stream=True)
+    body["sampling_params"]["max_new_tokens"] = total
+    events: list[dict] = []
+    url = pair["router"].url
+    host, port = url.removeprefix("http://").split(":")
+
+    def client() -> None:
+        conn = http.client.HTTPConnection(host, int(port), timeout=300)
+        conn.request("POST", "/generate", json.dumps(body),
+                     {"Content-Type": "application/json", SPLIT_HEADER: str(len(ids) + 2)})
+        resp = conn.getresponse()
+        for line in resp:  # one SSE line at a time, as they arrive
+            line = line.strip()
+            if line.startswith(b"data:") and line[5:].strip() != b"[DONE]":
+                events.append(json.loads(line[5:]))
+        conn.close()
+
+    th = threading.Thread(target=client)
+    th.start()
+    deadline = time.monotonic() + 120
+    while len(events) < 2 + 5:  # segment 1's 2 tokens, then some of B's
+        assert time.monotonic() < deadline and th.is_alive(), events[-1:]
+        time.sleep(0.02)
+    status, ans = http_json(f"{url}/handoff/migrate?url={pair['b'].url}", {}, timeout_s=30)
+    th.join(300)
+    assert status == 200 and ans["migrated"] == 1, ans
+    _check_stream(events, ref)
+    meta = events[-1]["meta_info"]
+    assert meta["completion_tokens"] == total and meta["prompt_tokens"] == len(ids)
+    segs = meta["handoff"]["segments"]
+    assert [g["worker"] for g in segs] == [pair["a"].url, pair["b"].url, pair["a"].url], segs
+    assert segs[1]["error"].startswith("migrated off") and segs[1]["output_tokens"] >= 5
+    print("migrated after", segs[1]["output_tokens"], "tokens on B; A reused",
+          segs[2]["reused_tokens"], "of", segs[2]["input_tokens"])  # fmt: skip
+
+
 def test_second_instance_dead_request_continues_on_first(pair: dict) -> None:
     """Runs last: stops B. With equal loads the splitter picks the first worker as A."""
     ids = _prompt(700, 60)
