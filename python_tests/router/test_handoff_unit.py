@@ -133,6 +133,8 @@ def test_requests_a_handoff_cannot_carry_take_the_ordinary_path() -> None:
     assert not path.takes({"text": "hi", "sampling_params": dict(sp, n=2)})
     assert not path.takes({"text": "hi", "sampling_params": sp, "return_logprob": True})
     assert not path.takes({"text": "hi", "sampling_params": sp, "lora_path": "x"})
+    assert not path.takes({"text": "hi", "sampling_params": {"max_new_tokens": 0}})
+    assert path.takes({"text": "hi"})  # SGLang's default length
 
 
 def test_a_missing_kv_pool_only_skips_the_wait() -> None:

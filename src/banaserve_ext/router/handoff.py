@@ -272,6 +272,9 @@ class HandoffPath:
         sp = obj.get("sampling_params") or {}
         if not single or not isinstance(sp, dict) or int(sp.get("n", 1) or 1) != 1:
             return False
+        mnt = sp.get("max_new_tokens")
+        if mnt is not None and (not isinstance(mnt, int) or mnt < 1):
+            return False  # nothing to hand off (or bad: the worker answers it)
         return not any(obj.get(k) for k in _UNSUPPORTED)
 
     async def handle(self, req: Request, conn: ClientConnection) -> bool:
