@@ -95,6 +95,10 @@ class RouterConfig:
     chars_per_token: float = 4.0
     tokenizer_path: str | None = None
     log_level: str = "warning"
+    #: DynaServe hand-off of /generate between two workers (docs/handoff.md)
+    dynaserve_handoff: bool = False
+    handoff_kv_pool: str | None = None
+    handoff_l3_wait_secs: float = 10.0
 
     def validate(self) -> None:
         for name in (self.policy, self.prefill_policy, self.decode_policy):
@@ -112,6 +116,10 @@ class RouterConfig:
             raise InvalidArgumentError("--chars-per-token must be > 0")
         for spec in (*self.prefill, *self.decode, *self.workers):
             split_url(spec.url)
+        if self.dynaserve_handoff and self.pd_disaggregation:
+            raise InvalidArgumentError("--dynaserve-handoff needs --worker-urls (non-PD mode)")
+        if self.handoff_l3_wait_secs < 0:
+            raise InvalidArgumentError("--handoff-l3-wait-secs must be >= 0")
 
 
 def _prefill_spec(values: list[str]) -> WorkerSpec:
@@ -201,6 +209,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--chars-per-token", type=float, default=4.0, help="prompt-length estimate")
     g.add_argument("--tokenizer-path", default=None, help="tokenizer.json (needs `tokenizers`)")
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument(
+        "--dynaserve-handoff",
+        action="store_true",
+        help="split /generate requests over two workers through the global KV store",
+    )
+    g.add_argument("--handoff-kv-pool", default=None, help="KV pool name of the workers' HiCache")
+    g.add_argument("--handoff-l3-wait-secs", type=float, default=10.0)
     g = p.add_argument_group("retries")
     g.add_argument("--retry-max-retries", type=int, default=5)
     g.add_argument("--retry-initial-backoff-ms", type=float, default=50.0)
@@ -287,6 +302,9 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         chars_per_token=args.chars_per_token,
         tokenizer_path=args.tokenizer_path,
         log_level=args.log_level,
+        dynaserve_handoff=args.dynaserve_handoff,
+        handoff_kv_pool=args.handoff_kv_pool,
+        handoff_l3_wait_secs=args.handoff_l3_wait_secs,
     )
     cfg.validate()
     return cfg

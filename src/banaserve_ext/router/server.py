@@ -24,16 +24,17 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import BanaserveError, NotFoundError, UnavailableError
+from ..errors import BanaserveError, InvalidArgumentError, NotFoundError, UnavailableError
 from ..policies import PolicyBase, RequestInfo, make_policy
 from .admin import Admin, Handler
 from .config import RouterConfig, WorkerSpec
 from .connection import ClientConnection
 from .forward import RequestPath
+from .handoff import HandoffConfig, HandoffPath
 from .http11 import Request
 from .metrics import Metrics
 from .monitor import Monitor
-from .payload import LLM_ROUTES, error_body, load_tokenizer
+from .payload import GENERATE, LLM_ROUTES, error_body, load_tokenizer
 from .registry import Worker, WorkerRegistry
 
 log = logging.getLogger("banaserve_ext.router")
@@ -68,6 +69,8 @@ class Router:
         self.admin = Admin(self)
         self.monitor = Monitor(self)
         self.path: RequestPath | None = None
+        #: DynaServe hand-off of ``/generate`` between two workers (:meth:`enable_handoff`)
+        self.handoff: HandoffPath | None = None
         self._conns: set[ClientConnection] = set()
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task] = set()
@@ -77,6 +80,10 @@ class Router:
         self.bound_metrics_port: int | None = None
         self._routes: dict[tuple[str, str], Handler] = self.admin.routes()
         self._register_gauges()
+        if cfg.dynaserve_handoff:
+            self.enable_handoff(
+                HandoffConfig(kv_pool=cfg.handoff_kv_pool, l3_wait_s=cfg.handoff_l3_wait_secs)
+            )
 
     def _make_policy(self, name: str, seed: int | None) -> PolicyBase:
         cfg = self.cfg
@@ -199,6 +206,14 @@ class Router:
             self.drain_worker(w)
         return found
 
+    def enable_handoff(self, cfg: HandoffConfig) -> HandoffPath:
+        """Serve ``/generate`` by DynaServe micro-requests (single-worker mode only)."""
+        if self.cfg.pd_disaggregation:
+            raise InvalidArgumentError("hand-off runs between unified workers, not in PD mode")
+        self.handoff = HandoffPath(self, cfg)
+        self._routes[("POST", "/handoff/migrate")] = self.handoff.migrate_endpoint
+        return self.handoff
+
     def spawn(self, coro: Any) -> None:
         """Run ``coro`` in the background until it ends or the router stops."""
         assert self.loop is not None
@@ -269,6 +284,8 @@ class Router:
             if c.transport is not None:
                 c.transport.abort()
         self.registry.close()
+        if self.handoff is not None:
+            self.handoff.close()
         for s in self._servers:
             await s.wait_closed()
         self._servers.clear()
@@ -289,6 +306,9 @@ class Router:
     async def handle(self, req: Request, conn: ClientConnection) -> None:
         if req.method == "POST" and req.path in LLM_ROUTES:
             assert self.path is not None
+            if self.handoff is not None and req.path == GENERATE:
+                if await self.handoff.handle(req, conn):
+                    return
             await self.path.handle(req, conn)
             return
         route = self._routes.get((req.method, req.path)) or self.admin.prefix_route(

@@ -99,6 +99,8 @@ class FakeWorker:
     kv_timeouts: int = 0
     #: tests: while set to an unset event, LLM requests are held (counted in ``inflight``)
     gate: asyncio.Event | None = None
+    #: tests: streams are cut (connection reset) after this many tokens
+    drop_after_tokens: int | None = None
 
     def __post_init__(self) -> None:
         n = self.cfg.prefill_slots if self.spec.role == "prefill" else self.cfg.decode_slots
@@ -254,6 +256,10 @@ class FakeWorker:
             await asyncio.sleep(fixed)
         want_lp = bool(obj.get("return_logprob"))
         seed = hashlib.blake2b(req.body, digest_size=8).hexdigest()
+        ctx = obj.get("input_ids") if req.path == "/generate" else None
+        out: list[int] | None = None
+        if isinstance(ctx, list) and ctx and all(isinstance(t, int) for t in ctx):
+            out = []
         if obj.get("stream") is True:
             conn.start_stream(req)
             for k in range(new_tokens):
@@ -261,7 +267,12 @@ class FakeWorker:
                     await asyncio.sleep(per_token)
                 if conn.lost:
                     return
-                event = _event(req.path, seed, k, new_tokens, prompt_tokens, role, want_lp)
+                if self.drop_after_tokens is not None and k >= self.drop_after_tokens:
+                    conn.drop()
+                    return
+                if out is not None:
+                    out.append(fake_next_token(ctx + out))  # type: ignore[operator]
+                event = _event(req.path, seed, k, new_tokens, prompt_tokens, role, want_lp, out)
                 conn.write(chunk(b"data: " + event + b"\n\n"))
             conn.write(chunk(b"data: [DONE]\n\n"))
             conn.write(LAST_CHUNK)
@@ -311,8 +322,21 @@ def _lp(seed: str, k: int) -> list:
     return [-1.5e-7 * (k + 1), 1000 + k, f"tok{k}\u00e9"]
 
 
+def fake_next_token(context: list[int]) -> int:
+    """The fake's "greedy" next token for ``/generate`` with ``input_ids``: a function of the
+    whole context, so a request continued elsewhere from any token yields the same ids."""
+    return (sum(context) * 31 + len(context) * 7) % 1000 + 3
+
+
 def _event(
-    path: str, seed: str, k: int, n: int, prompt_tokens: int, role: str, want_lp: bool
+    path: str,
+    seed: str,
+    k: int,
+    n: int,
+    prompt_tokens: int,
+    role: str,
+    want_lp: bool,
+    out: list[int] | None = None,
 ) -> bytes:
     piece = f" {seed[k % 16]}{k}"
     last = k == n - 1
@@ -328,7 +352,11 @@ def _event(
                 [_lp(seed, i) for i in range(prompt_tokens)] if role == "prefill" else []
             )
             meta["output_token_logprobs"] = [_lp(seed, k)]
-        return _encode({"text": piece, "meta_info": meta, "index": 0})
+        ev: dict[str, Any] = {"text": piece, "meta_info": meta, "index": 0}
+        if out is not None:  # cumulative, as SGLang streams them
+            ev["output_ids"] = list(out)
+            ev["text"] = "".join(f" {seed[i % 16]}{i}" for i in range(k + 1))
+        return _encode(ev)
     if path == "/v1/chat/completions":
         choice = {
             "index": 0,

@@ -1,0 +1,310 @@
+# SPDX-License-Identifier: Apache-2.0
+"""DynaServe hand-off through the global KV store between two real unified SGLang servers (CPU,
+float32): our router runs segment 1 of a request on A and segment 2 on B, B reusing A's KV from
+the shared pool (HiCache L3); the client sees one answer whose greedy output ids equal a single
+server's, for boundaries inside the prompt, at its end and after output tokens, streaming and
+not, concurrently; with B dead the request continues on A."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sglang_testbed.cluster import Cluster, generate
+
+from banaserve_ext.kvpool import KVPool
+from banaserve_ext.launch.servers import http_json
+from banaserve_ext.router.config import RouterConfig, WorkerSpec
+from banaserve_ext.router.handoff import SPLIT_HEADER, HandoffConfig
+from banaserve_ext.router.server import Router
+
+pytestmark = pytest.mark.sglang
+
+TOTAL = 10  # output tokens per request
+
+
+def _page_bytes(model_dir: Path) -> int:
+    cfg = json.loads((model_dir / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    fp32 = 4
+    return 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * fp32
+
+
+def _prompt(seed: int, n: int) -> list[int]:
+    """Distinct token ids per seed (no special tokens), so no two requests share a prefix."""
+    return [3 + (seed * 131 + i * 37 + (i * i) % 11) % 1000 for i in range(n)]
+
+
+class _RouterThread:
+    """Our router on its own event loop, in a thread of the test process."""
+
+    def __init__(self, cfg: RouterConfig, handoff: HandoffConfig) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.router = Router(cfg)
+        self.path = self.router.enable_handoff(handoff)
+        asyncio.run_coroutine_threadsafe(self.router.start(), self.loop).result(30)
+        self.url = f"http://127.0.0.1:{self.router.bound_port}"
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.router.stop(1.0), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    name = f"pytest-handoff-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    extra = json.dumps({
+        "backend_name": "banaserve",
+        "module_path": "banaserve_ext.adapters.sglang.hicache",
+        "class_name": "BanaserveHiCacheStorage",
+        "pool": name,
+        "interface_v1": 1,
+        "prefetch_threshold": 1,  # SGLang skips storage prefetches under 256 tokens by default
+    })  # fmt: skip
+    args = (
+        "--dtype", "float32",
+        "--enable-hierarchical-cache", "--hicache-io-backend", "direct",
+        "--hicache-mem-layout", "layer_first", "--hicache-size", "1",
+        "--hicache-write-policy", "write_through",
+        "--hicache-storage-backend", "dynamic",
+        "--hicache-storage-backend-extra-config", extra,
+        "--hicache-storage-prefetch-policy", "wait_complete",
+    )  # fmt: skip
+    cluster = Cluster(tiny_model_dir, tmp_path_factory.mktemp("handoff-logs"))
+    pool = KVPool(name, create=True, capacity_bytes=64 << 20, page_size=_page_bytes(tiny_model_dir))
+    pool.start()
+    try:
+        a, pa = cluster.server("single", wait=False, extra_args=args)
+        b, pb = cluster.server("single", wait=False, extra_args=args)
+        cluster.wait_all()
+        rcfg = RouterConfig(
+            workers=[WorkerSpec(a.url, "colocated"), WorkerSpec(b.url, "colocated")],
+            pd_disaggregation=False, port=0, prometheus_port=None, policy="round_robin",
+            disable_health_check=True, load_monitor_interval=0.0, disable_retries=True,
+        )  # fmt: skip
+        rt = _RouterThread(rcfg, HandoffConfig(kv_pool=name, l3_wait_s=60.0))
+        try:
+            yield {"a": a, "b": b, "pa": pa, "pb": pb, "pool": pool, "router": rt,
+                   "cluster": cluster}  # fmt: skip
+        finally:
+            rt.close()
+    finally:
+        try:
+            cluster.close()
+        finally:
+            pool.close()
+
+
+def _body(ids: list[int] | None = None, text: str | None = None, stream: bool = False) -> dict:
+    body: dict[str, Any] = {
+        "sampling_params": {"max_new_tokens": TOTAL, "temperature": 0.0, "ignore_eos": True},
+        "stream": stream,
+    }
+    if ids is not None:
+        body["input_ids"] = ids
+    if text is not None:
+        body["text"] = text
+    return body
+
+
+def _post(url: str, body: dict, split: int | None) -> tuple[int, dict, list[dict]]:
+    """POST /generate; returns (status, final object, stream events)."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=300)
+    headers = {"Content-Type": "application/json"}
+    if split is not None:
+        headers[SPLIT_HEADER] = str(split)
+    conn.request("POST", "/generate", json.dumps(body), headers)
+    resp = conn.getresponse()
+    raw = resp.read()
+    conn.close()
+    if not body.get("stream"):
+        return resp.status, json.loads(raw), []
+    events = []
+    for block in raw.split(b"\n\n"):
+        block = block.strip()
+        if block.startswith(b"data:") and block[5:].strip() != b"[DONE]":
+            events.append(json.loads(block[5:]))
+    assert raw.rstrip().endswith(b"data: [DONE]"), raw[-200:]
+    return resp.status, events[-1] if events else {}, events
+
+
+def _reference(url: str, ids: list[int]) -> list[int]:
+    out = generate(url, input_ids=ids, max_new_tokens=TOTAL)  # greedy
+    return out["output_ids"]
+
+
+def _flush(url: str) -> None:
+    """SGLang refuses a flush while anything is in flight (HiCache write-backs included)."""
+    deadline = time.monotonic() + 120
+    while True:
+        status, body = http_json(f"{url}/flush_cache", {}, timeout_s=60)
+        if status == 200:
+            return
+        assert time.monotonic() < deadline, body
+        time.sleep(0.5)
+
+
+def _check_stream(events: list[dict], want: list[int]) -> None:
+    """Cumulative output ids only grow, one token at a time, one finish_reason at the end."""
+    prev: list[int] = []
+    for i, ev in enumerate(events):
+        ids = ev["output_ids"]
+        assert ids[: len(prev)] == prev, (i, prev, ids)
+        assert len(ids) >= len(prev)
+        prev = ids
+        fr = ev["meta_info"]["finish_reason"]
+        assert (fr is not None) == (i == len(events) - 1), (i, fr)
+    assert prev == want
+
+
+def _cases(seed0: int) -> list[tuple[list[int], int, str]]:
+    out = []
+    for j, (n, where) in enumerate([(40, "s=1"), (75, "mid"), (33, "s=n"), (120, "s=n+k")]):
+        ids = _prompt(seed0 + j, n)
+        s = {"s=1": 1, "mid": n // 2, "s=n": n, "s=n+k": n + 4}[where]
+        out.append((ids, s, where))
+    return out
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_handoff_output_equals_single_server(pair: dict, stream: bool) -> None:
+    cases = _cases(100 if stream else 0)
+    # references on one server, alone
+    refs = [_reference(pair["a"].url, ids) for ids, _, _ in cases]
+    # fresh caches: only segment 1 of the hand-off can put these prompts in the store
+    for srv in (pair["a"], pair["b"]):
+        _flush(srv.url)
+    pair["pool"].clear()
+
+    url = pair["router"].url
+    with ThreadPoolExecutor(len(cases)) as ex:
+        futs = [ex.submit(_post, url, _body(ids, stream=stream), s) for ids, s, _ in cases]
+        results = [f.result() for f in futs]
+    for (ids, s, where), ref, (status, final, events) in zip(cases, refs, results, strict=True):
+        assert status == 200, (where, final)
+        meta = final["meta_info"]
+        assert final["output_ids"] == ref, where
+        assert meta["prompt_tokens"] == len(ids)
+        assert meta["completion_tokens"] == TOTAL
+        assert meta["finish_reason"] == {"type": "length", "length": TOTAL} or meta[
+            "finish_reason"
+        ]["type"] == "length"
+        ho = meta["handoff"]
+        assert ho["split"] == s and ho["first"] != ho["second"], ho
+        segs = ho["segments"]
+        assert [g["worker"] for g in segs] == [ho["first"], ho["second"]], ho
+        assert all("error" not in g for g in segs), ho
+        # segment 1's KV reached the store and B reused it
+        assert ho["l3_pages"] == ho["l3_pages_wanted"] > 0, ho
+        assert segs[1]["reused_tokens"] >= ho["l3_pages_wanted"] - 1, ho
+        if stream:
+            _check_stream(events, ref)
+            # tokens of segment 1 were streamed before segment 2's
+            k = max(0, s - len(ids))
+            assert len(events) >= TOTAL - k
+        print(where, "n", len(ids), "s", s, "reused", segs[1]["reused_tokens"],
+              "l3 wait", ho["l3_wait_s"])  # fmt: skip
+
+
+def test_text_prompt_is_tokenized_once_and_stitched(pair: dict) -> None:
+    text = "the handoff keeps every token of record 7 exactly once; " * 3
+    single = generate(pair["b"].url, text=text, max_new_tokens=TOTAL)
+    n = single["meta_info"]["prompt_tokens"]
+    body = _body(text=text)
+    status, final, _ = _post(pair["router"].url, body, n + 3)
+    assert status == 200, final
+    assert final["output_ids"] == single["output_ids"]
+    assert final["meta_info"]["prompt_tokens"] == n
+    assert final["meta_info"]["completion_tokens"] == TOTAL
+
+
+def test_planner_without_override_routes_whole_or_split(pair: dict) -> None:
+    """DynaServeSplitter's default minimum segment (32 tokens) keeps a 10-token request whole:
+    one segment, on one worker, identical output."""
+    ids = _prompt(900, 50)
+    ref = _reference(pair["b"].url, ids)
+    status, final, _ = _post(pair["router"].url, _body(ids), None)
+    assert status == 200, final
+    assert final["output_ids"] == ref
+    ho = final["meta_info"]["handoff"]
+    assert ho["second"] is None and len(ho["segments"]) == 1, ho
+
+
+def test_live_migration_of_a_running_stream_keeps_the_output(pair: dict) -> None:
+    """A long stream whose segment 2 runs on B is moved off B mid-generation (the admin
+    action); it finishes on A with the single-server ids, no token repeated or lost."""
+    total = 120
+    ids = _prompt(500, 48)
+    ref = generate(pair["a"].url, input_ids=ids, max_new_tokens=total)["output_ids"]
+    body = _body(ids, stream=True)
+    body["sampling_params"]["max_new_tokens"] = total
+    events: list[dict] = []
+    url = pair["router"].url
+    host, port = url.removeprefix("http://").split(":")
+
+    def client() -> None:
+        conn = http.client.HTTPConnection(host, int(port), timeout=300)
+        conn.request("POST", "/generate", json.dumps(body),
+                     {"Content-Type": "application/json", SPLIT_HEADER: str(len(ids) + 2)})
+        resp = conn.getresponse()
+        for line in resp:  # one SSE line at a time, as they arrive
+            line = line.strip()
+            if line.startswith(b"data:") and line[5:].strip() != b"[DONE]":
+                events.append(json.loads(line[5:]))
+        conn.close()
+
+    th = threading.Thread(target=client)
+    th.start()
+    deadline = time.monotonic() + 120
+    while len(events) < 2 + 5:  # segment 1's 2 tokens, then some of B's
+        assert time.monotonic() < deadline and th.is_alive(), events[-1:]
+        time.sleep(0.02)
+    status, ans = http_json(f"{url}/handoff/migrate?url={pair['b'].url}", {}, timeout_s=30)
+    th.join(300)
+    assert status == 200 and ans["migrated"] == 1, ans
+    _check_stream(events, ref)
+    meta = events[-1]["meta_info"]
+    assert meta["completion_tokens"] == total and meta["prompt_tokens"] == len(ids)
+    segs = meta["handoff"]["segments"]
+    assert [g["worker"] for g in segs] == [pair["a"].url, pair["b"].url, pair["a"].url], segs
+    assert segs[1]["error"].startswith("migrated off") and segs[1]["output_tokens"] >= 5
+    print("migrated after", segs[1]["output_tokens"], "tokens on B; A reused",
+          segs[2]["reused_tokens"], "of", segs[2]["input_tokens"])  # fmt: skip
+
+
+def test_second_instance_dead_request_continues_on_first(pair: dict) -> None:
+    """Runs last: stops B. With equal loads the splitter picks the first worker as A."""
+    ids = _prompt(700, 60)
+    ref = _reference(pair["a"].url, ids)
+    pair["cluster"].stop(pair["pb"])
+    deadline = time.monotonic() + 60
+    while pair["pb"].group_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for stream in (False, True):
+        status, final, events = _post(pair["router"].url, _body(ids, stream=stream), 60 + 3)
+        assert status == 200, final
+        assert final["output_ids"] == ref
+        ho = final["meta_info"]["handoff"]
+        assert ho["first"] == pair["a"].url and ho["second"] == pair["b"].url, ho
+        errs = [g for g in ho["segments"] if "error" in g]
+        assert errs and errs[0]["worker"] == pair["b"].url, ho
+        assert pair["b"].url in errs[0]["error"]
+        assert ho["segments"][-1]["worker"] == pair["a"].url
+        assert final["meta_info"]["completion_tokens"] == TOTAL
+        if stream:
+            _check_stream(events, ref)
