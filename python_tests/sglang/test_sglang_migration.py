@@ -36,7 +36,7 @@ def server(
 ) -> Iterator[SGLangServerConfig]:
     cluster = Cluster(tiny_model_dir, tmp_path_factory.mktemp("migration-logs"))
     try:
-        cfg, _ = cluster.server(extra_args=SERVER_ARGS, env=SERVER_ENV)
+        cfg, _ = cluster.server(extra_args=SERVER_ARGS, env=SERVER_ENV, features=("kv_migration",))
         yield cfg
     finally:
         cluster.close()

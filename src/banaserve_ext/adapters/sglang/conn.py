@@ -23,6 +23,10 @@ each layer ready as the model's attention writes it. When SGLang then hands the 
 (``add_transfer_request``), the pages a stream already carries are only waited for and the rest
 (e.g. a cached prefix, or everything when the model could not be hooked) is posted per chunk as
 before. The aux row still goes last.
+
+SGLang's classes and constants come from the host layer (:mod:`.host`, feature ``pd``):
+:func:`build_classes` mixes :class:`ManagerCore` into the base classes of a namespace, SGLang's
+for the server, a fake host's in the unit tests (``python_tests/unit/test_sglang_conn_fake.py``).
 """
 
 from __future__ import annotations
@@ -37,22 +41,11 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from sglang.srt.disaggregation.base.conn import KVArgs, KVPoll
-from sglang.srt.disaggregation.common.conn import (
-    ABORT_ACK_TAG,
-    ABORT_TAG,
-    AbortNotification,
-    CommonKVBootstrapServer,
-    CommonKVManager,
-    CommonKVReceiver,
-    CommonKVSender,
-)
-from sglang.srt.disaggregation.utils import DisaggregationMode
-from sglang.srt.server_args import ServerArgs
 
 from ... import _env
 from ...errors import BanaserveError, InvalidArgumentError
 from . import wire
+from .pages import uncovered_ranges
 
 logger = logging.getLogger(__name__)
 
@@ -182,21 +175,33 @@ class _RoomStats:
     write_s: float = 0.0  # time the per-chunk KV WRITEs took, submit to completion
 
 
-class BanaserveKVManager(CommonKVManager):
+class ManagerCore:
+    """The banaserve KV manager's logic. The class SGLang instantiates is this mixed into
+    SGLang's ``CommonKVManager`` (:func:`manager_class`); ``_sg`` is the namespace of SGLang
+    objects it uses (the host's ``pd`` namespace, or a fake host's in the unit tests)."""
+
+    _sg: Any = None
     kv_status_msg_tag = wire.TAG_STATUS
     kv_status_msg_carries_reason = True
     reports_transfer_latency = True
     sender_trace_module = None
 
+    @property
+    def _poll(self) -> Any:
+        return self._sg.KVPoll
+
     def __init__(
         self,
-        args: KVArgs,
-        disaggregation_mode: DisaggregationMode,
-        server_args: ServerArgs,
+        args: Any,
+        disaggregation_mode: Any,
+        server_args: Any,
         is_mla_backend: bool | None = False,
     ) -> None:
-        super().__init__(args, disaggregation_mode, server_args, is_mla_backend)
+        base_init = super().__init__  # SGLang's CommonKVManager (or a fake host's)
+        base_init(args, disaggregation_mode, server_args, is_mla_backend)  # type: ignore[call-arg]
         from ...transfer import TransferEngine
+
+        sg = self._sg
 
         self._stopped = False
         self._threads: list[threading.Thread] = []
@@ -216,7 +221,7 @@ class BanaserveKVManager(CommonKVManager):
         ]
         self._local_kv = self._prepare(self._buffers)
         self._local_aux = [self._prepare(a) for a in self._aux_buffers]
-        if disaggregation_mode == DisaggregationMode.PREFILL:
+        if disaggregation_mode == sg.DisaggregationMode.PREFILL:
             self._peers: dict[str, _Peer] = {}
             self._peers_lock = threading.Lock()
             self._queue: queue.Queue = queue.Queue()
@@ -241,7 +246,7 @@ class BanaserveKVManager(CommonKVManager):
                 self.engine.engine_id, self.local_ip, len(self._buffers.bases),
                 self._buffers.num_items, self._buffers.item_nbytes,
             )  # fmt: skip
-        elif disaggregation_mode == DisaggregationMode.DECODE:
+        elif disaggregation_mode == sg.DisaggregationMode.DECODE:
             self._spawn("banaserve-decode-control", self._decode_control_loop)
             self._threads.append(self._start_heartbeat_checker_thread())
 
@@ -324,7 +329,7 @@ class BanaserveKVManager(CommonKVManager):
             if frames is None:
                 continue
             try:
-                if frames and frames[0] == ABORT_TAG:
+                if frames and frames[0] == self._sg.ABORT_TAG:
                     self._on_abort(frames)
                     continue
                 msg = wire.decode(frames)
@@ -373,21 +378,21 @@ class BanaserveKVManager(CommonKVManager):
             self.req_to_decode_prefix_len[msg.room] = next(
                 (i.decode_prefix_len for i in infos.values() if i.decode_prefix_len), 0
             )
-            self.update_status(msg.room, KVPoll.WaitingForInput)
+            self.update_status(msg.room, self._poll.WaitingForInput)
 
     def _on_abort(self, frames: list[bytes]) -> None:
-        note = AbortNotification.from_zmq(frames)
+        note = self._sg.AbortNotification.from_zmq(frames)
         if note is None:
             return
         status = self.request_status.get(note.room)
-        if status is not None and status != KVPoll.Success:
+        if status is not None and status != self._poll.Success:
             self.record_failure(note.room, "Aborted by the decode side")
-            self.update_status(note.room, KVPoll.Failed)
+            self.update_status(note.room, self._poll.Failed)
         if note.decode_ip is not None and note.decode_port is not None:
             try:
                 self._send_multipart_locked(
                     f"tcp://{note.decode_ip}:{note.decode_port}",
-                    [ABORT_ACK_TAG, str(note.room).encode("ascii")],
+                    [self._sg.ABORT_ACK_TAG, str(note.room).encode("ascii")],
                 )
             except Exception as exc:
                 logger.warning("banaserve: ABORT_ACK for room %s failed: %s", note.room, exc)
@@ -426,7 +431,7 @@ class BanaserveKVManager(CommonKVManager):
         infos = self.transfer_infos.get(room)
         if (
             not infos
-            or self.request_status.get(room) == KVPoll.Failed
+            or self.request_status.get(room) == self._poll.Failed
             or any(len(infos) != i.required_dst_info_num for i in infos.values())
         ):
             self.count_fallback("destination unknown at forward time")
@@ -465,7 +470,7 @@ class BanaserveKVManager(CommonKVManager):
                           layer_nbytes * self._layer_bpl, num_layers)  # fmt: skip
         with self._layer_lock:
             stale_rooms = [r for r in self._layer_sends if r != room and (
-                r not in self.request_status or self.request_status[r] == KVPoll.Failed
+                r not in self.request_status or self.request_status[r] == self._poll.Failed
             )]  # fmt: skip
             for stale in stale_rooms:
                 for old in self._layer_sends.pop(stale):
@@ -488,8 +493,6 @@ class BanaserveKVManager(CommonKVManager):
     def _covered(self, chunk: _Chunk) -> tuple[list[_LayerSend], list[tuple[int, int]]]:
         """Layer sends that carry pages of ``chunk`` (same source pages at the same positions)
         and the position ranges of the chunk that none carries."""
-        from .layerwise import uncovered_ranges
-
         a = chunk.index_slice.start or 0
         b = a + len(chunk.kv_indices)
         with self._layer_lock:
@@ -528,7 +531,7 @@ class BanaserveKVManager(CommonKVManager):
     ) -> None:
         if (
             bootstrap_room not in self.request_status
-            or self.check_status(bootstrap_room) == KVPoll.Failed
+            or self.check_status(bootstrap_room) == self._poll.Failed
             or bootstrap_room not in self.transfer_infos
         ):
             return
@@ -593,7 +596,7 @@ class BanaserveKVManager(CommonKVManager):
         if chunk.wait_event is not None and hasattr(chunk.wait_event, "synchronize"):
             chunk.wait_event.synchronize()
         infos = self.transfer_infos.get(chunk.room)
-        if not infos or self.request_status.get(chunk.room) == KVPoll.Failed:
+        if not infos or self.request_status.get(chunk.room) == self._poll.Failed:
             return
         self._maybe_hold(chunk)
         a = chunk.index_slice.start or 0
@@ -653,7 +656,7 @@ class BanaserveKVManager(CommonKVManager):
         if chunk.is_last:
             self._room_stats.pop(chunk.room, None)
             self._account(chunk.room, stats)
-            self.conclude_transfer(bootstrap_room=chunk.room, status=KVPoll.Success)
+            self.conclude_transfer(bootstrap_room=chunk.room, status=self._poll.Success)
 
     def _wait_all(self, handles: list[Any]) -> None:
         for h in handles:
@@ -706,7 +709,7 @@ class BanaserveKVManager(CommonKVManager):
     # -- teardown ------------------------------------------------------------------------------
     def teardown(self) -> None:
         self._stopped = True
-        if self.disaggregation_mode == DisaggregationMode.PREFILL:
+        if self.disaggregation_mode == self._sg.DisaggregationMode.PREFILL:
             self._queue.put(_STOP)
             self._watch_queue.put(_STOP)
         self.engine.stop()
@@ -727,14 +730,49 @@ def _unique_regions(ptrs: list[int], lens: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-class BanaserveKVSender(CommonKVSender):
-    # The host-index fast path of prefill.py pins host memory (CUDA only); use plain indices.
-    supports_host_tensor_indices = False
+def build_classes(sg: Any) -> dict[str, type]:
+    """The four classes SGLang's ``get_kv_class`` hands out for ``banaserve``, built on the
+    base classes of ``sg`` (the host's ``pd`` namespace, or a fake one in tests)."""
+
+    def make(name: str, core: type | None, base: type, **attrs: Any) -> type:
+        bases = (core, base) if core is not None else (base,)
+        cls = type(name, bases, {"__module__": __name__, "_sg": sg, **attrs})
+        cls.__qualname__ = name
+        return cls
+
+    return {
+        "manager": make("BanaserveKVManager", ManagerCore, sg.CommonKVManager),
+        # The host-index fast path of prefill.py pins host memory (CUDA only): plain indices.
+        "sender": make("BanaserveKVSender", None, sg.CommonKVSender,
+                       supports_host_tensor_indices=False),  # fmt: skip
+        "receiver": make("BanaserveKVReceiver", None, sg.CommonKVReceiver),
+        "bootstrap_server": make("BanaserveKVBootstrapServer", None,
+                                 sg.CommonKVBootstrapServer),  # fmt: skip
+    }
 
 
-class BanaserveKVReceiver(CommonKVReceiver):
-    pass
+_CLASSES: list[dict[str, type]] = []  # built once per process, on SGLang's first request
 
 
-class BanaserveKVBootstrapServer(CommonKVBootstrapServer):
-    pass
+def _classes() -> dict[str, type]:
+    if not _CLASSES:
+        from .host import ns
+
+        _CLASSES.append(build_classes(ns("pd")))
+    return _CLASSES[0]
+
+
+def manager_class() -> type:
+    return _classes()["manager"]
+
+
+def sender_class() -> type:
+    return _classes()["sender"]
+
+
+def receiver_class() -> type:
+    return _classes()["receiver"]
+
+
+def bootstrap_server_class() -> type:
+    return _classes()["bootstrap_server"]

@@ -1,7 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """``python -m banaserve_ext.adapters.sglang.serve_cpu ARGS``: an SGLang server on CPU.
 
-Takes the same arguments as ``python -m sglang.launch_server``. The compat layer
+Takes the same arguments as ``python -m sglang.launch_server``, plus ``--banaserve-features
+LIST`` (comma list: ``admin``, ``kv_migration``, ``layer_migration``), the opt-in of features
+SGLang has no argument for (see ``adapters/sglang/host/selection.py``). The compat layer
 (:mod:`.cpu_compat`) is installed at import of this module, on purpose at top level: SGLang
 starts its scheduler and detokenizer with the ``spawn`` start method, which re-imports the main
 module in each child (as ``__mp_main__``) before unpickling anything, so the children get it
@@ -19,7 +21,29 @@ from banaserve_ext.adapters.sglang import cpu_compat
 cpu_compat.install()
 
 
+FEATURES_FLAG = "--banaserve-features"
+
+
+def take_features(argv: list[str]) -> tuple[list[str], str | None]:
+    """Removes ``--banaserve-features LIST`` (or ``=LIST``) from ``argv``; returns the rest and
+    the list (None when absent)."""
+    rest: list[str] = []
+    value: str | None = None
+    it = iter(argv)
+    for tok in it:
+        if tok == FEATURES_FLAG:
+            value = next(it, "")
+        elif tok.startswith(FEATURES_FLAG + "="):
+            value = tok.split("=", 1)[1]
+        else:
+            rest.append(tok)
+    return rest, value
+
+
 def main(argv: list[str]) -> None:
+    argv, features = take_features(argv)
+    if features is not None:  # the opt-in, for this process and (inherited) SGLang's children
+        cpu_compat.set_features(features)
     from sglang.launch_server import run_server
     from sglang.srt.plugins import load_plugins
     from sglang.srt.server_args import prepare_server_args
