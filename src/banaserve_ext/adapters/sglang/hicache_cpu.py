@@ -38,8 +38,8 @@ def activate(host: Any) -> None:
     import torch
 
     table = host.table["hicache_cpu"]
-    common = importlib.import_module(table["pool_host.common._cuda_host_register"].path.rpartition(
-        ".")[0])  # fmt: skip
+    register_fn = table["pool_host.common._cuda_host_register"].path
+    common = importlib.import_module(register_fn.rpartition(".")[0])
     common._cuda_host_register = _no_host_register
     for name in ("pool_host.mha.transfer_kv_direct", "memory_pool_host.transfer_kv_direct"):
         try:

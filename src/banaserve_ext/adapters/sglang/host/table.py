@@ -10,7 +10,7 @@ process for the features that server selected; ``banaserve sglang probe`` prints
 
 from __future__ import annotations
 
-from .probe import CONTACT, MEMBER, MODULE, OBJECT, SOURCE, Internal
+from .probe import MEMBER, MODULE, OBJECT, SOURCE, Internal
 
 _S = "sglang.srt."
 SCHED = _S + "managers.scheduler.Scheduler"
@@ -38,10 +38,6 @@ def O(path: str, *params: str, hook: bool = False, optional: bool = False,  # no
 
 def M(cls: str, attr: str, use: str = "read") -> Internal:
     return Internal(cls, MEMBER, attr=attr, use=use)
-
-
-def C(cls: str, attr: str, use: str = "read") -> Internal:
-    return Internal(cls, CONTACT, attr=attr, use=use)
 
 
 #: feature -> {short name: internal}. Short names are what feature code asks :func:`ns` for.
@@ -245,6 +241,7 @@ INTERNALS: dict[str, dict[str, Internal]] = {
     # -- layer-level weight migration (layer_migration.py) ---------------------------------------
     "layer_migration": {
         "LlamaModel": O(LLAMA + "LlamaModel"),
+        "LlamaForCausalLM.model": M(LLAMA + "LlamaForCausalLM", "model"),
         "LlamaModel.forward": O(LLAMA + "LlamaModel.forward", "input_ids", "positions",
                                 "forward_batch", "input_embeds", hook=True),  # fmt: skip
         "Scheduler.run_batch": O(SCHED + ".run_batch", "batch", hook=True),
@@ -311,6 +308,14 @@ INTERNALS: dict[str, dict[str, Internal]] = {
                                  "is_mla_model"),  # fmt: skip
         "config.tp_rank": M(_S + "mem_cache.hicache_storage.HiCacheStorageConfig", "tp_rank"),
         "config.tp_size": M(_S + "mem_cache.hicache_storage.HiCacheStorageConfig", "tp_size"),
+        "config.pp_rank": M(_S + "mem_cache.hicache_storage.HiCacheStorageConfig", "pp_rank"),
+        "config.pp_size": M(_S + "mem_cache.hicache_storage.HiCacheStorageConfig", "pp_size"),
+        "config.attn_cp_rank": M(_S + "mem_cache.hicache_storage.HiCacheStorageConfig",
+                                 "attn_cp_rank"),  # fmt: skip
+        "config.attn_cp_size": M(_S + "mem_cache.hicache_storage.HiCacheStorageConfig",
+                                 "attn_cp_size"),  # fmt: skip
+        "config.is_storage_writer": M(_S + "mem_cache.hicache_storage.HiCacheStorageConfig",
+                                      "is_storage_writer"),  # fmt: skip
         "host.layout": M(HOST_POOL, "layout"),
         "host.kv_buffer": M(HOST_POOL, "kv_buffer"),
         "host.layer_num": M(HOST_POOL, "layer_num"),
