@@ -57,7 +57,7 @@ def test_a_plain_server_is_not_hooked_and_opens_nothing_of_ours(servers) -> None
     rows = summaries(proc)
     # the launcher, the scheduler and the detokenizer each loaded the plug-in ...
     assert len({pid for pid, *_ in rows}) >= 3, rows
-    for _, source, features, refused, hooks in rows:
+    for _, _, features, refused, hooks in rows:
         # ... and found only the CPU launcher (this test bed starts servers through it), which
         # hooks nothing; no PD backend, no admin channel, no migration
         assert features == "['cpu_launcher']" and hooks == "none" and refused == "none", rows

@@ -120,9 +120,7 @@ def test_chunks_land_at_their_slice_and_skip_the_decode_prefix(pair) -> None:
     assert prefill.mgr.wait_concluded(3) == KVPoll.Success, prefill.mgr.failures
     for b in range(2 * LAYERS):
         assert decode.page(b, 10) == before[b]  # the prefix page is not overwritten
-        assert [decode.page(b, p) for p in (11, 12, 13)] == [
-            prefill.page(b, p) for p in (5, 6, 7)
-        ]
+        assert [decode.page(b, p) for p in (11, 12, 13)] == [prefill.page(b, p) for p in (5, 6, 7)]
 
 
 def test_a_chunk_past_the_decode_allocation_fails_with_the_reason(pair) -> None:

@@ -44,8 +44,9 @@ def test_another_transfer_backend_selects_nothing() -> None:
 
 
 def test_our_transfer_backend_selects_pd_and_on_prefill_layerwise() -> None:
-    assert select_argv("--disaggregation-mode", "prefill",
-                       "--disaggregation-transfer-backend=banaserve") == ["pd", "layerwise"]
+    assert select_argv(
+        "--disaggregation-mode", "prefill", "--disaggregation-transfer-backend=banaserve"
+    ) == ["pd", "layerwise"]
     assert select_argv("--disaggregation-mode", "prefill", "--disaggregation-transfer-backend",
                        "banaserve", layerwise=False) == ["pd"]  # fmt: skip
     assert select_argv("--disaggregation-transfer-backend", "banaserve",
@@ -81,7 +82,7 @@ def test_arguments_from_a_server_args_object_or_engine_kwargs() -> None:
 
 
 # -- a fake SGLang -------------------------------------------------------------------------------
-FAKE_V1 = '''
+FAKE_V1 = """
 class Scheduler:
     def __init__(self):
         self.tp_worker = object()
@@ -93,7 +94,7 @@ class Scheduler:
 
 def get_kv_class(transfer_backend, class_type):
     return None
-'''
+"""
 
 
 @pytest.fixture
@@ -111,8 +112,9 @@ def fake_sglang(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
 TABLE = {
     "plugin": {},
     "demo": {
-        "Scheduler.run_batch": Internal("fakesg.sched.Scheduler.run_batch", params=("batch",),
-                                        hook=True),  # fmt: skip
+        "Scheduler.run_batch": Internal(
+            "fakesg.sched.Scheduler.run_batch", params=("batch",), hook=True
+        ),  # fmt: skip
         "sched.tp_worker": Internal("fakesg.sched.Scheduler", MEMBER, attr="tp_worker"),
         "sched.waiting_queue": Internal("fakesg.sched.Scheduler", MEMBER, attr="waiting_queue"),
     },
@@ -135,11 +137,15 @@ def make_host(fatal: bool = False) -> tuple[Host, list]:
     registered: list = []
     features = {
         "demo": Feature("demo", "a demo feature", f"{__name__}:activate_demo", fatal=fatal),
-        "needs_demo": Feature("needs_demo", "needs demo", f"{__name__}:activate_needs_demo",
-                              requires=("demo",)),  # fmt: skip
+        "needs_demo": Feature(
+            "needs_demo", "needs demo", f"{__name__}:activate_needs_demo", requires=("demo",)
+        ),  # fmt: skip
     }
-    host = Host(features=features, table=TABLE,
-                hook_register=lambda path, fn, kind: registered.append((path, kind)))
+    host = Host(
+        features=features,
+        table=TABLE,
+        hook_register=lambda path, fn, kind: registered.append((path, kind)),
+    )
     return host, registered
 
 

@@ -83,7 +83,7 @@ class _LayerSend:
 
     warned_all_late = False
 
-    def __init__(self, mgr: BanaserveKVManager, room: int, first_pos: int,
+    def __init__(self, mgr: ManagerCore, room: int, first_pos: int,
                  pages: npt.NDArray[np.int64], streams: list[Any], layer_nbytes: int,
                  num_layers: int) -> None:  # fmt: skip
         self.mgr = mgr
@@ -401,8 +401,10 @@ class ManagerCore:
     def enable_layerwise(self, order: list[int], buffers_per_layer: int) -> None:
         """Called by :mod:`.layerwise` once the model is hooked: ``order`` lists the KV buffers
         (indices into ``kv_args.kv_data_ptrs``) layer by layer, ``buffers_per_layer`` each."""
-        if sorted(order) != list(range(len(self._buffers.bases))) or buffers_per_layer <= 0 or (
-            len(order) % buffers_per_layer
+        if (
+            sorted(order) != list(range(len(self._buffers.bases)))
+            or buffers_per_layer <= 0
+            or (len(order) % buffers_per_layer)
         ):
             raise InvalidArgumentError(
                 f"layer order {order} does not cover {len(self._buffers.bases)} KV buffers "
@@ -558,8 +560,10 @@ class ManagerCore:
             if self._pending.get(chunk.room, 0):
                 return False
         sends, todo = self._covered(chunk)
-        return not todo and bool(sends) and all(
-            s.state.terminal for send in sends for s in send.streams
+        return (
+            not todo
+            and bool(sends)
+            and all(s.state.terminal for send in sends for s in send.streams)
         )
 
     def _transfer_loop(self) -> None:
@@ -622,11 +626,9 @@ class ManagerCore:
                     self._prefix_pages(info),
                 )  # fmt: skip
                 if len(src):
-                    handles.append(
-                        self.engine.submit(Op.WRITE, self._local_kv, src, peer.kv, dst)
-                    )
-                    stats.chunk_bytes += len(src) * self._buffers.item_nbytes * len(
-                        self._buffers.bases
+                    handles.append(self.engine.submit(Op.WRITE, self._local_kv, src, peer.kv, dst))
+                    stats.chunk_bytes += (
+                        len(src) * self._buffers.item_nbytes * len(self._buffers.bases)
                     )
             if chunk.is_last and chunk.aux_index is not None and info.aux_index >= 0:
                 aux_posts.append((peer, info.aux_index))
@@ -743,11 +745,13 @@ def build_classes(sg: Any) -> dict[str, type]:
     return {
         "manager": make("BanaserveKVManager", ManagerCore, sg.CommonKVManager),
         # The host-index fast path of prefill.py pins host memory (CUDA only): plain indices.
-        "sender": make("BanaserveKVSender", None, sg.CommonKVSender,
-                       supports_host_tensor_indices=False),  # fmt: skip
+        "sender": make(
+            "BanaserveKVSender", None, sg.CommonKVSender, supports_host_tensor_indices=False
+        ),  # fmt: skip
         "receiver": make("BanaserveKVReceiver", None, sg.CommonKVReceiver),
-        "bootstrap_server": make("BanaserveKVBootstrapServer", None,
-                                 sg.CommonKVBootstrapServer),  # fmt: skip
+        "bootstrap_server": make(
+            "BanaserveKVBootstrapServer", None, sg.CommonKVBootstrapServer
+        ),  # fmt: skip
     }
 
 

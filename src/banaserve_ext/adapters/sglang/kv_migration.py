@@ -325,7 +325,6 @@ class KvMigration:
             logger.warning("banaserve: freeing slice %d at %s failed: %s", split.slice_id,
                            split.peer.address, exc)  # fmt: skip
 
-
     # ---- hooks ---------------------------------------------------------------------------------
     def _split_rows(self, forward_batch: Any) -> list[tuple[int, Split]]:
         idxs = forward_batch.req_pool_indices.tolist()
@@ -439,7 +438,7 @@ class KvMigration:
     def before_process_batch_result(self, scheduler: Any, batch: Any, *a: Any, **kw: Any) -> None:
         if not self.splits or batch is None:
             return None
-        
+
         for req in batch.reqs:
             split = self.splits.get(req.kv.req_pool_idx)
             if split is not None and split.failed and not req.finished():

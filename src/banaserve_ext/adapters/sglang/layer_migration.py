@@ -275,7 +275,6 @@ class LayerMigration:
         self.split, self.model = split, inner
         return {"moved": rep, "freed": freed, "kv_slots": int(used.size), "verify": req.verify}
 
-
     def migrate_back(self, scheduler: Any, body: dict) -> dict:
         import torch
 
@@ -328,7 +327,6 @@ class LayerMigration:
         return {"moved": rep, "restored_weight_bytes": restored_weight_bytes,
                 "kv_slots": int(used.size), "split_steps": split.steps}  # fmt: skip
 
-
     def layers_status(self, scheduler: Any, body: dict) -> dict:
         _inner_model(self.sg, scheduler)
         split = self.split
@@ -348,7 +346,6 @@ class LayerMigration:
             return original(model, input_ids, positions, forward_batch, *args, **kwargs)
         embeds = args[0] if args else kwargs.get("input_embeds")
         return _split_forward(self.sg, split, model, input_ids, positions, forward_batch, embeds)
-
 
     def around_run_batch(self, original: Any, scheduler: Any, batch: Any, *args: Any,
                          **kwargs: Any) -> Any:  # fmt: skip

@@ -64,23 +64,51 @@ _A = "banaserve_ext.adapters.sglang."
 FEATURES: dict[str, Feature] = {
     f.name: f
     for f in (
-        Feature("cpu_launcher", "SGLang fixes for processes started by the CPU launcher",
-                _A + "cpu_compat:activate", hooks=False),  # fmt: skip
-        Feature("pd", "the banaserve PD transfer backend", _A + "plugin:activate_pd",
-                fatal=True),  # fmt: skip
-        Feature("layerwise", "layer-wise KV overlap in the prefill forward",
-                _A + "layerwise:activate", requires=("pd",)),  # fmt: skip
-        Feature("hicache", "HiCache L3 storage backend over the KV pool", None, fatal=True,
-                hooks=False),  # fmt: skip
-        Feature("hicache_cpu", "HiCache host tier on a CPU-only host", _A + "hicache_cpu:activate",
-                fatal=True, hooks=False),  # fmt: skip
-        Feature("admin", "POST /banaserve/migrate and the scheduler channel",
-                _A + "admin:activate", kinds=("status",)),  # fmt: skip
-        Feature("kv_migration", "attention-level KV migration", _A + "kv_migration:activate",
-                requires=("admin",), kinds=("kv", "kv_back", "kv_splits")),  # fmt: skip
-        Feature("layer_migration", "layer-level weight migration",
-                _A + "layer_migration:activate", requires=("admin",),
-                kinds=("layers", "layers_back", "layers_status")),  # fmt: skip
+        Feature(
+            "cpu_launcher",
+            "SGLang fixes for processes started by the CPU launcher",
+            _A + "cpu_compat:activate",
+            hooks=False,
+        ),  # fmt: skip
+        Feature(
+            "pd", "the banaserve PD transfer backend", _A + "plugin:activate_pd", fatal=True
+        ),  # fmt: skip
+        Feature(
+            "layerwise",
+            "layer-wise KV overlap in the prefill forward",
+            _A + "layerwise:activate",
+            requires=("pd",),
+        ),  # fmt: skip
+        Feature(
+            "hicache", "HiCache L3 storage backend over the KV pool", None, fatal=True, hooks=False
+        ),  # fmt: skip
+        Feature(
+            "hicache_cpu",
+            "HiCache host tier on a CPU-only host",
+            _A + "hicache_cpu:activate",
+            fatal=True,
+            hooks=False,
+        ),  # fmt: skip
+        Feature(
+            "admin",
+            "POST /banaserve/migrate and the scheduler channel",
+            _A + "admin:activate",
+            kinds=("status",),
+        ),  # fmt: skip
+        Feature(
+            "kv_migration",
+            "attention-level KV migration",
+            _A + "kv_migration:activate",
+            requires=("admin",),
+            kinds=("kv", "kv_back", "kv_splits"),
+        ),  # fmt: skip
+        Feature(
+            "layer_migration",
+            "layer-level weight migration",
+            _A + "layer_migration:activate",
+            requires=("admin",),
+            kinds=("layers", "layers_back", "layers_status"),
+        ),  # fmt: skip
     )
 }
 

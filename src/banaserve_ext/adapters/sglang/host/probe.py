@@ -87,8 +87,10 @@ def resolve(path: str) -> Any:
             continue
         for attr in parts[i:]:
             try:
-                obj = inspect.getattr_static(obj, attr) if isinstance(obj, type) else getattr(
-                    obj, attr
+                obj = (
+                    inspect.getattr_static(obj, attr)
+                    if isinstance(obj, type)
+                    else getattr(obj, attr)
                 )
             except AttributeError:
                 raise AttributeError(f"{'.'.join(parts[:i])}: no attribute {attr!r}") from None
@@ -98,7 +100,7 @@ def resolve(path: str) -> Any:
     raise ModuleNotFoundError(f"no module named {parts[0]!r}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _class_source(cls: type) -> str:
     try:
         return inspect.getsource(cls)

@@ -45,8 +45,9 @@ INTERNALS: dict[str, dict[str, Internal]] = {
     # -- the plug-in machinery itself (needed by every feature that hooks) ----------------------
     "plugin": {
         "HookRegistry": O(_S + "plugins.hook_registry.HookRegistry", use="register hooks"),
-        "HookRegistry.register": O(_S + "plugins.hook_registry.HookRegistry.register",
-                                   "target", "hook", "hook_type"),  # fmt: skip
+        "HookRegistry.register": O(
+            _S + "plugins.hook_registry.HookRegistry.register", "target", "hook", "hook_type"
+        ),  # fmt: skip
         "HookType": O(_S + "plugins.hook_registry.HookType"),
         "HookType.AROUND": O(_S + "plugins.hook_registry.HookType.AROUND"),
         "HookType.BEFORE": O(_S + "plugins.hook_registry.HookType.BEFORE"),
@@ -55,18 +56,22 @@ INTERNALS: dict[str, dict[str, Internal]] = {
     # -- --disaggregation-transfer-backend banaserve (conn.py, plugin.py) ------------------------
     "pd": {
         "choices": O(_S + "arg_groups.choices.DISAGG_TRANSFER_BACKEND_CHOICES", use="read"),
-        "add_choices": O(_S + "arg_groups.choices.add_disagg_transfer_backend_choices",
-                         use="add 'banaserve' to the CLI choices"),  # fmt: skip
-        "TransferBackend": O(_S + "disaggregation.utils.TransferBackend",
-                             use="add the BANASERVE member"),  # fmt: skip
+        "add_choices": O(
+            _S + "arg_groups.choices.add_disagg_transfer_backend_choices",
+            use="add 'banaserve' to the CLI choices",
+        ),  # fmt: skip
+        "TransferBackend": O(
+            _S + "disaggregation.utils.TransferBackend", use="add the BANASERVE member"
+        ),  # fmt: skip
         "KVClassType": O(_S + "disaggregation.utils.KVClassType"),
         "KVClassType.MANAGER": O(_S + "disaggregation.utils.KVClassType.MANAGER"),
         "KVClassType.SENDER": O(_S + "disaggregation.utils.KVClassType.SENDER"),
         "KVClassType.RECEIVER": O(_S + "disaggregation.utils.KVClassType.RECEIVER"),
         "KVClassType.BOOTSTRAP_SERVER": O(_S + "disaggregation.utils.KVClassType.BOOTSTRAP_SERVER"),
         "KVClassType.KVARGS": O(_S + "disaggregation.utils.KVClassType.KVARGS"),
-        "get_kv_class": O(_S + "disaggregation.utils.get_kv_class", "transfer_backend",
-                          "class_type", hook=True),  # fmt: skip
+        "get_kv_class": O(
+            _S + "disaggregation.utils.get_kv_class", "transfer_backend", "class_type", hook=True
+        ),  # fmt: skip
         "DisaggregationMode": O(_S + "disaggregation.utils.DisaggregationMode"),
         "DisaggregationMode.PREFILL": O(_S + "disaggregation.utils.DisaggregationMode.PREFILL"),
         "DisaggregationMode.DECODE": O(_S + "disaggregation.utils.DisaggregationMode.DECODE"),
@@ -79,45 +84,70 @@ INTERNALS: dict[str, dict[str, Internal]] = {
         "ABORT_ACK_TAG": O(COMMON + "ABORT_ACK_TAG"),
         "AbortNotification": O(COMMON + "AbortNotification"),
         "AbortNotification.from_zmq": O(COMMON + "AbortNotification.from_zmq"),
-        "CommonKVManager": O(MGR, "args", "disaggregation_mode", "server_args", "is_mla_backend",
-                             use="subclassed"),  # fmt: skip
+        "CommonKVManager": O(
+            MGR, "args", "disaggregation_mode", "server_args", "is_mla_backend", use="subclassed"
+        ),  # fmt: skip
         "CommonKVSender": O(COMMON + "CommonKVSender", use="subclassed"),
         "CommonKVReceiver": O(COMMON + "CommonKVReceiver", use="subclassed"),
         "CommonKVBootstrapServer": O(COMMON + "CommonKVBootstrapServer", use="subclassed"),
         "prefill.supports_host_tensor_indices": Internal(
-            _S + "disaggregation.prefill", SOURCE, attr="supports_host_tensor_indices",
-            use="set False on our sender"),  # fmt: skip
+            _S + "disaggregation.prefill",
+            SOURCE,
+            attr="supports_host_tensor_indices",
+            use="set False on our sender",
+        ),  # fmt: skip
         "kv_status_msg_tag": O(MGR + ".kv_status_msg_tag", use="overridden"),
-        "kv_status_msg_carries_reason": O(MGR + ".kv_status_msg_carries_reason",
-                                          use="overridden"),  # fmt: skip
+        "kv_status_msg_carries_reason": O(
+            MGR + ".kv_status_msg_carries_reason", use="overridden"
+        ),  # fmt: skip
         "reports_transfer_latency": O(MGR + ".reports_transfer_latency", use="overridden"),
         "sender_trace_module": O(MGR + ".sender_trace_module", use="overridden"),
-        "build_receiver_registration_message": O(MGR + ".build_receiver_registration_message",
-                                                 use="overridden"),  # fmt: skip
+        "build_receiver_registration_message": O(
+            MGR + ".build_receiver_registration_message", use="overridden"
+        ),  # fmt: skip
         "build_receiver_metadata_message": O(
-            MGR + ".build_receiver_metadata_message", "bootstrap_room", "required_dst_info_num",
-            "kv_indices", "aux_index", "state_indices", "decode_prefix_len", "is_dummy",
-            use="overridden"),  # fmt: skip
-        "add_transfer_request": Internal(COMMON + "CommonKVSender", SOURCE,
-                                         attr="add_transfer_request",
-                                         use="ours; SGLang's sender calls it"),  # fmt: skip
+            MGR + ".build_receiver_metadata_message",
+            "bootstrap_room",
+            "required_dst_info_num",
+            "kv_indices",
+            "aux_index",
+            "state_indices",
+            "decode_prefix_len",
+            "is_dummy",
+            use="overridden",
+        ),  # fmt: skip
+        "add_transfer_request": Internal(
+            COMMON + "CommonKVSender",
+            SOURCE,
+            attr="add_transfer_request",
+            use="ours; SGLang's sender calls it",
+        ),  # fmt: skip
         "teardown": O(MGR + ".teardown", use="overridden"),
         "_make_worker_recv": O(MGR + "._make_worker_recv", use="called"),
         "handle_abort_ack_message": O(MGR + ".handle_abort_ack_message", use="called"),
         "parse_kv_status_message": O(MGR + ".parse_kv_status_message", use="called"),
-        "apply_prefill_status": O(MGR + ".apply_prefill_status", "bootstrap_room", "status",
-                                  "prefill_rank", "failure_reason", use="called"),  # fmt: skip
+        "apply_prefill_status": O(
+            MGR + ".apply_prefill_status",
+            "bootstrap_room",
+            "status",
+            "prefill_rank",
+            "failure_reason",
+            use="called",
+        ),  # fmt: skip
         "update_status": O(MGR + ".update_status", use="called"),
         "check_status": O(MGR + ".check_status", use="called"),
         "record_failure": O(MGR + ".record_failure", use="called"),
-        "conclude_transfer": O(MGR + ".conclude_transfer", "bootstrap_room", "status",
-                               use="called"),  # fmt: skip
-        "conclude_failure": O(MGR + ".conclude_failure", "bootstrap_room", "failure_reason",
-                              use="called"),  # fmt: skip
+        "conclude_transfer": O(
+            MGR + ".conclude_transfer", "bootstrap_room", "status", use="called"
+        ),  # fmt: skip
+        "conclude_failure": O(
+            MGR + ".conclude_failure", "bootstrap_room", "failure_reason", use="called"
+        ),  # fmt: skip
         "check_peer_aux_buffer_count": O(MGR + ".check_peer_aux_buffer_count", use="called"),
         "_send_multipart_locked": O(MGR + "._send_multipart_locked", use="called"),
-        "_start_heartbeat_checker_thread": O(MGR + "._start_heartbeat_checker_thread",
-                                             use="called"),  # fmt: skip
+        "_start_heartbeat_checker_thread": O(
+            MGR + "._start_heartbeat_checker_thread", use="called"
+        ),  # fmt: skip
         "mgr.local_ip": M(MGR, "local_ip"),
         "mgr.rank_port": M(MGR, "rank_port"),
         "mgr.server_socket": M(MGR, "server_socket"),
@@ -139,8 +169,9 @@ INTERNALS: dict[str, dict[str, Internal]] = {
     # -- layer-wise KV overlap inside the prefill forward (layerwise.py) -------------------------
     "layerwise": {
         "Scheduler.run_batch": O(SCHED + ".run_batch", "batch", hook=True),
-        "RadixAttention": O(_S + "layers.radix_attention.RadixAttention",
-                            use="forward hooks on its modules"),  # fmt: skip
+        "RadixAttention": O(
+            _S + "layers.radix_attention.RadixAttention", use="forward hooks on its modules"
+        ),  # fmt: skip
         "RadixAttention.layer_id": M(_S + "layers.radix_attention.RadixAttention", "layer_id"),
         "sched.tp_worker": M(SCHED, "tp_worker"),
         "sched.token_to_kv_pool_allocator": M(SCHED, "token_to_kv_pool_allocator"),
@@ -154,7 +185,8 @@ INTERNALS: dict[str, dict[str, Internal]] = {
         "pool.start_layer": M(POOL, "start_layer"),
         "alloc.page_size": M(ALLOC, "page_size"),
         "alloc.translate_kv_indices_for_transfer": Internal(
-            ALLOC + ".translate_kv_indices_for_transfer", OBJECT, optional=True, use="called"),
+            ALLOC + ".translate_kv_indices_for_transfer", OBJECT, optional=True, use="called"
+        ),
         "req_pool.req_to_token": M(REQ_POOL, "req_to_token"),
         "batch.reqs": M(BATCH, "reqs"),
         "batch.forward_mode": M(BATCH, "forward_mode"),
@@ -198,20 +230,31 @@ INTERNALS: dict[str, dict[str, Internal]] = {
     "kv_migration": {
         "TorchNativeAttnBackend.forward_decode": O(
             _S + "layers.attention.torch_native_backend.TorchNativeAttnBackend.forward_decode",
-            "q", "k", "v", "layer", "forward_batch", hook=True),  # fmt: skip
+            "q",
+            "k",
+            "v",
+            "layer",
+            "forward_batch",
+            hook=True,
+        ),  # fmt: skip
         "BasePrefixCache.free_kv_row": O(
-            _S + "mem_cache.base_prefix_cache.BasePrefixCache.free_kv_row", hook=True),
-        "release_kv_cache": O(_S + "mem_cache.common.release_kv_cache", "req", "tree_cache",
-                              "checkpoint", hook=True),  # fmt: skip
-        "Scheduler.process_batch_result": O(SCHED + ".process_batch_result", "batch",
-                                            hook=True),  # fmt: skip
-        "FINISH_ABORT": O(_S + "managers.schedule_batch.FINISH_ABORT", "message", "status_code",
-                          "err_type"),  # fmt: skip
+            _S + "mem_cache.base_prefix_cache.BasePrefixCache.free_kv_row", hook=True
+        ),
+        "release_kv_cache": O(
+            _S + "mem_cache.common.release_kv_cache", "req", "tree_cache", "checkpoint", hook=True
+        ),  # fmt: skip
+        "Scheduler.process_batch_result": O(
+            SCHED + ".process_batch_result", "batch", hook=True
+        ),  # fmt: skip
+        "FINISH_ABORT": O(
+            _S + "managers.schedule_batch.FINISH_ABORT", "message", "status_code", "err_type"
+        ),  # fmt: skip
         "ServerArgs.attention_backend": M(_S + "server_args.ServerArgs", "attention_backend"),
         "ServerArgs.disable_radix_cache": M(_S + "server_args.ServerArgs", "disable_radix_cache"),
         "ServerArgs.enable_mixed_chunk": M(_S + "server_args.ServerArgs", "enable_mixed_chunk"),
-        "ServerArgs.speculative_algorithm": M(_S + "server_args.ServerArgs",
-                                              "speculative_algorithm"),  # fmt: skip
+        "ServerArgs.speculative_algorithm": M(
+            _S + "server_args.ServerArgs", "speculative_algorithm"
+        ),  # fmt: skip
         "alloc.page_size": M(ALLOC, "page_size"),
         "alloc.get_kvcache": O(ALLOC + ".get_kvcache"),
         "alloc.available_size": O(ALLOC + ".available_size"),
@@ -227,11 +270,11 @@ INTERNALS: dict[str, dict[str, Internal]] = {
         "fb.req_pool_indices": M(FWD + "ForwardBatch", "req_pool_indices"),
         "fb.seq_lens": M(FWD + "ForwardBatch", "seq_lens"),
         "backend.token_to_kv_pool": M(
-            _S + "layers.attention.torch_native_backend.TorchNativeAttnBackend",
-            "token_to_kv_pool"),  # fmt: skip
+            _S + "layers.attention.torch_native_backend.TorchNativeAttnBackend", "token_to_kv_pool"
+        ),  # fmt: skip
         "backend.req_to_token_pool": M(
-            _S + "layers.attention.torch_native_backend.TorchNativeAttnBackend",
-            "req_to_token_pool"),  # fmt: skip
+            _S + "layers.attention.torch_native_backend.TorchNativeAttnBackend", "req_to_token_pool"
+        ),  # fmt: skip
         "layer.tp_q_head_num": M(_S + "layers.radix_attention.RadixAttention", "tp_q_head_num"),
         "layer.qk_head_dim": M(_S + "layers.radix_attention.RadixAttention", "qk_head_dim"),
         "layer.v_head_dim": M(_S + "layers.radix_attention.RadixAttention", "v_head_dim"),
@@ -242,11 +285,18 @@ INTERNALS: dict[str, dict[str, Internal]] = {
     "layer_migration": {
         "LlamaModel": O(LLAMA + "LlamaModel"),
         "LlamaForCausalLM.model": M(LLAMA + "LlamaForCausalLM", "model"),
-        "LlamaModel.forward": O(LLAMA + "LlamaModel.forward", "input_ids", "positions",
-                                "forward_batch", "input_embeds", hook=True),  # fmt: skip
+        "LlamaModel.forward": O(
+            LLAMA + "LlamaModel.forward",
+            "input_ids",
+            "positions",
+            "forward_batch",
+            "input_embeds",
+            hook=True,
+        ),  # fmt: skip
         "Scheduler.run_batch": O(SCHED + ".run_batch", "batch", hook=True),
         "residual.access.final_norm_pair": O(
-            _S + "layers.layer_boundary.residual.access.final_norm_pair"),
+            _S + "layers.layer_boundary.residual.access.final_norm_pair"
+        ),
         "residual.batch.start": O(_S + "layers.layer_boundary.residual.batch.start"),
         "residual.batch.to_pp": O(_S + "layers.layer_boundary.residual.batch.to_pp"),
         "PPProxyTensors": O(FWD + "PPProxyTensors"),
@@ -275,7 +325,8 @@ INTERNALS: dict[str, dict[str, Internal]] = {
         "pool.k_buffer": M(POOL, "k_buffer", "read, replace"),
         "pool.v_buffer": M(POOL, "v_buffer", "read, replace"),
         "pool._init_data_ptrs_and_strides": Internal(
-            POOL + "._init_data_ptrs_and_strides", OBJECT, optional=True, use="called"),
+            POOL + "._init_data_ptrs_and_strides", OBJECT, optional=True, use="called"
+        ),
         "paged.free_pages": M(PAGED, "free_pages"),
         "paged.release_pages": M(PAGED, "release_pages"),
         "alloc.page_size": M(ALLOC, "page_size"),
@@ -294,28 +345,37 @@ INTERNALS: dict[str, dict[str, Internal]] = {
     # -- HiCache L3 storage backend over the KV pool (hicache.py) --------------------------------
     "hicache": {
         "HiCacheStorage": O(_S + "mem_cache.hicache_storage.HiCacheStorage", use="subclassed"),
-        "HiCacheStorage.batch_get_v1": O(_S + "mem_cache.hicache_storage.HiCacheStorage."
-                                         "batch_get_v1", "keys", "host_indices"),  # fmt: skip
-        "HiCacheStorage.batch_set_v1": O(_S + "mem_cache.hicache_storage.HiCacheStorage."
-                                         "batch_set_v1", "keys", "host_indices"),  # fmt: skip
+        "HiCacheStorage.batch_get_v1": O(
+            _S + "mem_cache.hicache_storage.HiCacheStorage.batch_get_v1", "keys", "host_indices"
+        ),  # fmt: skip
+        "HiCacheStorage.batch_set_v1": O(
+            _S + "mem_cache.hicache_storage.HiCacheStorage.batch_set_v1", "keys", "host_indices"
+        ),  # fmt: skip
         "HiCacheStorage.register_mem_pool_host": O(
-            _S + "mem_cache.hicache_storage.HiCacheStorage.register_mem_pool_host"),
-        "config.extra_config": M(_S + "mem_cache.hicache_storage.HiCacheStorageConfig",
-                                 "extra_config"),  # fmt: skip
-        "config.model_name": M(_S + "mem_cache.hicache_storage.HiCacheStorageConfig",
-                               "model_name"),  # fmt: skip
-        "config.is_mla_model": M(_S + "mem_cache.hicache_storage.HiCacheStorageConfig",
-                                 "is_mla_model"),  # fmt: skip
+            _S + "mem_cache.hicache_storage.HiCacheStorage.register_mem_pool_host"
+        ),
+        "config.extra_config": M(
+            _S + "mem_cache.hicache_storage.HiCacheStorageConfig", "extra_config"
+        ),  # fmt: skip
+        "config.model_name": M(
+            _S + "mem_cache.hicache_storage.HiCacheStorageConfig", "model_name"
+        ),  # fmt: skip
+        "config.is_mla_model": M(
+            _S + "mem_cache.hicache_storage.HiCacheStorageConfig", "is_mla_model"
+        ),  # fmt: skip
         "config.tp_rank": M(_S + "mem_cache.hicache_storage.HiCacheStorageConfig", "tp_rank"),
         "config.tp_size": M(_S + "mem_cache.hicache_storage.HiCacheStorageConfig", "tp_size"),
         "config.pp_rank": M(_S + "mem_cache.hicache_storage.HiCacheStorageConfig", "pp_rank"),
         "config.pp_size": M(_S + "mem_cache.hicache_storage.HiCacheStorageConfig", "pp_size"),
-        "config.attn_cp_rank": M(_S + "mem_cache.hicache_storage.HiCacheStorageConfig",
-                                 "attn_cp_rank"),  # fmt: skip
-        "config.attn_cp_size": M(_S + "mem_cache.hicache_storage.HiCacheStorageConfig",
-                                 "attn_cp_size"),  # fmt: skip
-        "config.is_storage_writer": M(_S + "mem_cache.hicache_storage.HiCacheStorageConfig",
-                                      "is_storage_writer"),  # fmt: skip
+        "config.attn_cp_rank": M(
+            _S + "mem_cache.hicache_storage.HiCacheStorageConfig", "attn_cp_rank"
+        ),  # fmt: skip
+        "config.attn_cp_size": M(
+            _S + "mem_cache.hicache_storage.HiCacheStorageConfig", "attn_cp_size"
+        ),  # fmt: skip
+        "config.is_storage_writer": M(
+            _S + "mem_cache.hicache_storage.HiCacheStorageConfig", "is_storage_writer"
+        ),  # fmt: skip
         "host.layout": M(HOST_POOL, "layout"),
         "host.kv_buffer": M(HOST_POOL, "kv_buffer"),
         "host.layer_num": M(HOST_POOL, "layer_num"),
@@ -326,13 +386,21 @@ INTERNALS: dict[str, dict[str, Internal]] = {
     # -- HiCache host tier on a CPU-only host, CPU launcher only (hicache_cpu.py) ----------------
     "hicache_cpu": {
         "pool_host.common._cuda_host_register": O(
-            _S + "mem_cache.pool_host.common._cuda_host_register", use="replaced"),
+            _S + "mem_cache.pool_host.common._cuda_host_register", use="replaced"
+        ),
         "pool_host.mha.transfer_kv_direct": Internal(
-            _S + "mem_cache.pool_host.mha", SOURCE, attr="transfer_kv_direct",
-            use="module global set"),  # fmt: skip
+            _S + "mem_cache.pool_host.mha",
+            SOURCE,
+            attr="transfer_kv_direct",
+            use="module global set",
+        ),  # fmt: skip
         "memory_pool_host.transfer_kv_direct": Internal(
-            _S + "mem_cache.memory_pool_host", SOURCE, attr="transfer_kv_direct", optional=True,
-            use="module global set"),  # fmt: skip
+            _S + "mem_cache.memory_pool_host",
+            SOURCE,
+            attr="transfer_kv_direct",
+            optional=True,
+            use="module global set",
+        ),  # fmt: skip
     },
     # -- processes started through the CPU launcher (cpu_compat.py, serve_cpu.py) -----------------
     "cpu_launcher": {
@@ -342,7 +410,10 @@ INTERNALS: dict[str, dict[str, Internal]] = {
         "kill_process_tree": O(_S + "utils.kill_process_tree", use="called"),
         "MooncakeKVSender.supports_host_tensor_indices": Internal(
             _S + "disaggregation.mooncake.conn.MooncakeKVSender.supports_host_tensor_indices",
-            OBJECT, optional=True, use="set False"),  # fmt: skip
+            OBJECT,
+            optional=True,
+            use="set False",
+        ),  # fmt: skip
     },
 }
 
