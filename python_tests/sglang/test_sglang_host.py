@@ -23,7 +23,7 @@ from banaserve_ext.launch.servers import ServerProcess, SGLangServerConfig, http
 pytestmark = [pytest.mark.sglang, pytest.mark.slow, pytest.mark.timeout(900)]
 
 LOG_ENV = {"BANASERVE_LOG_LEVEL": "INFO"}
-SUMMARY = re.compile(r"banaserve plug-in \(pid (\d+), args from ([^)]*)\): features (.*?); "
+SUMMARY = re.compile(r"banaserve plug-in \(pid (\d+), args from (.*?)\): features (.*?); "
                      r"active .*?; refused (.*?); hooks: (.*)$", re.M)  # fmt: skip
 
 

@@ -44,17 +44,15 @@ def main(argv: list[str]) -> None:
     argv, features = take_features(argv)
     if features is not None:  # the opt-in, for this process and (inherited) SGLang's children
         cpu_compat.set_features(features)
-    from sglang.launch_server import run_server
-    from sglang.srt.plugins import load_plugins
-    from sglang.srt.server_args import prepare_server_args
-    from sglang.srt.utils import kill_process_tree
+    from banaserve_ext.adapters.sglang.host import ns
 
-    load_plugins()
-    server_args = prepare_server_args(argv)
+    sg = ns("cpu_launcher")  # SGLang's launcher functions (listed in host/table.py)
+    sg.load_plugins()
+    server_args = sg.prepare_server_args(argv)
     try:
-        run_server(server_args)
+        sg["launch_server.run_server"](server_args)
     finally:
-        kill_process_tree(os.getpid(), include_parent=False)
+        sg.kill_process_tree(os.getpid(), include_parent=False)
 
 
 if __name__ == "__main__":
