@@ -155,12 +155,18 @@ def ns(feature: str) -> Namespace:
     return _NAMESPACES[feature]
 
 
-def probe_feature(feature: str, table: Mapping[str, Mapping[str, Internal]] = INTERNALS,
-                  *, with_plugin: bool = True) -> list[Result]:  # fmt: skip
+def probe_feature(
+    feature: str,
+    table: Mapping[str, Mapping[str, Internal]] = INTERNALS,
+    *,
+    with_plugin: bool = True,
+    launcher: bool = True,
+) -> list[Result]:
+    """Probes ``feature``'s internals (``launcher=False``: not those used only there)."""
     entries = list(table.get(feature, {}).values())
     if with_plugin and feature != "plugin":
         entries = list(table.get("plugin", {}).values()) + entries
-    return [probe(i) for i in entries]
+    return [probe(i) for i in entries if launcher or i.where != "launcher"]
 
 
 def probe_table(features: list[str] | None = None,
@@ -189,6 +195,8 @@ class Host:
     refusals: dict[str, str] = field(default_factory=dict)
     hooks: list[tuple[str, str, str]] = field(default_factory=list)  # feature, target, type
     source: str = ""
+    #: the launcher process (SGLang's HTTP server); subprocesses skip launcher-only internals
+    launcher: bool = True
 
     # -- used by features ----------------------------------------------------------------------
     def ns(self, feature: str) -> Namespace:
@@ -230,7 +238,9 @@ class Host:
                 self._refuse(feature, f"banaserve feature {name!r} is off: it needs "
                              f"{missing_req}, which did not start")  # fmt: skip
                 continue
-            results = probe_feature(name, self.table, with_plugin=feature.hooks)
+            results = probe_feature(
+                name, self.table, with_plugin=feature.hooks, launcher=self.launcher
+            )
             msg = refusal(name, results)
             if msg is None:
                 msg = self._activate(feature)
@@ -299,7 +309,9 @@ def load() -> Host:
     args, source = selection.current_args()
     chosen = selection.select(args, opted=selection.opt_ins(), cpu_launcher=cpu_compat.active(),
                               layerwise=_env.get(_env.SGLANG_LAYERWISE))  # fmt: skip
-    host = Host()
+    import multiprocessing
+
+    host = Host(launcher=multiprocessing.parent_process() is None)
     _CURRENT.append(host)
     try:
         host.load(chosen, source)

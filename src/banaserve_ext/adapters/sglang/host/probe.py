@@ -4,8 +4,9 @@
 An :class:`Internal` names one SGLang module, object (class, function, constant, method) or
 instance attribute. :func:`probe` checks it against the installed SGLang without running any of
 it: objects are imported and looked up (and, where it matters, their parameters compared);
-instance attributes, which do not exist on the class, are looked up in the class's source (an
-assignment ``self.NAME =`` or an annotation in the class or one of its bases). A few can only be
+instance attributes, which do not exist on the class, are looked up as a field or annotation of
+the class or a base, or as an assignment ``self.NAME =`` in the source file of the class or of a
+base. A few can only be
 checked on the live object (``contact``); the probe table shows them as such and the feature
 checks them with :func:`require_attr` at first contact.
 """
@@ -46,6 +47,8 @@ class Internal:
     hook: bool = False
     optional: bool = False
     use: str = ""  # what the feature does with it (read, write, subclass, call...)
+    #: "launcher": used (and probed at load) only in the launcher process (the HTTP server)
+    where: str = "any"
 
     @property
     def name(self) -> str:
@@ -101,19 +104,42 @@ def resolve(path: str) -> Any:
 
 
 @functools.cache
-def _class_source(cls: type) -> str:
+def _assignment_pattern(attr: str) -> re.Pattern[str]:
+    """An assignment to ``self.<attr>`` in source: ``self.x = ``, ``self.x: T = ``,
+    ``self.a, self.x = `` and ``(self.a,\n self.x,\n) = ``."""
+    n = re.escape(attr)
+    lhs = r"[\w \t,.]*"  # more targets of the same statement, on one line
+    return re.compile(
+        rf"(self\.{n}\s*(:[^=\n]+)?=(?!=))"
+        rf"|(self\.{n}\s*,{lhs}=(?!=))"
+        rf"|(self\.\w+\s*,{lhs}\bself\.{n}\s*(,{lhs})?=(?!=))"
+        rf"|(\(\s*([\w.]+\s*,\s*)*self\.{n}\s*(,\s*[\w.]+\s*)*,?\s*\)\s*=(?!=))"
+    )
+
+
+@functools.cache
+def _file_text(path: str) -> str:
     try:
-        return inspect.getsource(cls)
-    except (OSError, TypeError):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError:
         return ""
+
+
+def _class_source(cls: type) -> str:
+    """The source of the module defining ``cls`` (the whole file: ``inspect.getsource`` of a
+    class parses its module, seconds for SGLang's scheduler; an assignment elsewhere in the same
+    file is rare enough to accept)."""
+    try:
+        path = inspect.getsourcefile(cls)
+    except TypeError:
+        return ""
+    return _file_text(path) if path else ""
 
 
 def _declares(cls: type, attr: str) -> str | None:
     """Where ``attr`` is declared for instances of ``cls`` (class, base or source), or None."""
-    name = re.escape(attr)
-    # ``self.x = ``, ``self.x: T = ``, ``self.a, self.x = `` (also parenthesised over lines),
-    # or a class-level annotation ``x: T``
-    pat = re.compile(rf"(self\.{name}\b[\w\s,.()\[\]:]*=(?!=))|(^\s+{name}\s*:)", re.M)
+    pat = _assignment_pattern(attr)
     for klass in inspect.getmro(cls):
         if klass is object:
             continue

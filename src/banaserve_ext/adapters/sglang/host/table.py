@@ -206,7 +206,9 @@ INTERNALS: dict[str, dict[str, Internal]] = {
     # -- POST /banaserve/migrate and its scheduler-side channel (admin.py) -----------------------
     "admin": {
         "Scheduler.ingest_requests": O(SCHED + ".ingest_requests", hook=True),
-        "http_server.app": O(_S + "entrypoints.http_server.app", use="add a route"),
+        "http_server.app": Internal(
+            _S + "entrypoints.http_server.app", OBJECT, where="launcher", use="add a route"
+        ),  # fmt: skip
         "sched.server_args": M(SCHED, "server_args"),
         "ServerArgs.port": M(_S + "server_args.ServerArgs", "port"),
         "sched.enable_overlap": M(SCHED, "enable_overlap"),
@@ -246,6 +248,14 @@ INTERNALS: dict[str, dict[str, Internal]] = {
         "Scheduler.process_batch_result": O(
             SCHED + ".process_batch_result", "batch", hook=True
         ),  # fmt: skip
+        "sched.server_args": M(SCHED, "server_args"),
+        "sched.token_to_kv_pool_allocator": M(SCHED, "token_to_kv_pool_allocator"),
+        "sched.req_to_token_pool": M(SCHED, "req_to_token_pool"),
+        "batch.reqs": M(BATCH, "reqs"),
+        "Req.finished": O(REQ + ".finished"),
+        "req.kv": M(REQ, "kv"),
+        "req.kv.req_pool_idx": M(KVINFO, "req_pool_idx"),
+        "req.kv.kv_committed_len": M(KVINFO, "kv_committed_len"),
         "FINISH_ABORT": O(
             _S + "managers.schedule_batch.FINISH_ABORT", "message", "status_code", "err_type"
         ),  # fmt: skip
@@ -333,7 +343,12 @@ INTERNALS: dict[str, dict[str, Internal]] = {
         "req_pool.req_to_token": M(REQ_POOL, "req_to_token"),
         "batch.reqs": M(BATCH, "reqs"),
         "Req.finished": O(REQ + ".finished"),
-        "Req.set_finish_with_abort": O(REQ + ".set_finish_with_abort"),
+        "Req.set_finish_with_abort": O(
+            REQ + ".set_finish_with_abort", "status_code", "err_type"
+        ),  # fmt: skip
+        "LlamaDecoderLayer.forward": O(
+            LLAMA + "LlamaDecoderLayer.forward", "positions", "hidden_states", "forward_batch"
+        ),  # fmt: skip
         "fb.forward_mode": M(FWD + "ForwardBatch", "forward_mode"),
         "fb.extend_prefix_lens": M(FWD + "ForwardBatch", "extend_prefix_lens"),
         "fb.seq_lens": M(FWD + "ForwardBatch", "seq_lens"),
@@ -405,6 +420,9 @@ INTERNALS: dict[str, dict[str, Internal]] = {
     # -- processes started through the CPU launcher (cpu_compat.py, serve_cpu.py) -----------------
     "cpu_launcher": {
         "launch_server.run_server": O("sglang.launch_server.run_server", use="called"),
+        "sglang_router.launch_router": Internal(
+            "sglang_router.launch_router", MODULE, optional=True, use="run by router_cpu"
+        ),  # fmt: skip
         "load_plugins": O(_S + "plugins.load_plugins", use="called"),
         "prepare_server_args": O(_S + "server_args.prepare_server_args", "argv", use="called"),
         "kill_process_tree": O(_S + "utils.kill_process_tree", use="called"),
