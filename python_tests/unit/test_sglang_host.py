@@ -71,6 +71,13 @@ def test_migrations_need_the_explicit_opt_in() -> None:
         select_argv(opted=["kv_migraton"])
 
 
+def test_the_cpu_launcher_takes_the_opt_in_off_sglangs_command_line() -> None:
+    argv = ["--model-path", "m", "--banaserve-features", "kv_migration", "--port", "1"]
+    assert selection.take_features(argv) == (["--model-path", "m", "--port", "1"], "kv_migration")
+    assert selection.take_features(["--banaserve-features=a,b"]) == ([], "a,b")
+    assert selection.take_features(["--port", "1"]) == (["--port", "1"], None)
+
+
 def test_arguments_from_a_server_args_object_or_engine_kwargs() -> None:
     class Args:
         disaggregation_mode = "prefill"

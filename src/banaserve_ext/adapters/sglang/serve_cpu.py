@@ -21,26 +21,9 @@ from banaserve_ext.adapters.sglang import cpu_compat
 cpu_compat.install()
 
 
-FEATURES_FLAG = "--banaserve-features"
-
-
-def take_features(argv: list[str]) -> tuple[list[str], str | None]:
-    """Removes ``--banaserve-features LIST`` (or ``=LIST``) from ``argv``; returns the rest and
-    the list (None when absent)."""
-    rest: list[str] = []
-    value: str | None = None
-    it = iter(argv)
-    for tok in it:
-        if tok == FEATURES_FLAG:
-            value = next(it, "")
-        elif tok.startswith(FEATURES_FLAG + "="):
-            value = tok.split("=", 1)[1]
-        else:
-            rest.append(tok)
-    return rest, value
-
-
 def main(argv: list[str]) -> None:
+    from banaserve_ext.adapters.sglang.host.selection import take_features
+
     argv, features = take_features(argv)
     if features is not None:  # the opt-in, for this process and (inherited) SGLang's children
         cpu_compat.set_features(features)

@@ -107,6 +107,25 @@ def _extra_config(raw: Any) -> dict:
     return val if isinstance(val, dict) else {}
 
 
+FEATURES_FLAG = "--banaserve-features"
+
+
+def take_features(argv: list[str]) -> tuple[list[str], str | None]:
+    """The CPU launcher's opt-in: removes ``--banaserve-features LIST`` (or ``=LIST``) from
+    ``argv`` (SGLang's parser would refuse it); returns the rest and LIST (None if absent)."""
+    rest: list[str] = []
+    value: str | None = None
+    it = iter(argv)
+    for tok in it:
+        if tok == FEATURES_FLAG:
+            value = next(it, "")
+        elif tok.startswith(FEATURES_FLAG + "="):
+            value = tok.split("=", 1)[1]
+        else:
+            rest.append(tok)
+    return rest, value
+
+
 def opt_ins() -> list[str]:
     raw = _env.get(_env.SGLANG_FEATURES)
     return [f.strip() for f in raw.split(",") if f.strip()]
