@@ -45,6 +45,7 @@ import numpy.typing as npt
 from ... import _env
 from ...errors import BanaserveError, InvalidArgumentError
 from . import wire
+from .layer_send import LayerSend, RoomStats
 from .pages import uncovered_ranges
 
 logger = logging.getLogger(__name__)
@@ -74,105 +75,6 @@ class _Chunk:
     wait_event: Any = None
     extra: dict = field(default_factory=dict)
     t_enqueued: float = field(default_factory=time.perf_counter)
-
-
-class _LayerSend:
-    """The layer streams of one request's chunk (one per decode peer), opened before the
-    forward pass that computes it. ``positions`` are page positions in SGLang's index_slice
-    coordinates; ``pages`` the source pages at those positions."""
-
-    warned_all_late = False
-
-    def __init__(self, mgr: ManagerCore, room: int, first_pos: int,
-                 pages: npt.NDArray[np.int64], streams: list[Any], layer_nbytes: int,
-                 num_layers: int) -> None:  # fmt: skip
-        self.mgr = mgr
-        self.room = room
-        self.positions = (first_pos, first_pos + len(pages))
-        self.pages = pages
-        self.streams = streams
-        self.layer_nbytes = layer_nbytes  # bytes of one layer, all peers together
-        self.marked = [False] * num_layers
-        self.num_marked = 0
-        self.late_layers = 0
-        self.t_first: float | None = None
-        self.t_last: float | None = None  # when the last layer was marked
-        self.t_done: float | None = None  # when every stream completed (the watcher's clock)
-        self.done = threading.Event()
-        self.queued = False
-        self.failed: str | None = None  # set when a layer could not be posted
-
-    def mark(self, layer: int, *, late: bool = False) -> None:
-        """Layer ``layer`` is final in the pool: post it to every peer (scheduler thread)."""
-        if self.marked[layer]:
-            return
-        self.marked[layer] = True
-        for s in self.streams:
-            s.mark_layer_ready(layer)
-        now = time.perf_counter()
-        if self.t_first is None:
-            self.t_first = now
-        self.num_marked += 1
-        self.late_layers += int(late)
-        if self.num_marked == len(self.marked):
-            self.t_last = now
-            self._watch()
-
-    def finish_forward(self) -> None:
-        """The forward pass returned: layers the hook did not see are final now too."""
-        if self.failed is not None:
-            self.abandon()
-            return
-        try:
-            for layer, marked in enumerate(self.marked):
-                if not marked:
-                    self.mark(layer, late=True)
-        except Exception as exc:
-            self.failed = f"layers could not be posted after the forward pass: {exc}"
-            self.abandon()
-            return
-        if self.late_layers == len(self.marked) and not _LayerSend.warned_all_late:
-            _LayerSend.warned_all_late = True
-            logger.warning(
-                "banaserve: no layer was marked from the attention hook during the forward "
-                "pass (hooks not called?); layers are sent after it"
-            )
-
-    def abandon(self) -> None:
-        for s in self.streams:
-            s.cancel()
-        self._watch()
-
-    def _watch(self) -> None:
-        if not self.queued:
-            self.queued = True
-            self.mgr._watch_queue.put(self)
-
-    def wait(self, timeout_s: float) -> None:
-        if self.failed is not None:
-            raise BanaserveError(self.failed)
-        if not self.done.is_set() and all(s.state.terminal for s in self.streams):
-            if self.t_done is None:  # noticed here before the watcher thread got the GIL
-                self.t_done = time.perf_counter()
-            self.done.set()
-        if not self.done.wait(timeout_s):
-            for s in self.streams:
-                s.cancel()
-            raise TimeoutError(f"layer streams not done after {timeout_s}s")
-        for s in self.streams:
-            if s.state.name != "DONE":
-                raise BanaserveError(f"layer stream ended {s.state.name}")
-
-
-@dataclass
-class _RoomStats:
-    layer_bytes: int = 0
-    late_bytes: int = 0
-    chunk_bytes: int = 0
-    last: _LayerSend | None = None
-    seen: set[int] = field(default_factory=set)
-    t_first_enqueued: float | None = None  # the room's first chunk handed over by SGLang
-    write_s: float = 0.0  # time the per-chunk KV WRITEs took, submit to completion
 
 
 class ManagerCore:
@@ -229,9 +131,9 @@ class ManagerCore:
             self._layer_order: list[int] | None = None
             self._layer_bpl = 0
             self._local_kv_layered: Any = None
-            self._layer_sends: dict[int, list[_LayerSend]] = {}
+            self._layer_sends: dict[int, list[LayerSend]] = {}
             self._pending: dict[int, int] = {}  # chunks of a room queued for the transfer thread
-            self._room_stats: dict[int, _RoomStats] = {}
+            self._room_stats: dict[int, RoomStats] = {}
             self._layer_lock = threading.Lock()
             self._watch_queue: queue.Queue = queue.Queue()
             self.counters = {"layer_bytes": 0, "late_layer_bytes": 0, "chunk_bytes": 0,
@@ -425,7 +327,7 @@ class ManagerCore:
         return peer.kv_layered
 
     def open_layer_send(self, room: int, pages: npt.NDArray[np.int64], first_pos: int,
-                        num_layers: int) -> _LayerSend | None:  # fmt: skip
+                        num_layers: int) -> LayerSend | None:  # fmt: skip
         """Opens the layer streams of one request's chunk (scheduler thread, before the forward
         pass); None when this request goes per chunk (destination or peer not known yet)."""
         if self._layer_order is None or num_layers * self._layer_bpl != len(self._layer_order):
@@ -468,7 +370,7 @@ class ManagerCore:
             for peer, src, dst in targets
         ]  # fmt: skip
         layer_nbytes = sum(len(src) for _, src, _ in targets) * self._buffers.item_nbytes
-        send = _LayerSend(self, room, first_pos, pages, streams,
+        send = LayerSend(self, room, first_pos, pages, streams,
                           layer_nbytes * self._layer_bpl, num_layers)  # fmt: skip
         with self._layer_lock:
             stale_rooms = [r for r in self._layer_sends if r != room and (
@@ -492,7 +394,7 @@ class ManagerCore:
             send.t_done = time.perf_counter()
             send.done.set()
 
-    def _covered(self, chunk: _Chunk) -> tuple[list[_LayerSend], list[tuple[int, int]]]:
+    def _covered(self, chunk: _Chunk) -> tuple[list[LayerSend], list[tuple[int, int]]]:
         """Layer sends that carry pages of ``chunk`` (same source pages at the same positions)
         and the position ranges of the chunk that none carries."""
         a = chunk.index_slice.start or 0
@@ -605,7 +507,7 @@ class ManagerCore:
         self._maybe_hold(chunk)
         a = chunk.index_slice.start or 0
         sends, todo = self._covered(chunk)
-        stats = self._room_stats.setdefault(chunk.room, _RoomStats())
+        stats = self._room_stats.setdefault(chunk.room, RoomStats())
         if stats.t_first_enqueued is None:
             stats.t_first_enqueued = chunk.t_enqueued
         t_write = time.perf_counter()
@@ -682,7 +584,7 @@ class ManagerCore:
                        chunk.room, hold_ms)  # fmt: skip
         time.sleep(hold_ms / 1000)
 
-    def _account(self, room: int, stats: _RoomStats) -> None:
+    def _account(self, room: int, stats: RoomStats) -> None:
         c = self.counters
         c["layer_bytes"] += stats.layer_bytes
         c["late_layer_bytes"] += stats.late_bytes

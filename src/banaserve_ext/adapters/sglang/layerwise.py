@@ -56,7 +56,7 @@ class LayerwiseOverlap:
         self.disabled_reason: str | None = None
         self.layer_index: dict[int, int] = {}  # RadixAttention.layer_id -> stream layer
         self.num_layers = 0
-        self.active: list[Any] = []  # the running batch's layer streams (conn._LayerSend)
+        self.active: list[Any] = []  # the running batch's layer streams (layer_send.LayerSend)
         self.handles: list[Any] = []
         self.thread: int | None = None
 
