@@ -117,7 +117,9 @@ def bench_step(repeat: int, server_env: dict[str, str]) -> dict:
     counters: dict = {}
     migrate_ms: list[float] = []
     try:
-        cfg, _ = cluster.server(extra_args=("--dtype", "float32", "--disable-radix-cache"))
+        cfg, _ = cluster.server(
+            extra_args=("--dtype", "float32", "--disable-radix-cache"), features=("kv_migration",)
+        )
         with AttnPeerProcess(arena_mb=64) as peer, ThreadPoolExecutor(1) as pool:
 
             def gen(rid: str) -> float:

@@ -38,7 +38,7 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[SGLangServerConfig]:  # fmt: skip
     cluster = Cluster(tiny_model_dir, tmp_path_factory.mktemp("layermig-logs"))
     try:
-        cfg, _ = cluster.server(extra_args=SERVER_ARGS)
+        cfg, _ = cluster.server(extra_args=SERVER_ARGS, features=("layer_migration",))
         yield cfg
     finally:
         cluster.close()

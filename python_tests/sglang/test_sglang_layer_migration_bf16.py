@@ -46,7 +46,10 @@ def bf16_server(
 ) -> Iterator[SGLangServerConfig]:
     cluster = Cluster(tiny_model_dir, tmp_path_factory.mktemp("layermig-bf16-logs"))
     try:
-        cfg, _ = cluster.server(extra_args=("--dtype", "bfloat16", "--disable-radix-cache"))
+        cfg, _ = cluster.server(
+            extra_args=("--dtype", "bfloat16", "--disable-radix-cache"),
+            features=("layer_migration",),
+        )
         yield cfg
     finally:
         cluster.close()

@@ -36,7 +36,7 @@ def server(
 ) -> Iterator[SGLangServerConfig]:
     cluster = Cluster(tiny_model_dir, tmp_path_factory.mktemp("migration-logs"))
     try:
-        cfg, _ = cluster.server(extra_args=SERVER_ARGS, env=SERVER_ENV)
+        cfg, _ = cluster.server(extra_args=SERVER_ARGS, env=SERVER_ENV, features=("kv_migration",))
         yield cfg
     finally:
         cluster.close()
@@ -92,7 +92,12 @@ def test_status_runs_on_the_scheduler_and_reports_the_pool(server: SGLangServerC
     assert reply["kind"] == "status" and reply["running"] == []
     assert reply["kv_total"] > 0 and 0 < reply["kv_available"] <= reply["kv_total"]
     assert {"status", "kv", "kv_back"} <= set(reply["kinds"])
+    assert "layers" not in reply["kinds"]  # layer migration was not opted into
     assert reply["duration_ms"] >= 0
+    # the opted-in server's scheduler listens on the admin channel (a plain one does not:
+    # test_sglang_host.py)
+    unix = Path("/proc/net/unix").read_text().split()
+    assert f"@banaserve-admin-{server.port}" in unix
 
 
 def test_status_sees_a_request_mid_generation(server: SGLangServerConfig) -> None:

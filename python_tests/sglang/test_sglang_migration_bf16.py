@@ -41,7 +41,9 @@ def bf16_server(
     cluster = Cluster(tiny_model_dir, tmp_path_factory.mktemp("migration-bf16-logs"))
     try:
         cfg, _ = cluster.server(
-            extra_args=("--dtype", "bfloat16", "--disable-radix-cache"), env=SERVER_ENV
+            extra_args=("--dtype", "bfloat16", "--disable-radix-cache"),
+            env=SERVER_ENV,
+            features=("kv_migration",),
         )
         yield cfg
     finally:

@@ -32,15 +32,16 @@ def test_add_enum_member_is_a_real_member_and_idempotent() -> None:
     assert Color("red") is Color.RED  # existing members untouched
 
 
+# as sglang.launch_server does: plug-ins first, then the command line (the host layer reads the
+# server's arguments from it to select the features)
 _PROBE = r"""
-import json
+import json, sys
 from banaserve_ext.adapters.sglang import cpu_compat
 cpu_compat.install()
 from sglang.srt.plugins import load_plugins
 load_plugins()
 from sglang.srt.server_args import prepare_server_args
-args = prepare_server_args(["--model-path", "x", "--disaggregation-mode", "prefill",
-                            "--disaggregation-transfer-backend", "banaserve"])
+args = prepare_server_args(sys.argv[1:])
 from sglang.srt.disaggregation import utils
 from sglang.srt.plugins.hook_registry import HookRegistry
 TB, K = utils.TransferBackend, utils.KVClassType
@@ -59,8 +60,10 @@ print("RESULT " + json.dumps(out))
 
 @pytest.mark.sglang
 def test_sglang_loads_the_plugin_and_routes_our_backend(tiny_model_dir) -> None:
+    argv = ["--model-path", "x", "--disaggregation-mode", "prefill",
+            "--disaggregation-transfer-backend", "banaserve"]  # fmt: skip
     proc = subprocess.run(
-        [sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=180,
+        [sys.executable, "-c", _PROBE, *argv], capture_output=True, text=True, timeout=180,
         env={**__import__("os").environ, "SGLANG_PLUGINS": "banaserve"},
     )  # fmt: skip
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]

@@ -76,6 +76,11 @@ EXPECT_SANITIZED = _declare(
 )
 
 
+def is_set(var: EnvVar) -> bool:
+    """True when ``var`` is present in the environment (even if equal to its default)."""
+    return var.name in os.environ
+
+
 def get(var: EnvVar[T]) -> T:
     """Value of ``var`` from the environment, or its default; a malformed value raises
     :class:`InvalidArgumentError` naming the variable."""
@@ -101,6 +106,13 @@ SGLANG_CPU_COMPAT = _declare(
     False,
     "set by the CPU launcher (python -m banaserve_ext.adapters.sglang.serve_cpu) for its SGLang "
     "processes; turns on adapters/sglang/cpu_compat.py's SGLang patches in the plug-in",
+)
+SGLANG_FEATURES = _declare(
+    "BANASERVE_SGLANG_FEATURES",
+    str,
+    "",
+    "SGLang plug-in: comma list of opt-in features for this server (admin, kv_migration, "
+    "layer_migration); the CPU launcher's --banaserve-features sets it (adapters/sglang/host)",
 )
 SGLANG_LAYERWISE = _declare(
     "BANASERVE_SGLANG_LAYERWISE",

@@ -20,6 +20,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "router": ("banaserve_ext.router.cli", "load-aware PD router (sglang_router PD flags)"),
     "sim": ("banaserve_ext.sim.cli", "cluster simulator: replay, run, routing ablation, compare"),
     "launch": ("banaserve_ext.launch.cli", "start a PD deployment of SGLang servers"),
+    "sglang": (
+        "banaserve_ext.adapters.sglang.host.cli",
+        "SGLang plug-in: `probe` the installed SGLang for the internals it needs",
+    ),
 }
 
 

@@ -269,6 +269,7 @@ def sglang_main(a: argparse.Namespace) -> int:
         model_path=str(model),
         port=free_port(),
         extra_args=("--dtype", "float32", "--disable-radix-cache"),
+        features=("layer_migration",),
     )
     srv = ServerProcess("sglang", cfg.command(), f"{cfg.url}/health_generate",
                         tmp / "sglang.log", cfg.env())  # fmt: skip

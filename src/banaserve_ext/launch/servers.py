@@ -50,6 +50,9 @@ class SGLangServerConfig:
     chunked_prefill_size: int | None = None
     page_size: int | None = None
     extra_args: tuple[str, ...] = ()
+    #: opt-in plug-in features SGLang has no argument for (``admin``, ``kv_migration``,
+    #: ``layer_migration``; see adapters/sglang/host/selection.py)
+    features: tuple[str, ...] = ()
 
     def command(self, python: str = sys.executable) -> list[str]:
         if self.role not in ("single", "prefill", "decode"):
@@ -94,6 +97,8 @@ class SGLangServerConfig:
                 # the default backup (a host pool) sizes itself against free host memory and
                 # refuses to start on a small box; a plain CPU tensor is enough here
                 cmd += ["--disaggregation-decode-retraction-backup", "cpu_tensor"]
+        if self.features and self.device == "cpu":  # our launcher takes the opt-in as a flag
+            cmd += ["--banaserve-features", ",".join(self.features)]
         return cmd + list(self.extra_args)
 
     @property
@@ -103,7 +108,12 @@ class SGLangServerConfig:
     def env(self) -> dict[str, str]:
         """Environment for the server: its PD control plane (ZMQ, bootstrap registration, our
         transfer engine) binds to SGLANG_HOST_IP, which must match the serving host."""
-        return {"SGLANG_HOST_IP": self.host}
+        env = {"SGLANG_HOST_IP": self.host}
+        if self.features and self.device != "cpu":  # sglang.launch_server: the opt-in variable
+            from .. import _env
+
+            env[_env.SGLANG_FEATURES.name] = ",".join(self.features)
+        return env
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """``POST /banaserve/migrate`` on an SGLang server; handlers run on the scheduler thread.
 
-Contract: ``register_migration_handler(kind, fn)`` in every SGLang process (do it from the
-plug-in's ``register``). A POST with JSON body ``{"kind": kind, ...}`` runs ``fn(scheduler, body)``
+Contract: a feature that provides kinds calls ``host.state("admin").register(kind, fn,
+quiescent=...)`` from its ``activate`` (or :func:`register_migration_handler`, which does the same
+on this process's host). A POST with JSON body ``{"kind": kind, ...}`` runs ``fn(scheduler, body)``
 ON the scheduler thread between two event-loop steps (no forward in flight); ``body`` is the
 decoded dict (``kind`` included) and ``fn`` returns a JSON-able dict, merged into the reply
 ``{"kind", "duration_ms", ...}``. Raise :mod:`banaserve_ext.errors` classes for typed failures
@@ -48,7 +49,6 @@ from ...errors import (
 logger = logging.getLogger(__name__)
 
 ROUTE = "/banaserve/migrate"
-INGEST_TARGET = "sglang.srt.managers.scheduler.Scheduler.ingest_requests"
 #: how long the HTTP side waits for the scheduler's answer
 REPLY_TIMEOUT_S = 120.0
 
@@ -67,8 +67,6 @@ class _Entry:
     quiescent: bool
 
 
-_HANDLERS: dict[str, _Entry] = {}
-
 _STATUS_BY_ERROR: tuple[tuple[type[BaseException], int], ...] = (
     (msgspec.ValidationError, 400),
     (InvalidArgumentError, 400),
@@ -83,14 +81,15 @@ _STATUS_BY_ERROR: tuple[tuple[type[BaseException], int], ...] = (
 
 
 def register_migration_handler(kind: str, fn: Handler, *, quiescent: bool = True) -> None:
-    """Registers (or replaces) the handler of ``kind``; see the module contract."""
-    if not kind or not isinstance(kind, str):
-        raise InvalidArgumentError("a migration kind must be a non-empty string")
-    _HANDLERS[kind] = _Entry(fn, quiescent)
+    """Registers (or replaces) ``kind`` on this process's admin channel (the ``admin`` feature
+    must be active: the server opted into a feature that needs it)."""
+    from . import host
 
-
-def registered_kinds() -> list[str]:
-    return sorted(_HANDLERS)
+    h = host.current()
+    channel = h.state("admin") if h is not None else None
+    if channel is None:
+        raise NotSupportedError("the banaserve admin channel is not active in this process")
+    channel.register(kind, fn, quiescent=quiescent)
 
 
 def http_status_for(exc: BaseException) -> int:
@@ -120,45 +119,13 @@ class _Job:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def run_handler(scheduler: Any, body: Any) -> tuple[int, dict]:
-    """Validates ``body``, runs its kind's handler, and returns (HTTP status, reply). Called on
-    the scheduler thread."""
-    t0 = time.perf_counter()
-    try:
-        if not isinstance(body, dict):
-            raise InvalidArgumentError("the body must be a JSON object")
-        req = msgspec.convert(body, MigrateRequest)
-        entry = _HANDLERS.get(req.kind)
-        if entry is None:
-            raise InvalidArgumentError(
-                f"unknown migration kind {req.kind!r}; registered: {registered_kinds()}"
-            )
-        if entry.quiescent and getattr(scheduler, "enable_overlap", False):
-            raise NotSupportedError(
-                f"kind {req.kind!r} needs a quiescent scheduler; start SGLang with "
-                "--disable-overlap-schedule"
-            )
-        if int(getattr(scheduler, "tp_size", 1)) != 1:
-            raise NotSupportedError("migrations support tp_size == 1 only")
-        result = entry.fn(scheduler, body)
-        if not isinstance(result, dict):
-            raise TypeError(f"handler of {req.kind!r} returned {type(result).__name__}")
-    except Exception as exc:  # noqa: BLE001 - every failure becomes a typed reply
-        status = http_status_for(exc)
-        if status == 500:
-            logger.exception("banaserve migrate: handler failed")
-        return status, error_reply(exc)
-    reply = {"kind": req.kind, "duration_ms": (time.perf_counter() - t0) * 1e3}
-    reply.update(result)
-    return 200, reply
-
-
 class AdminListener:
     """The scheduler process's end of the admin channel. The constructor stores config;
     :meth:`start` binds the socket and starts the accept thread."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, run: Callable[[Any, Any], tuple[int, dict]]) -> None:
         self.port = port
+        self._run = run
         self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._sock: socket.socket | None = None
         self.disabled = False
@@ -212,29 +179,98 @@ class AdminListener:
             with job.lock:
                 if job.abandoned:
                     continue
-            reply = run_handler(scheduler, job.body)
+            reply = self._run(scheduler, job.body)
             with job.lock:
                 job.reply = reply
                 job.done.set()
 
 
-_listener: AdminListener | None = None
+class AdminChannel:
+    """The ``admin`` feature in one process: the kinds, and (scheduler) the listener."""
 
+    def __init__(self, host: Any) -> None:
+        self.host = host
+        self.handlers: dict[str, _Entry] = {}
+        self.listener: AdminListener | None = None
 
-def around_ingest_requests(original: Callable[..., Any], scheduler: Any, *a: Any, **kw: Any) -> Any:
-    """AROUND hook of ``Scheduler.ingest_requests``: the original, then the admin jobs."""
-    global _listener
-    result = original(scheduler, *a, **kw)
-    if _listener is None:
-        _listener = AdminListener(int(scheduler.server_args.port))
+    def register(self, kind: str, fn: Handler, *, quiescent: bool = True) -> None:
+        """Registers (or replaces) the handler of ``kind``; see the module contract."""
+        if not kind or not isinstance(kind, str):
+            raise InvalidArgumentError("a migration kind must be a non-empty string")
+        self.handlers[kind] = _Entry(fn, quiescent)
+
+    def kinds(self) -> list[str]:
+        return sorted(self.handlers)
+
+    def run(self, scheduler: Any, body: Any) -> tuple[int, dict]:
+        """Validates ``body``, runs its kind's handler, and returns (HTTP status, reply).
+        Called on the scheduler thread."""
+        t0 = time.perf_counter()
         try:
-            _listener.start()
-        except OSError as exc:  # e.g. several schedulers (data parallel) behind one port
-            logger.warning("banaserve admin channel not available in this scheduler: %s", exc)
-            _listener.disabled = True
-    if not _listener.disabled:
-        _listener.drain(scheduler)
-    return result
+            if not isinstance(body, dict):
+                raise InvalidArgumentError("the body must be a JSON object")
+            req = msgspec.convert(body, MigrateRequest)
+            entry = self.handlers.get(req.kind)
+            if entry is None:
+                refused = self.host.refusal_for_kind(req.kind) if self.host else None
+                if refused is not None:
+                    raise NotSupportedError(refused)
+                raise InvalidArgumentError(
+                    f"unknown migration kind {req.kind!r}; registered: {self.kinds()}"
+                )
+            if entry.quiescent and scheduler.enable_overlap:
+                raise NotSupportedError(
+                    f"kind {req.kind!r} needs a quiescent scheduler; start SGLang with "
+                    "--disable-overlap-schedule"
+                )
+            if int(scheduler.tp_size) != 1:
+                raise NotSupportedError("migrations support tp_size == 1 only")
+            result = entry.fn(scheduler, body)
+            if not isinstance(result, dict):
+                raise TypeError(f"handler of {req.kind!r} returned {type(result).__name__}")
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a typed reply
+            status = http_status_for(exc)
+            if status == 500:
+                logger.exception("banaserve migrate: handler failed")
+            return status, error_reply(exc)
+        reply = {"kind": req.kind, "duration_ms": (time.perf_counter() - t0) * 1e3}
+        reply.update(result)
+        return 200, reply
+
+    def around_ingest_requests(self, original: Callable[..., Any], scheduler: Any, *a: Any,
+                               **kw: Any) -> Any:  # fmt: skip
+        """AROUND hook of ``Scheduler.ingest_requests``: the original, then the admin jobs."""
+        result = original(scheduler, *a, **kw)
+        if self.listener is None:
+            self.listener = AdminListener(int(scheduler.server_args.port), self.run)
+            try:
+                self.listener.start()
+            except OSError as exc:  # e.g. several schedulers (data parallel) behind one port
+                logger.warning("banaserve admin channel not available in this scheduler: %s",
+                               exc)  # fmt: skip
+                self.listener.disabled = True
+        if not self.listener.disabled:
+            self.listener.drain(scheduler)
+        return result
+
+    def status_handler(self, scheduler: Any, body: dict) -> dict:
+        allocator = scheduler.token_to_kv_pool_allocator
+        reqs = [
+            {
+                "rid": r.rid,
+                "req_pool_idx": int(r.kv.req_pool_idx),
+                "kv_committed_len": int(r.kv.kv_committed_len),
+                "input_len": len(r.origin_input_ids),
+                "output_len": len(r.output_ids),
+            }
+            for r in running_requests(scheduler)
+        ]
+        return {
+            "running": reqs,
+            "kv_available": int(allocator.available_size()),
+            "kv_total": int(scheduler.max_total_num_tokens),
+            "kinds": self.kinds(),
+        }
 
 
 # ---- the HTTP side -----------------------------------------------------------------------------
@@ -287,10 +323,9 @@ def running_requests(scheduler: Any) -> list[Any]:
     """Unfinished requests holding committed KV: the running decode batch plus the requests the
     last prefill batch just produced (merged into the running batch at the next step)."""
     seen: dict[int, Any] = {}
-    batches = [getattr(scheduler, "running_batch", None), getattr(scheduler, "last_batch", None)]
-    chunked = getattr(scheduler, "chunked_req", None)
-    for batch in batches:
-        for req in getattr(batch, "reqs", None) or []:
+    chunked = scheduler.chunked_req
+    for batch in (scheduler.running_batch, scheduler.last_batch):
+        for req in (batch.reqs if batch is not None else None) or []:
             if req is chunked or req.finished() or req.kv.req_pool_idx is None:
                 continue
             seen.setdefault(id(req), req)
@@ -304,36 +339,14 @@ def find_request(scheduler: Any, rid: str) -> Any:
     raise NotFoundError(f"no running request with rid {rid!r}")
 
 
-def status_handler(scheduler: Any, body: dict) -> dict:
-    allocator = scheduler.token_to_kv_pool_allocator
-    reqs = [
-        {
-            "rid": r.rid,
-            "req_pool_idx": int(r.kv.req_pool_idx),
-            "kv_committed_len": int(r.kv.kv_committed_len),
-            "input_len": len(r.origin_input_ids),
-            "output_len": len(r.output_ids),
-        }
-        for r in running_requests(scheduler)
-    ]
-    return {
-        "running": reqs,
-        "kv_available": int(allocator.available_size()),
-        "kv_total": int(scheduler.max_total_num_tokens),
-        "kinds": registered_kinds(),
-    }
-
-
-def register() -> None:
-    """Called from the plug-in in every SGLang process: the hook everywhere, the route in the
-    HTTP server (the launcher process)."""
+def activate(host: Any) -> AdminChannel:
+    """Activation of the ``admin`` feature: the ``ingest_requests`` hook in every process (SGLang
+    applies it where the Scheduler runs), the route in the HTTP server (the launcher)."""
     import multiprocessing
 
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    register_migration_handler("status", status_handler, quiescent=False)
-    HookRegistry.register(INGEST_TARGET, around_ingest_requests, HookType.AROUND)
+    channel = AdminChannel(host)
+    channel.register("status", channel.status_handler, quiescent=False)
+    host.hook("admin", "Scheduler.ingest_requests", channel.around_ingest_requests)
     if multiprocessing.parent_process() is None:
-        from sglang.srt.entrypoints.http_server import app
-
-        add_route(app)
+        add_route(host.ns("admin")["http_server.app"])
+    return channel

@@ -23,6 +23,10 @@ each layer ready as the model's attention writes it. When SGLang then hands the 
 (``add_transfer_request``), the pages a stream already carries are only waited for and the rest
 (e.g. a cached prefix, or everything when the model could not be hooked) is posted per chunk as
 before. The aux row still goes last.
+
+SGLang's classes and constants come from the host layer (:mod:`.host`, feature ``pd``):
+:func:`build_classes` mixes :class:`ManagerCore` into the base classes of a namespace, SGLang's
+for the server, a fake host's in the unit tests (``python_tests/unit/test_sglang_conn_fake.py``).
 """
 
 from __future__ import annotations
@@ -37,22 +41,12 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from sglang.srt.disaggregation.base.conn import KVArgs, KVPoll
-from sglang.srt.disaggregation.common.conn import (
-    ABORT_ACK_TAG,
-    ABORT_TAG,
-    AbortNotification,
-    CommonKVBootstrapServer,
-    CommonKVManager,
-    CommonKVReceiver,
-    CommonKVSender,
-)
-from sglang.srt.disaggregation.utils import DisaggregationMode
-from sglang.srt.server_args import ServerArgs
 
 from ... import _env
 from ...errors import BanaserveError, InvalidArgumentError
 from . import wire
+from .layer_send import LayerSend, RoomStats
+from .pages import uncovered_ranges
 
 logger = logging.getLogger(__name__)
 
@@ -83,120 +77,33 @@ class _Chunk:
     t_enqueued: float = field(default_factory=time.perf_counter)
 
 
-class _LayerSend:
-    """The layer streams of one request's chunk (one per decode peer), opened before the
-    forward pass that computes it. ``positions`` are page positions in SGLang's index_slice
-    coordinates; ``pages`` the source pages at those positions."""
+class ManagerCore:
+    """The banaserve KV manager's logic. The class SGLang instantiates is this mixed into
+    SGLang's ``CommonKVManager`` (:func:`manager_class`); ``_sg`` is the namespace of SGLang
+    objects it uses (the host's ``pd`` namespace, or a fake host's in the unit tests)."""
 
-    warned_all_late = False
-
-    def __init__(self, mgr: BanaserveKVManager, room: int, first_pos: int,
-                 pages: npt.NDArray[np.int64], streams: list[Any], layer_nbytes: int,
-                 num_layers: int) -> None:  # fmt: skip
-        self.mgr = mgr
-        self.room = room
-        self.positions = (first_pos, first_pos + len(pages))
-        self.pages = pages
-        self.streams = streams
-        self.layer_nbytes = layer_nbytes  # bytes of one layer, all peers together
-        self.marked = [False] * num_layers
-        self.num_marked = 0
-        self.late_layers = 0
-        self.t_first: float | None = None
-        self.t_last: float | None = None  # when the last layer was marked
-        self.t_done: float | None = None  # when every stream completed (the watcher's clock)
-        self.done = threading.Event()
-        self.queued = False
-        self.failed: str | None = None  # set when a layer could not be posted
-
-    def mark(self, layer: int, *, late: bool = False) -> None:
-        """Layer ``layer`` is final in the pool: post it to every peer (scheduler thread)."""
-        if self.marked[layer]:
-            return
-        self.marked[layer] = True
-        for s in self.streams:
-            s.mark_layer_ready(layer)
-        now = time.perf_counter()
-        if self.t_first is None:
-            self.t_first = now
-        self.num_marked += 1
-        self.late_layers += int(late)
-        if self.num_marked == len(self.marked):
-            self.t_last = now
-            self._watch()
-
-    def finish_forward(self) -> None:
-        """The forward pass returned: layers the hook did not see are final now too."""
-        if self.failed is not None:
-            self.abandon()
-            return
-        try:
-            for layer, marked in enumerate(self.marked):
-                if not marked:
-                    self.mark(layer, late=True)
-        except Exception as exc:
-            self.failed = f"layers could not be posted after the forward pass: {exc}"
-            self.abandon()
-            return
-        if self.late_layers == len(self.marked) and not _LayerSend.warned_all_late:
-            _LayerSend.warned_all_late = True
-            logger.warning(
-                "banaserve: no layer was marked from the attention hook during the forward "
-                "pass (hooks not called?); layers are sent after it"
-            )
-
-    def abandon(self) -> None:
-        for s in self.streams:
-            s.cancel()
-        self._watch()
-
-    def _watch(self) -> None:
-        if not self.queued:
-            self.queued = True
-            self.mgr._watch_queue.put(self)
-
-    def wait(self, timeout_s: float) -> None:
-        if self.failed is not None:
-            raise BanaserveError(self.failed)
-        if not self.done.is_set() and all(s.state.terminal for s in self.streams):
-            if self.t_done is None:  # noticed here before the watcher thread got the GIL
-                self.t_done = time.perf_counter()
-            self.done.set()
-        if not self.done.wait(timeout_s):
-            for s in self.streams:
-                s.cancel()
-            raise TimeoutError(f"layer streams not done after {timeout_s}s")
-        for s in self.streams:
-            if s.state.name != "DONE":
-                raise BanaserveError(f"layer stream ended {s.state.name}")
-
-
-@dataclass
-class _RoomStats:
-    layer_bytes: int = 0
-    late_bytes: int = 0
-    chunk_bytes: int = 0
-    last: _LayerSend | None = None
-    seen: set[int] = field(default_factory=set)
-    t_first_enqueued: float | None = None  # the room's first chunk handed over by SGLang
-    write_s: float = 0.0  # time the per-chunk KV WRITEs took, submit to completion
-
-
-class BanaserveKVManager(CommonKVManager):
+    _sg: Any = None
     kv_status_msg_tag = wire.TAG_STATUS
     kv_status_msg_carries_reason = True
     reports_transfer_latency = True
     sender_trace_module = None
 
+    @property
+    def _poll(self) -> Any:
+        return self._sg.KVPoll
+
     def __init__(
         self,
-        args: KVArgs,
-        disaggregation_mode: DisaggregationMode,
-        server_args: ServerArgs,
+        args: Any,
+        disaggregation_mode: Any,
+        server_args: Any,
         is_mla_backend: bool | None = False,
     ) -> None:
-        super().__init__(args, disaggregation_mode, server_args, is_mla_backend)
+        base_init = super().__init__  # SGLang's CommonKVManager (or a fake host's)
+        base_init(args, disaggregation_mode, server_args, is_mla_backend)  # type: ignore[call-arg]
         from ...transfer import TransferEngine
+
+        sg = self._sg
 
         self._stopped = False
         self._threads: list[threading.Thread] = []
@@ -216,7 +123,7 @@ class BanaserveKVManager(CommonKVManager):
         ]
         self._local_kv = self._prepare(self._buffers)
         self._local_aux = [self._prepare(a) for a in self._aux_buffers]
-        if disaggregation_mode == DisaggregationMode.PREFILL:
+        if disaggregation_mode == sg.DisaggregationMode.PREFILL:
             self._peers: dict[str, _Peer] = {}
             self._peers_lock = threading.Lock()
             self._queue: queue.Queue = queue.Queue()
@@ -224,9 +131,9 @@ class BanaserveKVManager(CommonKVManager):
             self._layer_order: list[int] | None = None
             self._layer_bpl = 0
             self._local_kv_layered: Any = None
-            self._layer_sends: dict[int, list[_LayerSend]] = {}
+            self._layer_sends: dict[int, list[LayerSend]] = {}
             self._pending: dict[int, int] = {}  # chunks of a room queued for the transfer thread
-            self._room_stats: dict[int, _RoomStats] = {}
+            self._room_stats: dict[int, RoomStats] = {}
             self._layer_lock = threading.Lock()
             self._watch_queue: queue.Queue = queue.Queue()
             self.counters = {"layer_bytes": 0, "late_layer_bytes": 0, "chunk_bytes": 0,
@@ -241,7 +148,7 @@ class BanaserveKVManager(CommonKVManager):
                 self.engine.engine_id, self.local_ip, len(self._buffers.bases),
                 self._buffers.num_items, self._buffers.item_nbytes,
             )  # fmt: skip
-        elif disaggregation_mode == DisaggregationMode.DECODE:
+        elif disaggregation_mode == sg.DisaggregationMode.DECODE:
             self._spawn("banaserve-decode-control", self._decode_control_loop)
             self._threads.append(self._start_heartbeat_checker_thread())
 
@@ -324,7 +231,7 @@ class BanaserveKVManager(CommonKVManager):
             if frames is None:
                 continue
             try:
-                if frames and frames[0] == ABORT_TAG:
+                if frames and frames[0] == self._sg.ABORT_TAG:
                     self._on_abort(frames)
                     continue
                 msg = wire.decode(frames)
@@ -373,21 +280,21 @@ class BanaserveKVManager(CommonKVManager):
             self.req_to_decode_prefix_len[msg.room] = next(
                 (i.decode_prefix_len for i in infos.values() if i.decode_prefix_len), 0
             )
-            self.update_status(msg.room, KVPoll.WaitingForInput)
+            self.update_status(msg.room, self._poll.WaitingForInput)
 
     def _on_abort(self, frames: list[bytes]) -> None:
-        note = AbortNotification.from_zmq(frames)
+        note = self._sg.AbortNotification.from_zmq(frames)
         if note is None:
             return
         status = self.request_status.get(note.room)
-        if status is not None and status != KVPoll.Success:
+        if status is not None and status != self._poll.Success:
             self.record_failure(note.room, "Aborted by the decode side")
-            self.update_status(note.room, KVPoll.Failed)
+            self.update_status(note.room, self._poll.Failed)
         if note.decode_ip is not None and note.decode_port is not None:
             try:
                 self._send_multipart_locked(
                     f"tcp://{note.decode_ip}:{note.decode_port}",
-                    [ABORT_ACK_TAG, str(note.room).encode("ascii")],
+                    [self._sg.ABORT_ACK_TAG, str(note.room).encode("ascii")],
                 )
             except Exception as exc:
                 logger.warning("banaserve: ABORT_ACK for room %s failed: %s", note.room, exc)
@@ -396,8 +303,10 @@ class BanaserveKVManager(CommonKVManager):
     def enable_layerwise(self, order: list[int], buffers_per_layer: int) -> None:
         """Called by :mod:`.layerwise` once the model is hooked: ``order`` lists the KV buffers
         (indices into ``kv_args.kv_data_ptrs``) layer by layer, ``buffers_per_layer`` each."""
-        if sorted(order) != list(range(len(self._buffers.bases))) or buffers_per_layer <= 0 or (
-            len(order) % buffers_per_layer
+        if (
+            sorted(order) != list(range(len(self._buffers.bases)))
+            or buffers_per_layer <= 0
+            or (len(order) % buffers_per_layer)
         ):
             raise InvalidArgumentError(
                 f"layer order {order} does not cover {len(self._buffers.bases)} KV buffers "
@@ -418,7 +327,7 @@ class BanaserveKVManager(CommonKVManager):
         return peer.kv_layered
 
     def open_layer_send(self, room: int, pages: npt.NDArray[np.int64], first_pos: int,
-                        num_layers: int) -> _LayerSend | None:  # fmt: skip
+                        num_layers: int) -> LayerSend | None:  # fmt: skip
         """Opens the layer streams of one request's chunk (scheduler thread, before the forward
         pass); None when this request goes per chunk (destination or peer not known yet)."""
         if self._layer_order is None or num_layers * self._layer_bpl != len(self._layer_order):
@@ -426,7 +335,7 @@ class BanaserveKVManager(CommonKVManager):
         infos = self.transfer_infos.get(room)
         if (
             not infos
-            or self.request_status.get(room) == KVPoll.Failed
+            or self.request_status.get(room) == self._poll.Failed
             or any(len(infos) != i.required_dst_info_num for i in infos.values())
         ):
             self.count_fallback("destination unknown at forward time")
@@ -461,11 +370,11 @@ class BanaserveKVManager(CommonKVManager):
             for peer, src, dst in targets
         ]  # fmt: skip
         layer_nbytes = sum(len(src) for _, src, _ in targets) * self._buffers.item_nbytes
-        send = _LayerSend(self, room, first_pos, pages, streams,
+        send = LayerSend(self, room, first_pos, pages, streams,
                           layer_nbytes * self._layer_bpl, num_layers)  # fmt: skip
         with self._layer_lock:
             stale_rooms = [r for r in self._layer_sends if r != room and (
-                r not in self.request_status or self.request_status[r] == KVPoll.Failed
+                r not in self.request_status or self.request_status[r] == self._poll.Failed
             )]  # fmt: skip
             for stale in stale_rooms:
                 for old in self._layer_sends.pop(stale):
@@ -485,11 +394,9 @@ class BanaserveKVManager(CommonKVManager):
             send.t_done = time.perf_counter()
             send.done.set()
 
-    def _covered(self, chunk: _Chunk) -> tuple[list[_LayerSend], list[tuple[int, int]]]:
+    def _covered(self, chunk: _Chunk) -> tuple[list[LayerSend], list[tuple[int, int]]]:
         """Layer sends that carry pages of ``chunk`` (same source pages at the same positions)
         and the position ranges of the chunk that none carries."""
-        from .layerwise import uncovered_ranges
-
         a = chunk.index_slice.start or 0
         b = a + len(chunk.kv_indices)
         with self._layer_lock:
@@ -528,7 +435,7 @@ class BanaserveKVManager(CommonKVManager):
     ) -> None:
         if (
             bootstrap_room not in self.request_status
-            or self.check_status(bootstrap_room) == KVPoll.Failed
+            or self.check_status(bootstrap_room) == self._poll.Failed
             or bootstrap_room not in self.transfer_infos
         ):
             return
@@ -555,8 +462,10 @@ class BanaserveKVManager(CommonKVManager):
             if self._pending.get(chunk.room, 0):
                 return False
         sends, todo = self._covered(chunk)
-        return not todo and bool(sends) and all(
-            s.state.terminal for send in sends for s in send.streams
+        return (
+            not todo
+            and bool(sends)
+            and all(s.state.terminal for send in sends for s in send.streams)
         )
 
     def _transfer_loop(self) -> None:
@@ -593,12 +502,12 @@ class BanaserveKVManager(CommonKVManager):
         if chunk.wait_event is not None and hasattr(chunk.wait_event, "synchronize"):
             chunk.wait_event.synchronize()
         infos = self.transfer_infos.get(chunk.room)
-        if not infos or self.request_status.get(chunk.room) == KVPoll.Failed:
+        if not infos or self.request_status.get(chunk.room) == self._poll.Failed:
             return
         self._maybe_hold(chunk)
         a = chunk.index_slice.start or 0
         sends, todo = self._covered(chunk)
-        stats = self._room_stats.setdefault(chunk.room, _RoomStats())
+        stats = self._room_stats.setdefault(chunk.room, RoomStats())
         if stats.t_first_enqueued is None:
             stats.t_first_enqueued = chunk.t_enqueued
         t_write = time.perf_counter()
@@ -619,11 +528,9 @@ class BanaserveKVManager(CommonKVManager):
                     self._prefix_pages(info),
                 )  # fmt: skip
                 if len(src):
-                    handles.append(
-                        self.engine.submit(Op.WRITE, self._local_kv, src, peer.kv, dst)
-                    )
-                    stats.chunk_bytes += len(src) * self._buffers.item_nbytes * len(
-                        self._buffers.bases
+                    handles.append(self.engine.submit(Op.WRITE, self._local_kv, src, peer.kv, dst))
+                    stats.chunk_bytes += (
+                        len(src) * self._buffers.item_nbytes * len(self._buffers.bases)
                     )
             if chunk.is_last and chunk.aux_index is not None and info.aux_index >= 0:
                 aux_posts.append((peer, info.aux_index))
@@ -653,7 +560,7 @@ class BanaserveKVManager(CommonKVManager):
         if chunk.is_last:
             self._room_stats.pop(chunk.room, None)
             self._account(chunk.room, stats)
-            self.conclude_transfer(bootstrap_room=chunk.room, status=KVPoll.Success)
+            self.conclude_transfer(bootstrap_room=chunk.room, status=self._poll.Success)
 
     def _wait_all(self, handles: list[Any]) -> None:
         for h in handles:
@@ -677,7 +584,7 @@ class BanaserveKVManager(CommonKVManager):
                        chunk.room, hold_ms)  # fmt: skip
         time.sleep(hold_ms / 1000)
 
-    def _account(self, room: int, stats: _RoomStats) -> None:
+    def _account(self, room: int, stats: RoomStats) -> None:
         c = self.counters
         c["layer_bytes"] += stats.layer_bytes
         c["late_layer_bytes"] += stats.late_bytes
@@ -706,7 +613,7 @@ class BanaserveKVManager(CommonKVManager):
     # -- teardown ------------------------------------------------------------------------------
     def teardown(self) -> None:
         self._stopped = True
-        if self.disaggregation_mode == DisaggregationMode.PREFILL:
+        if self.disaggregation_mode == self._sg.DisaggregationMode.PREFILL:
             self._queue.put(_STOP)
             self._watch_queue.put(_STOP)
         self.engine.stop()
@@ -727,14 +634,51 @@ def _unique_regions(ptrs: list[int], lens: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-class BanaserveKVSender(CommonKVSender):
-    # The host-index fast path of prefill.py pins host memory (CUDA only); use plain indices.
-    supports_host_tensor_indices = False
+def build_classes(sg: Any) -> dict[str, type]:
+    """The four classes SGLang's ``get_kv_class`` hands out for ``banaserve``, built on the
+    base classes of ``sg`` (the host's ``pd`` namespace, or a fake one in tests)."""
+
+    def make(name: str, core: type | None, base: type, **attrs: Any) -> type:
+        bases = (core, base) if core is not None else (base,)
+        cls = type(name, bases, {"__module__": __name__, "_sg": sg, **attrs})
+        cls.__qualname__ = name
+        return cls
+
+    return {
+        "manager": make("BanaserveKVManager", ManagerCore, sg.CommonKVManager),
+        # The host-index fast path of prefill.py pins host memory (CUDA only): plain indices.
+        "sender": make(
+            "BanaserveKVSender", None, sg.CommonKVSender, supports_host_tensor_indices=False
+        ),  # fmt: skip
+        "receiver": make("BanaserveKVReceiver", None, sg.CommonKVReceiver),
+        "bootstrap_server": make(
+            "BanaserveKVBootstrapServer", None, sg.CommonKVBootstrapServer
+        ),  # fmt: skip
+    }
 
 
-class BanaserveKVReceiver(CommonKVReceiver):
-    pass
+_CLASSES: list[dict[str, type]] = []  # built once per process, on SGLang's first request
 
 
-class BanaserveKVBootstrapServer(CommonKVBootstrapServer):
-    pass
+def _classes() -> dict[str, type]:
+    if not _CLASSES:
+        from .host import ns
+
+        _CLASSES.append(build_classes(ns("pd")))
+    return _CLASSES[0]
+
+
+def manager_class() -> type:
+    return _classes()["manager"]
+
+
+def sender_class() -> type:
+    return _classes()["sender"]
+
+
+def receiver_class() -> type:
+    return _classes()["receiver"]
+
+
+def bootstrap_server_class() -> type:
+    return _classes()["bootstrap_server"]

@@ -31,7 +31,9 @@ What it does, and why:
 * ``SGLANG_USE_CPU_ENGINE=1`` unless already set (otherwise rotary embedding imports vllm).
 
 The SGLang-internal patches that only matter once SGLang is imported (Mooncake's host-index path)
-are applied by :func:`apply_sglang_patches`, which the plug-in calls when compat is active.
+are applied by :func:`apply_sglang_patches`, which the host layer's ``cpu_launcher`` feature
+(:func:`activate`) calls in processes started through this launcher; the SGLang internals they
+touch are listed under that feature in ``host/table.py``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import os
 import sys
 import types
 from collections.abc import Callable
+from typing import Any
 
 from ... import _env
 
@@ -108,6 +111,11 @@ def install() -> None:
     install_torchvision_placeholders()
 
 
+def set_features(features: str) -> None:
+    """The launcher's ``--banaserve-features``: exported for this process and its children."""
+    os.environ[_env.SGLANG_FEATURES.name] = features
+
+
 def active() -> bool:
     """True in processes started through the CPU launcher (or their children)."""
     return _env.get(_env.SGLANG_CPU_COMPAT)
@@ -136,13 +144,12 @@ def _wait_until_listening(url: str, timeout_s: float) -> bool:
             time.sleep(0.1)
 
 
-def patch_http_server() -> None:
+def patch_http_server(sg: Any) -> None:
     """SGLang patch for the process that runs the HTTP server (the CPU launcher's main process,
-    which calls it; importing the HTTP server elsewhere would only cost time): the post-warmup
-    GC freeze waits until the server listens. Idempotent."""
-    from sglang.srt.entrypoints import http_server
-
-    original = http_server._freeze_gc_after_server_warmup
+    which calls it with its ``ns("cpu_launcher")``; importing the HTTP server elsewhere would only
+    cost time): the post-warmup GC freeze waits until the server listens. Idempotent."""
+    http_server = sg["http_server"]
+    original = sg["http_server._freeze_gc_after_server_warmup"]
     if getattr(original, "_banaserve_waits", False):
         return
 
@@ -158,7 +165,12 @@ def apply_sglang_patches() -> None:
     """SGLang-internal CPU fixes, applied by the plug-in when :func:`active`."""
     try:
         from sglang.srt.disaggregation.mooncake import conn as mooncake_conn
-    except Exception:  # mooncake not installed: nothing to patch
+    except Exception:  # mooncake not installed: nothing to patch (optional in the host table)
         return
     # Mooncake's sender advertises a GPU-only path (pinned host staging) that fails on CPU.
     mooncake_conn.MooncakeKVSender.supports_host_tensor_indices = False
+
+
+def activate(host: object) -> None:
+    """Activation of the host layer's ``cpu_launcher`` feature."""
+    apply_sglang_patches()

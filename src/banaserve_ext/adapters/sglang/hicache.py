@@ -324,7 +324,9 @@ class PoolStorageCore:
 
 
 def _build_class() -> type:
-    from sglang.srt.mem_cache.hicache_storage import HiCacheStorage
+    from .host import ns
+
+    HiCacheStorage = ns("hicache").HiCacheStorage  # noqa: N806
 
     class BanaserveHiCacheStorage(PoolStorageCore, HiCacheStorage):  # type: ignore[misc]
         """HiCache storage backend over a banaserve shared-memory KV pool."""

@@ -4,17 +4,15 @@
 SGLang 0.5.23's host KV pool assumes an accelerator: it page-locks host buffers with
 ``cudaHostRegister``, binds the ``direct`` IO kernels (``transfer_kv_direct``) only for
 CUDA/HIP/XPU, and synchronises a device stream. On a CPU-only host, and only in processes started
-through the CPU launcher (:func:`.cpu_compat.active`), :func:`register` — the
-``sglang.srt.plugins`` entry point ``banaserve_hicache_cpu``, run in every SGLang process —
-replaces those three with CPU equivalents. GPU hosts and plain SGLang launches are never touched.
+through the CPU launcher (:func:`.cpu_compat.active`) of a server with HiCache on, the host
+layer's ``hicache_cpu`` feature (:func:`activate`) replaces those three with CPU equivalents.
+GPU hosts, plain SGLang launches and servers without HiCache are never touched.
 """
 
 from __future__ import annotations
 
 import logging
 from typing import Any
-
-from . import cpu_compat
 
 logger = logging.getLogger(__name__)
 
@@ -29,22 +27,33 @@ def transfer_kv_direct(
         dst[dst_indices.to(dst.device)] = src[src_indices.to(src.device)]
 
 
-def apply() -> None:
+def _no_host_register(buffer: Any, registration_granularity_bytes: int | None = None) -> None:
+    return None  # nothing to page-lock for: no device will DMA from host memory
+
+
+def activate(host: Any) -> None:
+    """Activation of the ``hicache_cpu`` feature (its internals are probed by the host)."""
+    import importlib
+
     import torch
-    from sglang.srt.mem_cache import memory_pool_host
-    from sglang.srt.mem_cache.pool_host import common, mha
 
-    def _no_host_register(buffer: Any, registration_granularity_bytes: int | None = None) -> None:
-        return None  # nothing to page-lock for: no device will DMA from host memory
-
+    table = host.table["hicache_cpu"]
+    register_fn = table["pool_host.common._cuda_host_register"].path
+    common = importlib.import_module(register_fn.rpartition(".")[0])
     common._cuda_host_register = _no_host_register
-    mha.transfer_kv_direct = transfer_kv_direct
-    memory_pool_host.transfer_kv_direct = transfer_kv_direct
+    for name in ("pool_host.mha.transfer_kv_direct", "memory_pool_host.transfer_kv_direct"):
+        try:
+            module = importlib.import_module(table[name].path)
+        except ImportError:  # the optional legacy module is gone: nothing to patch there
+            continue
+        module.transfer_kv_direct = transfer_kv_direct
     torch.cpu.Stream.synchronize = lambda self: None  # type: ignore[method-assign]
     logger.info("banaserve: HiCache host tier patched for CPU")
 
 
 def register() -> None:
-    """``sglang.srt.plugins`` entry point: applies :func:`apply` under the CPU launcher only."""
-    if cpu_compat.active():
-        apply()
+    """Entry point ``banaserve_hicache_cpu`` (kept for installs that list it in
+    ``SGLANG_PLUGINS``): the host layer loads every feature the server selected."""
+    from . import host
+
+    host.load()

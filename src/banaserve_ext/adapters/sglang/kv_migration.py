@@ -9,7 +9,8 @@ SGLang's allocator (other requests may take them at once). ``fraction`` f picks 
 ⌊f·committed⌋ tokens. ``kv_back``: ``{"kind": "kv_back", "rid"}`` allocates slots again, reads
 the slice back and joins the row.
 
-Hooks (registered by the plug-in, applied by SGLang in the scheduler process):
+Hooks (registered through the host layer when the server opted into ``kv_migration``, applied
+by SGLang in the scheduler process; the feature's state lives on one :class:`KvMigration`):
 
 * ``TorchNativeAttnBackend.forward_decode`` (AROUND): after SGLang's own decode attention, the
   rows of split requests are recomputed — the local partial over the positions still held, the
@@ -52,12 +53,6 @@ from . import admin
 
 logger = logging.getLogger(__name__)
 
-DECODE_TARGET = (
-    "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend.forward_decode"
-)
-FREE_ROW_TARGET = "sglang.srt.mem_cache.base_prefix_cache.BasePrefixCache.free_kv_row"
-RELEASE_TARGET = "sglang.srt.mem_cache.common.release_kv_cache"
-RESULT_TARGET = "sglang.srt.managers.scheduler.Scheduler.process_batch_result"
 TRANSFER_TIMEOUT_S = 60.0
 PEER_TIMEOUT_S = 10.0
 
@@ -181,310 +176,308 @@ class _Owner:
             b[idx] = float("nan")
 
 
-_SPLITS: dict[int, Split] = {}
-#: where split attention spends its time (reported by ``kv_splits``)
-_COUNTERS: dict[str, float] = {"split_layer_calls": 0, "split_attention_s": 0.0, "peer_wait_s": 0.0}
-_PEERS: dict[str, _PeerLink] = {}
-_OWNER: list[_Owner] = []
+class KvMigration:
+    """The ``kv_migration`` feature in one scheduler process: splits, peers, the owner's engine."""
 
+    def __init__(self, host: Any) -> None:
+        self.sg = host.ns("kv_migration")
+        self.splits: dict[int, Split] = {}
+        #: where split attention spends its time (reported by ``kv_splits``)
+        self.counters: dict[str, float] = {"split_layer_calls": 0, "split_attention_s": 0.0,
+                                           "peer_wait_s": 0.0}  # fmt: skip
+        self.peers: dict[str, _PeerLink] = {}
+        self._owner: _Owner | None = None
 
-def splits() -> dict[int, Split]:
-    return _SPLITS
+    def owner(self, scheduler: Any) -> _Owner:
+        if self._owner is None:
+            self._owner = _Owner(scheduler.token_to_kv_pool_allocator.get_kvcache())
+        return self._owner
 
+    def _check_deployment(self, scheduler: Any) -> None:
+        args = scheduler.server_args
+        if args.attention_backend != "torch_native":
+            raise NotSupportedError("KV migration hooks the torch_native attention backend only")
+        if not args.disable_radix_cache:
+            raise NotSupportedError("KV migration needs --disable-radix-cache")
+        if int(scheduler.token_to_kv_pool_allocator.page_size) != 1:
+            raise NotSupportedError("KV migration supports page size 1 only")
+        # split rows are recomputed in decode forwards only: a decode request inside an extend
+        # batch (mixed chunks) or a verify pass (speculative decoding) would read freed slots
+        if args.enable_mixed_chunk or args.speculative_algorithm:
+            raise NotSupportedError(
+                "KV migration does not support --enable-mixed-chunk or speculative decoding"
+            )
 
-def _owner(scheduler: Any) -> _Owner:
-    if not _OWNER:
-        _OWNER.append(_Owner(scheduler.token_to_kv_pool_allocator.get_kvcache()))
-    return _OWNER[0]
+    def _transfer(self, owner: _Owner, op: Any, slots: Any, remote: Any, n: int) -> None:
+        import numpy as np
 
+        h = owner.engine.submit(op, owner.local, slots, remote, np.arange(n, dtype=np.int64))
+        with h:
+            if not h.wait(TRANSFER_TIMEOUT_S):
+                raise TransferTimeoutError(
+                    f"KV transfer of {n} tokens took over {TRANSFER_TIMEOUT_S}s"
+                )
 
-def _check_deployment(scheduler: Any) -> None:
-    args = scheduler.server_args
-    if args.attention_backend != "torch_native":
-        raise NotSupportedError("KV migration hooks the torch_native attention backend only")
-    if not args.disable_radix_cache:
-        raise NotSupportedError("KV migration needs --disable-radix-cache")
-    if int(scheduler.token_to_kv_pool_allocator.page_size) != 1:
-        raise NotSupportedError("KV migration supports page size 1 only")
-    # split rows are recomputed in decode forwards only: a decode request inside an extend batch
-    # (mixed chunks) or a verify pass (speculative decoding) would read the freed slots
-    if getattr(args, "enable_mixed_chunk", False) or getattr(args, "speculative_algorithm", None):
-        raise NotSupportedError(
-            "KV migration does not support --enable-mixed-chunk or speculative decoding"
+    def _remote_layout(self, owner: _Owner, link: _PeerLink, meta: dict, n: int) -> Any:
+        link.engine_peer = owner.engine.add_peer(meta["metadata"])
+        return owner.engine.prepare_layout(
+            meta["bases"], int(meta["item_nbytes"]), n, peer=link.engine_peer
         )
 
+    def migrate_kv(self, scheduler: Any, body: dict) -> dict:
+        """Handler of ``kv`` (runs on the scheduler thread between steps)."""
+        from ...transfer import Op
 
-def _transfer(owner: _Owner, op: Any, slots: Any, remote: Any, n: int) -> None:
-    import numpy as np
-
-    h = owner.engine.submit(op, owner.local, slots, remote, np.arange(n, dtype=np.int64))
-    with h:
-        if not h.wait(TRANSFER_TIMEOUT_S):
-            raise TransferTimeoutError(f"KV transfer of {n} tokens took over {TRANSFER_TIMEOUT_S}s")
-
-
-def _remote_layout(owner: _Owner, link: _PeerLink, meta: dict, n: int) -> Any:
-    link.engine_peer = owner.engine.add_peer(meta["metadata"])
-    return owner.engine.prepare_layout(
-        meta["bases"], int(meta["item_nbytes"]), n, peer=link.engine_peer
-    )
-
-
-def migrate_kv(scheduler: Any, body: dict) -> dict:
-    """Handler of ``kv`` (runs on the scheduler thread between steps)."""
-    from ...transfer import Op
-
-    req_body = msgspec.convert(body, KvMigrate)
-    _check_deployment(scheduler)
-    req = admin.find_request(scheduler, req_body.rid)
-    idx = int(req.kv.req_pool_idx)
-    if idx in _SPLITS:
-        raise AlreadyExistsError(f"request {req.rid!r} already has migrated KV")
-    start, end = pick_range(int(req.kv.kv_committed_len), int(req.kv.cache_protected_len), req_body)
-    n = end - start
-    owner = _owner(scheduler)
-    allocator = scheduler.token_to_kv_pool_allocator
-    available_before = int(allocator.available_size())
-    link = _PEERS.get(req_body.peer) or _PeerLink(req_body.peer)
-    link.ensure()
-    _PEERS[req_body.peer] = link
-    t0 = time.perf_counter()
-    meta = link.client.call({
-        "op": "alloc", "layers": owner.layers, "tokens": n, "kv_heads": owner.kv_heads,
-        "head_dim": owner.head_dim, "dtype": owner.dtype,
-    })  # fmt: skip
-    slots = scheduler.req_to_token_pool.req_to_token[idx, start:end].to("cpu").clone()
-    try:
-        remote = _remote_layout(owner, link, meta, n)
-        t1 = time.perf_counter()
-        _transfer(owner, Op.WRITE, slots.numpy(), remote, n)
-        t2 = time.perf_counter()
-    except Exception:
-        try:
-            link.client.call({"op": "free", "slice": meta["slice"]})
-        except Exception:  # noqa: BLE001 - the original error is the one to report
-            pass
-        raise
-    nbytes = 2 * owner.layers * n * owner.item_nbytes
-    _SPLITS[idx] = Split(
-        req.rid, idx, start, end, link, int(meta["slice"]), list(meta["bases"]), nbytes
-    )
-    if req_body.scrub:
-        owner.scrub(slots)
-    allocator.free(slots.to(scheduler.req_to_token_pool.req_to_token.device))
-    return {
-        "rid": req.rid, "peer": req_body.peer, "start": start, "end": end, "tokens": n,
-        "layers": owner.layers, "bytes": nbytes, "transfer_ms": (t2 - t1) * 1e3,
-        "setup_ms": (t1 - t0) * 1e3, "freed_slots": n, "kv_available_before": available_before,
-        "kv_available_after": int(allocator.available_size()),
-    }  # fmt: skip
-
-
-def migrate_kv_back(scheduler: Any, body: dict) -> dict:
-    """Handler of ``kv_back``: the slice comes home into freshly allocated slots."""
-    import torch
-
-    from ...transfer import Op
-
-    req_body = msgspec.convert(body, KvMigrateBack)
-    req = admin.find_request(scheduler, req_body.rid)
-    split = _SPLITS.get(int(req.kv.req_pool_idx))
-    if split is None:
-        raise NotFoundError(f"request {req.rid!r} has no migrated KV")
-    if split.failed:
-        raise NotSupportedError(f"the peer of {req.rid!r} failed: {split.failed}")
-    owner = _owner(scheduler)
-    allocator = scheduler.token_to_kv_pool_allocator
-    n = split.end - split.start
-    slots = allocator.alloc(n)
-    if slots is None:
-        raise ResourceExhaustedError(
-            f"no room for {n} KV slots (have {allocator.available_size()})"
+        req_body = msgspec.convert(body, KvMigrate)
+        self._check_deployment(scheduler)
+        req = admin.find_request(scheduler, req_body.rid)
+        idx = int(req.kv.req_pool_idx)
+        if idx in self.splits:
+            raise AlreadyExistsError(f"request {req.rid!r} already has migrated KV")
+        start, end = pick_range(
+            int(req.kv.kv_committed_len), int(req.kv.cache_protected_len), req_body
         )
-    t0 = time.perf_counter()
-    try:
-        meta = {"metadata": split.peer.client.call({"op": "meta"})["metadata"]}
-        meta.update(bases=split.bases, item_nbytes=owner.item_nbytes)
-        remote = _remote_layout(owner, split.peer, meta, n)
-        _transfer(owner, Op.READ, slots.to("cpu", torch.int64).numpy(), remote, n)
-    except Exception:
-        allocator.free(slots)
-        raise
-    t1 = time.perf_counter()
-    scheduler.req_to_token_pool.req_to_token[split.req_pool_idx, split.start : split.end] = slots
-    del _SPLITS[split.req_pool_idx]
-    _drop_slice(split)
-    return {
-        "rid": req.rid, "start": split.start, "end": split.end, "tokens": n,
-        "bytes": split.nbytes, "transfer_ms": (t1 - t0) * 1e3,
-        "kv_available_after": int(allocator.available_size()),
-    }  # fmt: skip
-
-
-def _drop_slice(split: Split) -> None:
-    if split.failed:
-        return
-    try:
-        split.peer.client.call({"op": "free", "slice": split.slice_id})
-    except Exception as exc:  # noqa: BLE001 - the owner side is consistent either way
-        logger.warning("banaserve: freeing slice %d at %s failed: %s", split.slice_id,
-                       split.peer.address, exc)  # fmt: skip
-
-
-# ---- hooks -------------------------------------------------------------------------------------
-def _split_rows(forward_batch: Any) -> list[tuple[int, Split]]:
-    idxs = forward_batch.req_pool_indices.tolist()
-    return [(i, _SPLITS[p]) for i, p in enumerate(idxs) if p in _SPLITS]
-
-
-def around_forward_decode(
-    original: Any, backend: Any, q: Any, k: Any, v: Any, layer: Any, forward_batch: Any,
-    *args: Any, **kwargs: Any,
-) -> Any:  # fmt: skip
-    o = original(backend, q, k, v, layer, forward_batch, *args, **kwargs)
-    if not _SPLITS:
-        return o
-    rows = _split_rows(forward_batch)
-    if rows:
+        n = end - start
+        owner = self.owner(scheduler)
+        allocator = scheduler.token_to_kv_pool_allocator
+        available_before = int(allocator.available_size())
+        link = self.peers.get(req_body.peer) or _PeerLink(req_body.peer)
+        link.ensure()
+        self.peers[req_body.peer] = link
         t0 = time.perf_counter()
-        _fix_split_rows(backend, q, o, layer, forward_batch, rows)
-        _COUNTERS["split_layer_calls"] += 1
-        _COUNTERS["split_attention_s"] += time.perf_counter() - t0
-    return o
-
-
-def _fix_split_rows(
-    backend: Any, q: Any, o: Any, layer: Any, forward_batch: Any, rows: list[tuple[int, Split]]
-) -> None:
-    import torch
-
-    from ...migration.attn_math import merge_states_auto, partial_attention
-
-    hq, dq, dv = layer.tp_q_head_num, layer.qk_head_dim, layer.v_head_dim
-    q3 = q.reshape(-1, hq, dq)
-    o3 = o.view(-1, hq, dv)
-    pool = backend.token_to_kv_pool
-    k_cache = pool.get_key_buffer(layer.layer_id)
-    v_cache = pool.get_value_buffer(layer.layer_id)
-    req_to_token = backend.req_to_token_pool.req_to_token
-    seq_lens = forward_batch.seq_lens.tolist()
-    rel_layer = layer.layer_id - int(getattr(pool, "start_layer", 0) or 0)
-    # post every peer's share first, then compute the local partials while the peers work
-    by_peer: dict[str, list[int]] = {}
-    for j, (_, split) in enumerate(rows):
-        if not split.failed:
-            by_peer.setdefault(split.peer.address, []).append(j)
-    pending: list[tuple[list[int], Any, Any]] = []  # (rows, link, call or exception)
-    for js in by_peer.values():
-        link = rows[js[0]][1].peer
-        qs = torch.cat([q3[rows[j][0] : rows[j][0] + 1] for j in js]).float()
+        meta = link.client.call({
+            "op": "alloc", "layers": owner.layers, "tokens": n, "kv_heads": owner.kv_heads,
+            "head_dim": owner.head_dim, "dtype": owner.dtype,
+        })  # fmt: skip
+        slots = scheduler.req_to_token_pool.req_to_token[idx, start:end].to("cpu").clone()
         try:
-            call: Any = link.client.begin_attend(
-                rel_layer, [rows[j][1].slice_id for j in js], qs, layer.scaling
+            remote = self._remote_layout(owner, link, meta, n)
+            t1 = time.perf_counter()
+            self._transfer(owner, Op.WRITE, slots.numpy(), remote, n)
+            t2 = time.perf_counter()
+        except Exception:
+            try:
+                link.client.call({"op": "free", "slice": meta["slice"]})
+            except Exception:  # noqa: BLE001 - the original error is the one to report
+                pass
+            raise
+        nbytes = 2 * owner.layers * n * owner.item_nbytes
+        self.splits[idx] = Split(
+            req.rid, idx, start, end, link, int(meta["slice"]), list(meta["bases"]), nbytes
+        )
+        if req_body.scrub:
+            owner.scrub(slots)
+        allocator.free(slots.to(scheduler.req_to_token_pool.req_to_token.device))
+        return {
+            "rid": req.rid, "peer": req_body.peer, "start": start, "end": end, "tokens": n,
+            "layers": owner.layers, "bytes": nbytes, "transfer_ms": (t2 - t1) * 1e3,
+            "setup_ms": (t1 - t0) * 1e3, "freed_slots": n, "kv_available_before": available_before,
+            "kv_available_after": int(allocator.available_size()),
+        }  # fmt: skip
+
+    def migrate_kv_back(self, scheduler: Any, body: dict) -> dict:
+        """Handler of ``kv_back``: the slice comes home into freshly allocated slots."""
+        import torch
+
+        from ...transfer import Op
+
+        req_body = msgspec.convert(body, KvMigrateBack)
+        req = admin.find_request(scheduler, req_body.rid)
+        split = self.splits.get(int(req.kv.req_pool_idx))
+        if split is None:
+            raise NotFoundError(f"request {req.rid!r} has no migrated KV")
+        if split.failed:
+            raise NotSupportedError(f"the peer of {req.rid!r} failed: {split.failed}")
+        owner = self.owner(scheduler)
+        allocator = scheduler.token_to_kv_pool_allocator
+        n = split.end - split.start
+        slots = allocator.alloc(n)
+        if slots is None:
+            raise ResourceExhaustedError(
+                f"no room for {n} KV slots (have {allocator.available_size()})"
             )
-        except Exception as exc:  # noqa: BLE001 - handled with the replies below
-            call = exc
-        pending.append((js, link, call))
-    local_o, local_lse = [], []
-    for i, split in rows:
-        row = req_to_token[split.req_pool_idx]
-        slots = torch.cat((row[: split.start], row[split.end : seq_lens[i]]))
-        lo, ll = partial_attention(q3[i : i + 1], k_cache[slots], v_cache[slots], layer.scaling)
-        local_o.append(lo)
-        local_lse.append(ll)
-    o_loc, lse_loc = torch.cat(local_o), torch.cat(local_lse)  # [R, Hq, Dv], [R, Hq]
-    o_far, lse_far = torch.empty_like(o_loc), torch.empty_like(lse_loc)
-    merged = torch.zeros(len(rows), dtype=torch.bool)
-    for js, link, call in pending:
+        t0 = time.perf_counter()
         try:
-            if isinstance(call, Exception):
-                raise call
-            t_wait = time.perf_counter()
-            po, plse = call.result()
-            _COUNTERS["peer_wait_s"] += time.perf_counter() - t_wait
-        except Exception as exc:  # noqa: BLE001 - every affected request fails, clearly
-            why = f"attention peer {link.address} failed at layer {layer.layer_id}: {exc}"
-            logger.error("banaserve: %s", why)
-            for j in js:
-                rows[j][1].failed = why
-            continue
-        o_far[js], lse_far[js], merged[js] = po, plse, True
-    if bool(merged.all()):
-        out, _ = merge_states_auto(o_loc, lse_loc, o_far, lse_far)
-    else:  # failed rows keep their local part: finite, and the request is aborted after the step
-        out = o_loc.clone()
-        if bool(merged.any()):
-            out[merged] = merge_states_auto(
-                o_loc[merged], lse_loc[merged], o_far[merged], lse_far[merged]
-            )[0]
-    o3[[i for i, _ in rows]] = out.to(o3.dtype)
+            meta = {"metadata": split.peer.client.call({"op": "meta"})["metadata"]}
+            meta.update(bases=split.bases, item_nbytes=owner.item_nbytes)
+            remote = self._remote_layout(owner, split.peer, meta, n)
+            self._transfer(owner, Op.READ, slots.to("cpu", torch.int64).numpy(), remote, n)
+        except Exception:
+            allocator.free(slots)
+            raise
+        t1 = time.perf_counter()
+        req_to_token = scheduler.req_to_token_pool.req_to_token
+        req_to_token[split.req_pool_idx, split.start : split.end] = slots
+        del self.splits[split.req_pool_idx]
+        self._drop_slice(split)
+        return {
+            "rid": req.rid, "start": split.start, "end": split.end, "tokens": n,
+            "bytes": split.nbytes, "transfer_ms": (t1 - t0) * 1e3,
+            "kv_available_after": int(allocator.available_size()),
+        }  # fmt: skip
 
+    def _drop_slice(self, split: Split) -> None:
+        if split.failed:
+            return
+        try:
+            split.peer.client.call({"op": "free", "slice": split.slice_id})
+        except Exception as exc:  # noqa: BLE001 - the owner side is consistent either way
+            logger.warning("banaserve: freeing slice %d at %s failed: %s", split.slice_id,
+                           split.peer.address, exc)  # fmt: skip
 
-def around_free_kv_row(
-    original: Any, cache: Any, kv: Any, ranges: list[tuple[int, int]], *a: Any, **kw: Any
-) -> Any:
-    split = _SPLITS.get(kv.req_pool_idx) if _SPLITS else None
-    if split is not None:
-        ranges = subtract_range(list(ranges), split.start, split.end)
-    return original(cache, kv, ranges, *a, **kw)
+    # ---- hooks ---------------------------------------------------------------------------------
+    def _split_rows(self, forward_batch: Any) -> list[tuple[int, Split]]:
+        idxs = forward_batch.req_pool_indices.tolist()
+        return [(i, self.splits[p]) for i, p in enumerate(idxs) if p in self.splits]
 
+    def around_forward_decode(
+        self, original: Any, backend: Any, q: Any, k: Any, v: Any, layer: Any,
+        forward_batch: Any, *args: Any, **kwargs: Any,
+    ) -> Any:  # fmt: skip
+        o = original(backend, q, k, v, layer, forward_batch, *args, **kwargs)
+        if not self.splits:
+            return o
+        rows = self._split_rows(forward_batch)
+        if rows:
+            t0 = time.perf_counter()
+            self._fix_split_rows(backend, q, o, layer, forward_batch, rows)
+            self.counters["split_layer_calls"] += 1
+            self.counters["split_attention_s"] += time.perf_counter() - t0
+        return o
 
-def around_release_kv_cache(
-    original: Any, req: Any, tree_cache: Any, *a: Any, checkpoint: bool = False, **kw: Any
-) -> Any:
-    idx = req.kv.req_pool_idx
-    split = _SPLITS.get(idx) if (_SPLITS and idx is not None) else None
-    if split is None:
-        return original(req, tree_cache, *a, checkpoint=checkpoint, **kw)
-    try:
-        return original(req, tree_cache, *a, checkpoint=False, **kw)
-    finally:
-        _SPLITS.pop(idx, None)
-        _drop_slice(split)
+    def _fix_split_rows(
+        self, backend: Any, q: Any, o: Any, layer: Any, forward_batch: Any,
+        rows: list[tuple[int, Split]],
+    ) -> None:  # fmt: skip
+        import torch
 
+        from ...migration.attn_math import merge_states_auto, partial_attention
 
-def before_process_batch_result(scheduler: Any, batch: Any, *a: Any, **kw: Any) -> None:
-    if not _SPLITS or batch is None:
+        hq, dq, dv = layer.tp_q_head_num, layer.qk_head_dim, layer.v_head_dim
+        q3 = q.reshape(-1, hq, dq)
+        o3 = o.view(-1, hq, dv)
+        pool = backend.token_to_kv_pool
+        k_cache = pool.get_key_buffer(layer.layer_id)
+        v_cache = pool.get_value_buffer(layer.layer_id)
+        req_to_token = backend.req_to_token_pool.req_to_token
+        seq_lens = forward_batch.seq_lens.tolist()
+        rel_layer = layer.layer_id - int(getattr(pool, "start_layer", 0) or 0)
+        # post every peer's share first, then compute the local partials while the peers work
+        by_peer: dict[str, list[int]] = {}
+        for j, (_, split) in enumerate(rows):
+            if not split.failed:
+                by_peer.setdefault(split.peer.address, []).append(j)
+        pending: list[tuple[list[int], Any, Any]] = []  # (rows, link, call or exception)
+        for js in by_peer.values():
+            link = rows[js[0]][1].peer
+            qs = torch.cat([q3[rows[j][0] : rows[j][0] + 1] for j in js]).float()
+            try:
+                call: Any = link.client.begin_attend(
+                    rel_layer, [rows[j][1].slice_id for j in js], qs, layer.scaling
+                )
+            except Exception as exc:  # noqa: BLE001 - handled with the replies below
+                call = exc
+            pending.append((js, link, call))
+        local_o, local_lse = [], []
+        for i, split in rows:
+            row = req_to_token[split.req_pool_idx]
+            slots = torch.cat((row[: split.start], row[split.end : seq_lens[i]]))
+            lo, ll = partial_attention(q3[i : i + 1], k_cache[slots], v_cache[slots], layer.scaling)
+            local_o.append(lo)
+            local_lse.append(ll)
+        o_loc, lse_loc = torch.cat(local_o), torch.cat(local_lse)  # [R, Hq, Dv], [R, Hq]
+        o_far, lse_far = torch.empty_like(o_loc), torch.empty_like(lse_loc)
+        merged = torch.zeros(len(rows), dtype=torch.bool)
+        for js, link, call in pending:
+            try:
+                if isinstance(call, Exception):
+                    raise call
+                t_wait = time.perf_counter()
+                po, plse = call.result()
+                self.counters["peer_wait_s"] += time.perf_counter() - t_wait
+            except Exception as exc:  # noqa: BLE001 - every affected request fails, clearly
+                why = f"attention peer {link.address} failed at layer {layer.layer_id}: {exc}"
+                logger.error("banaserve: %s", why)
+                for j in js:
+                    rows[j][1].failed = why
+                continue
+            o_far[js], lse_far[js], merged[js] = po, plse, True
+        if bool(merged.all()):
+            out, _ = merge_states_auto(o_loc, lse_loc, o_far, lse_far)
+        else:  # failed rows keep their local part: finite; the request is aborted after the step
+            out = o_loc.clone()
+            if bool(merged.any()):
+                out[merged] = merge_states_auto(
+                    o_loc[merged], lse_loc[merged], o_far[merged], lse_far[merged]
+                )[0]
+        o3[[i for i, _ in rows]] = out.to(o3.dtype)
+
+    def around_free_kv_row(
+        self, original: Any, cache: Any, kv: Any, ranges: list[tuple[int, int]], *a: Any,
+        **kw: Any,
+    ) -> Any:  # fmt: skip
+        split = self.splits.get(kv.req_pool_idx) if self.splits else None
+        if split is not None:
+            ranges = subtract_range(list(ranges), split.start, split.end)
+        return original(cache, kv, ranges, *a, **kw)
+
+    def around_release_kv_cache(
+        self, original: Any, req: Any, tree_cache: Any, *a: Any, checkpoint: bool = False,
+        **kw: Any,
+    ) -> Any:  # fmt: skip
+        idx = req.kv.req_pool_idx
+        split = self.splits.get(idx) if (self.splits and idx is not None) else None
+        if split is None:
+            return original(req, tree_cache, *a, checkpoint=checkpoint, **kw)
+        try:
+            return original(req, tree_cache, *a, checkpoint=False, **kw)
+        finally:
+            self.splits.pop(idx, None)
+            self._drop_slice(split)
+
+    def before_process_batch_result(self, scheduler: Any, batch: Any, *a: Any, **kw: Any) -> None:
+        if not self.splits or batch is None:
+            return None
+
+        for req in batch.reqs:
+            split = self.splits.get(req.kv.req_pool_idx)
+            if split is not None and split.failed and not req.finished():
+                req.to_finish = self.sg.FINISH_ABORT(
+                    f"banaserve: part of this request's KV lived on a failed {split.failed}",
+                    HTTPStatus.SERVICE_UNAVAILABLE,
+                    "AttentionPeerError",
+                )
         return None
-    from sglang.srt.managers.schedule_batch import FINISH_ABORT
 
-    for req in batch.reqs:
-        split = _SPLITS.get(req.kv.req_pool_idx)
-        if split is not None and split.failed and not req.finished():
-            req.to_finish = FINISH_ABORT(
-                f"banaserve: part of this request's KV lived on a failed {split.failed}",
-                HTTPStatus.SERVICE_UNAVAILABLE,
-                "AttentionPeerError",
-            )
-    return None
-
-
-def splits_handler(scheduler: Any, body: dict) -> dict:
-    """Handler of ``kv_splits``: the current splits and what each peer holds."""
-    peers = {}
-    for addr, link in _PEERS.items():
-        try:
-            peers[addr] = link.client.call({"op": "stats"}) if link.client.connected else None
-        except Exception as exc:  # noqa: BLE001 - reported, not raised
-            peers[addr] = {"error": str(exc)}
-    return {
-        "splits": [
-            {"rid": s.rid, "start": s.start, "end": s.end, "peer": s.peer.address,
-             "bytes": s.nbytes, "failed": s.failed}
-            for s in _SPLITS.values()
-        ],
-        "peers": peers,
-        "counters": dict(_COUNTERS),
-    }  # fmt: skip
+    def splits_handler(self, scheduler: Any, body: dict) -> dict:
+        """Handler of ``kv_splits``: the current splits and what each peer holds."""
+        peers = {}
+        for addr, link in self.peers.items():
+            try:
+                peers[addr] = link.client.call({"op": "stats"}) if link.client.connected else None
+            except Exception as exc:  # noqa: BLE001 - reported, not raised
+                peers[addr] = {"error": str(exc)}
+        return {
+            "splits": [
+                {"rid": s.rid, "start": s.start, "end": s.end, "peer": s.peer.address,
+                 "bytes": s.nbytes, "failed": s.failed}
+                for s in self.splits.values()
+            ],
+            "peers": peers,
+            "counters": dict(self.counters),
+        }  # fmt: skip
 
 
-def register() -> None:
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    admin.register_migration_handler("kv", migrate_kv)
-    admin.register_migration_handler("kv_back", migrate_kv_back)
-    admin.register_migration_handler("kv_splits", splits_handler, quiescent=False)
-    HookRegistry.register(DECODE_TARGET, around_forward_decode, HookType.AROUND)
-    HookRegistry.register(FREE_ROW_TARGET, around_free_kv_row, HookType.AROUND)
-    HookRegistry.register(RELEASE_TARGET, around_release_kv_cache, HookType.AROUND)
-    HookRegistry.register(RESULT_TARGET, before_process_batch_result, HookType.BEFORE)
+def activate(host: Any) -> KvMigration:
+    """Activation of the ``kv_migration`` feature: its kinds and its four hooks."""
+    mig = KvMigration(host)
+    channel = host.state("admin")
+    channel.register("kv", mig.migrate_kv)
+    channel.register("kv_back", mig.migrate_kv_back)
+    channel.register("kv_splits", mig.splits_handler, quiescent=False)
+    host.hook("kv_migration", "TorchNativeAttnBackend.forward_decode", mig.around_forward_decode)
+    host.hook("kv_migration", "BasePrefixCache.free_kv_row", mig.around_free_kv_row)
+    host.hook("kv_migration", "release_kv_cache", mig.around_release_kv_cache)
+    host.hook("kv_migration", "Scheduler.process_batch_result", mig.before_process_batch_result,
+              "BEFORE")  # fmt: skip
+    return mig

@@ -13,7 +13,9 @@ every split step bit for bit against the local layers (reported by kind ``layers
 ``{"kind": "layers_back"}`` reads weights and KV back into fresh local tensors and restores
 the original forward.
 
-Hooks (SGLang 0.5.23 internals this depends on):
+Hooks (registered through the host layer when the server opted into ``layer_migration``; every
+SGLang internal used is listed under that feature in ``host/table.py``; the split lives on one
+:class:`LayerMigration` object per scheduler process, not on SGLang's model):
 
 * AROUND ``LlamaModel.forward``: unchanged unless the model carries a split; the split forward
   uses the pipeline-parallel handoff of SGLang's layer boundaries
@@ -47,8 +49,6 @@ from ...migration.llama_stack import WEIGHT_NAMES, StackConfig
 
 logger = logging.getLogger(__name__)
 
-FORWARD_TARGET = "sglang.srt.models.llama.LlamaModel.forward"
-RUN_BATCH_TARGET = "sglang.srt.managers.scheduler.Scheduler.run_batch"
 EXECUTOR = "banaserve_ext.migration.llama_stack:build"
 #: weights that are shared between layers (the rotary cache): shipped, never freed
 SHARED_NAMES = ("self_attn.rotary_emb.cos_sin_cache",)
@@ -86,12 +86,10 @@ class _Split:
     report: dict = field(default_factory=dict)
 
 
-def _inner_model(scheduler: Any) -> tuple[Any, Any]:
+def _inner_model(sg: Any, scheduler: Any) -> tuple[Any, Any]:
     runner = scheduler.tp_worker.model_runner
-    inner = getattr(runner.model, "model", None)
-    from sglang.srt.models.llama import LlamaModel
-
-    if not isinstance(inner, LlamaModel):
+    inner = getattr(runner.model, "model", None)  # the causal-LM wrapper's decoder stack
+    if not isinstance(inner, sg.LlamaModel):
         raise NotSupportedError(
             f"layer migration supports Llama models; this one is {type(runner.model).__name__}"
         )
@@ -145,159 +143,16 @@ def _refresh_pool_pointers(pool: Any) -> None:
             logger.warning("layer migration: could not refresh the pool's data pointers")
 
 
-def migrate_layers(scheduler: Any, body: dict) -> dict:
-    import torch
-
-    req = msgspec.convert(body, LayersRequest)
-    runner, inner = _inner_model(scheduler)
-    if getattr(inner, "_banaserve_split", None) is not None:
-        raise InvalidArgumentError("layers are already migrated; migrate them back first")
-    if inner.start_layer != 0 or inner.end_layer != len(inner.layers):
-        raise NotSupportedError("layer migration with pipeline parallelism is not supported")
-    layers = layer_layout.split_layers(len(inner.layers), req.first)
-    if not req.port:
-        raise InvalidArgumentError("port of the layer server is required")
-    pool = runner.token_to_kv_pool
-    rows = int(pool.k_buffer[layers[0]].shape[0])
-    used = _used_slots(scheduler, rows)
-    ship: dict[int, list[layer_server.ShipTensor]] = {}
-    shapes: dict[int, dict[str, tuple[tuple[int, ...], Any]]] = {}
-    for i in layers:
-        tensors = _layer_tensors(inner.layers[i])
-        ship[i] = [layer_server.ShipTensor(n, tensors[n]) for n in WEIGHT_NAMES]
-        ship[i] += [
-            layer_server.ShipTensor("k_buffer", pool.k_buffer[i], used),
-            layer_server.ShipTensor("v_buffer", pool.v_buffer[i], used),
-        ]
-        shapes[i] = {st.name: (tuple(st.tensor.shape), st.tensor.dtype) for st in ship[i]}
-    cfg = msgspec.msgpack.encode(_stack_config(inner, layers))
-    client = layer_server.LayerServerClient(req.host, req.port, req.timeout_s).start()
-    try:
-        rep = layer_server.ship_layers(client, ship, EXECUTOR, cfg, req.timeout_s)
-    except Exception:
-        client.close()
-        raise
-    del ship
-    freed: dict[str, Any] = {"weight_bytes": 0, "kv_bytes": 0, "not_freed": []}
-    if not req.verify:
-        t0 = time.perf_counter()
-        wrefs: list[tuple[weakref.ref, int]] = []
-        krefs: list[tuple[weakref.ref, int]] = []
-        for i in layers:
-            layer = inner.layers[i]
-            for name, p in list(layer.named_parameters()):
-                mod_name, _, pname = name.rpartition(".")
-                mod = layer.get_submodule(mod_name)
-                wrefs.append((weakref.ref(p), p.numel() * p.element_size()))
-                mod._parameters[pname] = torch.nn.Parameter(
-                    torch.empty(0, dtype=p.dtype), requires_grad=False
-                )
-                del p
-            for buf_list in (pool.k_buffer, pool.v_buffer):
-                t = buf_list[i]
-                base = t._base if t._base is not None else t
-                krefs.append((weakref.ref(base), t.numel() * t.element_size()))
-                buf_list[i] = torch.empty((0, *t.shape[1:]), dtype=t.dtype)
-                del t, base
-        _refresh_pool_pointers(pool)
-        if any(ref() is not None for ref, _ in wrefs + krefs):
-            gc.collect()  # only when reference counting alone did not free them
-        for kind, refs in (("weight_bytes", wrefs), ("kv_bytes", krefs)):
-            for ref, n in refs:
-                if ref() is None:
-                    freed[kind] += n
-                else:
-                    freed["not_freed"].append(f"{kind}: {n} bytes still referenced elsewhere")
-        freed["free_s"] = time.perf_counter() - t0
-        freed["kept_shared"] = list(SHARED_NAMES)
-    addrs = rep.pop("remote_addrs")
-    split = _Split(
-        client=client, first=req.first, layers=layers, remote_addrs=addrs,
-        shapes=shapes, verify=req.verify, timeout_s=req.timeout_s,
-        req_to_token=runner.req_to_token_pool.req_to_token, report=rep,
-    )  # fmt: skip
-    inner._banaserve_split = split
-    return {"moved": rep, "freed": freed, "kv_slots": int(used.size), "verify": req.verify}
-
-
-def migrate_back(scheduler: Any, body: dict) -> dict:
-    import torch
-
-    runner, inner = _inner_model(scheduler)
-    split: _Split | None = getattr(inner, "_banaserve_split", None)
-    if split is None:
-        raise InvalidArgumentError("no layers are migrated")
-    if split.failed:
-        raise UnavailableError(f"cannot migrate back: {split.failed}")
-    pool = runner.token_to_kv_pool
-    rows = split.shapes[split.layers[0]]["k_buffer"][0][0]
-    used = _used_slots(scheduler, rows)
-    fetch: dict[int, list[layer_server.ShipTensor]] = {}
-    kv_new: dict[int, tuple[Any, Any]] = {}
-    for i in split.layers:
-        sh = split.shapes[i]
-        fetch[i] = [
-            layer_server.ShipTensor(n, torch.empty(sh[n][0], dtype=sh[n][1])) for n in WEIGHT_NAMES
-        ]
-        k_shape, dtype = sh["k_buffer"]
-        if split.verify:
-            k, v = pool.k_buffer[i], pool.v_buffer[i]
-        else:  # the layout SGLang allocates: K and V as the halves of one buffer
-            fused = torch.zeros((2, *k_shape), dtype=dtype)
-            k, v = fused[0], fused[1]
-        kv_new[i] = (k, v)
-        fetch[i] += [
-            layer_server.ShipTensor("k_buffer", k, used),
-            layer_server.ShipTensor("v_buffer", v, used),
-        ]
-    rep = layer_server.fetch_layers(split.client, fetch, split.remote_addrs, split.timeout_s)
-    restored_weight_bytes = 0
-    if not split.verify:
-        for i in split.layers:
-            layer = inner.layers[i]
-            got = {st.name: st.tensor for st in fetch[i]}
-            for name in WEIGHT_NAMES:
-                if name in SHARED_NAMES:
-                    continue
-                mod_name, _, pname = name.rpartition(".")
-                layer.get_submodule(mod_name)._parameters[pname] = torch.nn.Parameter(
-                    got[name], requires_grad=False
-                )
-                restored_weight_bytes += got[name].numel() * got[name].element_size()
-            pool.k_buffer[i], pool.v_buffer[i] = kv_new[i]
-        _refresh_pool_pointers(pool)
-    inner._banaserve_split = None
-    split.client.close()
-    return {"moved": rep, "restored_weight_bytes": restored_weight_bytes,
-            "kv_slots": int(used.size), "split_steps": split.steps}  # fmt: skip
-
-
-def layers_status(scheduler: Any, body: dict) -> dict:
-    _, inner = _inner_model(scheduler)
-    split: _Split | None = getattr(inner, "_banaserve_split", None)
-    if split is None:
-        return {"split": False}
-    return {
-        "split": True, "first": split.first, "layers": split.layers, "steps": split.steps,
-        "mean_step_ms": 1e3 * split.step_s / max(split.steps, 1),
-        "verified_steps": split.verified_steps, "mismatched_steps": split.mismatched_steps,
-        "failed": split.failed, "aborted_requests": split.aborted_requests,
-    }  # fmt: skip
-
-
 # ---- the forward -------------------------------------------------------------------------------
-def _split_forward(split: _Split, model: Any, input_ids: Any, positions: Any, fb: Any,
+def _split_forward(sg: Any, split: _Split, model: Any, input_ids: Any, positions: Any, fb: Any,
                    input_embeds: Any) -> Any:  # fmt: skip
     import torch
-    from sglang.srt.layers.layer_boundary.residual import access
-    from sglang.srt.layers.layer_boundary.residual import batch as residual_batch
-    from sglang.srt.model_executor.forward_batch_info import PPProxyTensors
 
     hidden = model.embed_tokens(input_ids) if input_embeds is None else input_embeds
-    residual_batch.start(fb)
+    sg["residual.batch.start"](fb)
     for i in range(model.start_layer, split.first):
         hidden = model.layers[i](positions, hidden, fb)
-    out = residual_batch.to_pp(hidden, fb)
+    out = sg["residual.batch.to_pp"](hidden, fb)
     h, r = out["hidden_states"], out["residual"]
     if split.failed:
         return torch.zeros_like(h)
@@ -327,52 +182,201 @@ def _split_forward(split: _Split, model: Any, input_ids: Any, positions: Any, fb
     split.steps += 1
     if split.verify:
         local = model.layers[split.first].attn_boundary.from_pp(
-            PPProxyTensors({"hidden_states": h, "residual": r}), fb
+            sg.PPProxyTensors({"hidden_states": h, "residual": r}), fb
         )
         for i in range(split.first, model.end_layer):
             local = model.layers[i](positions, local, fb)
-        ref = residual_batch.to_pp(local, fb)
+        ref = sg["residual.batch.to_pp"](local, fb)
         same = torch.equal(ref["hidden_states"], h2) and torch.equal(ref["residual"], r2)
         split.verified_steps += 1
         split.mismatched_steps += 0 if same else 1
-    return access.final_norm_pair(h2, r2, model.norm)
+    return sg["residual.access.final_norm_pair"](h2, r2, model.norm)
 
 
-def around_llama_forward(original: Any, model: Any, input_ids: Any, positions: Any,
-                         forward_batch: Any, *args: Any, **kwargs: Any) -> Any:  # fmt: skip
-    split = getattr(model, "_banaserve_split", None)
-    if split is None:
-        return original(model, input_ids, positions, forward_batch, *args, **kwargs)
-    embeds = args[0] if args else kwargs.get("input_embeds")
-    return _split_forward(split, model, input_ids, positions, forward_batch, embeds)
+class LayerMigration:
+    """The ``layer_migration`` feature in one scheduler process: at most one split model."""
+
+    def __init__(self, host: Any) -> None:
+        self.sg = host.ns("layer_migration")
+        self.split: _Split | None = None
+        self.model: Any = None  # the LlamaModel the split belongs to
+
+    def migrate_layers(self, scheduler: Any, body: dict) -> dict:
+        import torch
+
+        req = msgspec.convert(body, LayersRequest)
+        runner, inner = _inner_model(self.sg, scheduler)
+        if self.split is not None:
+            raise InvalidArgumentError("layers are already migrated; migrate them back first")
+        if inner.start_layer != 0 or inner.end_layer != len(inner.layers):
+            raise NotSupportedError("layer migration with pipeline parallelism is not supported")
+        layers = layer_layout.split_layers(len(inner.layers), req.first)
+        if not req.port:
+            raise InvalidArgumentError("port of the layer server is required")
+        pool = runner.token_to_kv_pool
+        rows = int(pool.k_buffer[layers[0]].shape[0])
+        used = _used_slots(scheduler, rows)
+        ship: dict[int, list[layer_server.ShipTensor]] = {}
+        shapes: dict[int, dict[str, tuple[tuple[int, ...], Any]]] = {}
+        for i in layers:
+            tensors = _layer_tensors(inner.layers[i])
+            ship[i] = [layer_server.ShipTensor(n, tensors[n]) for n in WEIGHT_NAMES]
+            ship[i] += [
+                layer_server.ShipTensor("k_buffer", pool.k_buffer[i], used),
+                layer_server.ShipTensor("v_buffer", pool.v_buffer[i], used),
+            ]
+            shapes[i] = {st.name: (tuple(st.tensor.shape), st.tensor.dtype) for st in ship[i]}
+        cfg = msgspec.msgpack.encode(_stack_config(inner, layers))
+        client = layer_server.LayerServerClient(req.host, req.port, req.timeout_s).start()
+        try:
+            rep = layer_server.ship_layers(client, ship, EXECUTOR, cfg, req.timeout_s)
+        except Exception:
+            client.close()
+            raise
+        del ship
+        freed: dict[str, Any] = {"weight_bytes": 0, "kv_bytes": 0, "not_freed": []}
+        if not req.verify:
+            t0 = time.perf_counter()
+            wrefs: list[tuple[weakref.ref, int]] = []
+            krefs: list[tuple[weakref.ref, int]] = []
+            for i in layers:
+                layer = inner.layers[i]
+                for name, p in list(layer.named_parameters()):
+                    mod_name, _, pname = name.rpartition(".")
+                    mod = layer.get_submodule(mod_name)
+                    wrefs.append((weakref.ref(p), p.numel() * p.element_size()))
+                    mod._parameters[pname] = torch.nn.Parameter(
+                        torch.empty(0, dtype=p.dtype), requires_grad=False
+                    )
+                    del p
+                for buf_list in (pool.k_buffer, pool.v_buffer):
+                    t = buf_list[i]
+                    base = t._base if t._base is not None else t
+                    krefs.append((weakref.ref(base), t.numel() * t.element_size()))
+                    buf_list[i] = torch.empty((0, *t.shape[1:]), dtype=t.dtype)
+                    del t, base
+            _refresh_pool_pointers(pool)
+            if any(ref() is not None for ref, _ in wrefs + krefs):
+                gc.collect()  # only when reference counting alone did not free them
+            for kind, refs in (("weight_bytes", wrefs), ("kv_bytes", krefs)):
+                for ref, n in refs:
+                    if ref() is None:
+                        freed[kind] += n
+                    else:
+                        freed["not_freed"].append(f"{kind}: {n} bytes still referenced elsewhere")
+            freed["free_s"] = time.perf_counter() - t0
+            freed["kept_shared"] = list(SHARED_NAMES)
+        addrs = rep.pop("remote_addrs")
+        split = _Split(
+            client=client, first=req.first, layers=layers, remote_addrs=addrs,
+            shapes=shapes, verify=req.verify, timeout_s=req.timeout_s,
+            req_to_token=runner.req_to_token_pool.req_to_token, report=rep,
+        )  # fmt: skip
+        self.split, self.model = split, inner
+        return {"moved": rep, "freed": freed, "kv_slots": int(used.size), "verify": req.verify}
+
+    def migrate_back(self, scheduler: Any, body: dict) -> dict:
+        import torch
+
+        runner, inner = _inner_model(self.sg, scheduler)
+        split = self.split
+        if split is None:
+            raise InvalidArgumentError("no layers are migrated")
+        if split.failed:
+            raise UnavailableError(f"cannot migrate back: {split.failed}")
+        pool = runner.token_to_kv_pool
+        rows = split.shapes[split.layers[0]]["k_buffer"][0][0]
+        used = _used_slots(scheduler, rows)
+        fetch: dict[int, list[layer_server.ShipTensor]] = {}
+        kv_new: dict[int, tuple[Any, Any]] = {}
+        for i in split.layers:
+            sh = split.shapes[i]
+            fetch[i] = [
+                layer_server.ShipTensor(n, torch.empty(sh[n][0], dtype=sh[n][1]))
+                for n in WEIGHT_NAMES
+            ]
+            k_shape, dtype = sh["k_buffer"]
+            if split.verify:
+                k, v = pool.k_buffer[i], pool.v_buffer[i]
+            else:  # the layout SGLang allocates: K and V as the halves of one buffer
+                fused = torch.zeros((2, *k_shape), dtype=dtype)
+                k, v = fused[0], fused[1]
+            kv_new[i] = (k, v)
+            fetch[i] += [
+                layer_server.ShipTensor("k_buffer", k, used),
+                layer_server.ShipTensor("v_buffer", v, used),
+            ]
+        rep = layer_server.fetch_layers(split.client, fetch, split.remote_addrs, split.timeout_s)
+        restored_weight_bytes = 0
+        if not split.verify:
+            for i in split.layers:
+                layer = inner.layers[i]
+                got = {st.name: st.tensor for st in fetch[i]}
+                for name in WEIGHT_NAMES:
+                    if name in SHARED_NAMES:
+                        continue
+                    mod_name, _, pname = name.rpartition(".")
+                    layer.get_submodule(mod_name)._parameters[pname] = torch.nn.Parameter(
+                        got[name], requires_grad=False
+                    )
+                    restored_weight_bytes += got[name].numel() * got[name].element_size()
+                pool.k_buffer[i], pool.v_buffer[i] = kv_new[i]
+            _refresh_pool_pointers(pool)
+        self.split, self.model = None, None
+        split.client.close()
+        return {"moved": rep, "restored_weight_bytes": restored_weight_bytes,
+                "kv_slots": int(used.size), "split_steps": split.steps}  # fmt: skip
+
+    def layers_status(self, scheduler: Any, body: dict) -> dict:
+        _inner_model(self.sg, scheduler)
+        split = self.split
+        if split is None:
+            return {"split": False}
+        return {
+            "split": True, "first": split.first, "layers": split.layers, "steps": split.steps,
+            "mean_step_ms": 1e3 * split.step_s / max(split.steps, 1),
+            "verified_steps": split.verified_steps, "mismatched_steps": split.mismatched_steps,
+            "failed": split.failed, "aborted_requests": split.aborted_requests,
+        }  # fmt: skip
+
+    def around_llama_forward(self, original: Any, model: Any, input_ids: Any, positions: Any,
+                             forward_batch: Any, *args: Any, **kwargs: Any) -> Any:  # fmt: skip
+        split = self.split if model is self.model else None
+        if split is None:
+            return original(model, input_ids, positions, forward_batch, *args, **kwargs)
+        embeds = args[0] if args else kwargs.get("input_embeds")
+        return _split_forward(self.sg, split, model, input_ids, positions, forward_batch, embeds)
+
+    def around_run_batch(self, original: Any, scheduler: Any, batch: Any, *args: Any,
+                         **kwargs: Any) -> Any:  # fmt: skip
+        result = original(scheduler, batch, *args, **kwargs)
+        split = self.split
+        if split is not None and split.failed:
+            for req in batch.reqs:
+                if not req.finished():
+                    req.set_finish_with_abort(
+                        f"layer migration: {split.failed}", status_code=503,
+                        err_type="LayerServerLost",
+                    )  # fmt: skip
+                    split.aborted_requests += 1
+        return result
 
 
-def around_run_batch(original: Any, scheduler: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
-    result = original(scheduler, batch, *args, **kwargs)
-    inner = getattr(getattr(scheduler.tp_worker.model_runner, "model", None), "model", None)
-    split = getattr(inner, "_banaserve_split", None)
-    if split is not None and split.failed:
-        for req in batch.reqs:
-            if not req.finished():
-                req.set_finish_with_abort(
-                    f"layer migration: {split.failed}", status_code=503,
-                    err_type="LayerServerLost",
-                )  # fmt: skip
-                split.aborted_requests += 1
-    return result
+def activate(host: Any) -> LayerMigration:
+    """Activation of the ``layer_migration`` feature: its kinds and its two hooks."""
+    mig = LayerMigration(host)
+    channel = host.state("admin")
+    channel.register("layers", mig.migrate_layers)
+    channel.register("layers_back", mig.migrate_back)
+    channel.register("layers_status", mig.layers_status, quiescent=False)
+    host.hook("layer_migration", "LlamaModel.forward", mig.around_llama_forward)
+    host.hook("layer_migration", "Scheduler.run_batch", mig.around_run_batch)
+    return mig
 
 
 def register() -> None:
-    """Plug-in entry point (every SGLang process): the forward hooks and the migration kinds."""
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    """Entry point ``banaserve_layer_migration`` (kept for installs that list it in
+    ``SGLANG_PLUGINS``): the host layer loads every feature the server selected."""
+    from . import host
 
-    HookRegistry.register(FORWARD_TARGET, around_llama_forward, HookType.AROUND)
-    HookRegistry.register(RUN_BATCH_TARGET, around_run_batch, HookType.AROUND)
-    try:
-        from .admin import register_migration_handler
-    except ImportError:  # the admin endpoint is not there: hooks only
-        logger.warning("layer migration: no admin endpoint; kinds not registered")
-        return
-    register_migration_handler("layers", migrate_layers)
-    register_migration_handler("layers_back", migrate_back)
-    register_migration_handler("layers_status", layers_status, quiescent=False)
+    host.load()

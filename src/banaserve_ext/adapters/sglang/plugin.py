@@ -1,20 +1,20 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The ``sglang.srt.plugins`` entry point: adds ``--disaggregation-transfer-backend banaserve``.
+"""The ``sglang.srt.plugins`` entry point and the ``pd`` feature's registration.
 
-SGLang has no switch for out-of-tree transfer backends: ``TransferBackend`` is a closed enum and
-``get_kv_class`` an if/elif chain. Its general plug-in system is enough though. :func:`register`
-runs in every SGLang process (launcher, schedulers, detokenizer) and
+SGLang loads every installed plug-in in every process (launcher, schedulers, detokenizer).
+:func:`register` hands over to the host layer (:mod:`.host`), which reads the server's own
+arguments and starts only the features that server asked for: a server without
+``--disaggregation-transfer-backend banaserve``, HiCache with our storage backend or an explicit
+opt-in runs untouched (no hook, no socket of ours).
+
+The ``pd`` feature (:func:`activate_pd`) makes ``--disaggregation-transfer-backend banaserve``
+work although SGLang has no switch for out-of-tree transfer backends (``TransferBackend`` is a
+closed enum and ``get_kv_class`` an if/elif chain):
 
 1. adds ``banaserve`` to the CLI choices of ``--disaggregation-transfer-backend``;
 2. adds a ``TransferBackend.BANASERVE`` member, so ``TransferBackend("banaserve")`` resolves;
 3. wraps ``get_kv_class`` (an AROUND hook) so that for that member it returns our classes from
-   :mod:`.conn` and otherwise defers to SGLang;
-4. wraps ``Scheduler.run_batch`` (an AROUND hook, :mod:`.layerwise`) so that prefill batches
-   of ``banaserve`` requests stream their KV layer by layer while the model computes;
-5. applies :mod:`.cpu_compat`'s SGLang patches, only in processes started through the CPU
-   launcher;
-6. adds ``POST /banaserve/migrate`` (:mod:`.admin`) and the migration kinds
-   (:mod:`.kv_migration`).
+   :mod:`.conn` and otherwise defers to SGLang.
 
 Nothing here starts threads or opens sockets; the conn classes do, when SGLang creates them.
 """
@@ -22,15 +22,11 @@ Nothing here starts threads or opens sockets; the conn classes do, when SGLang c
 from __future__ import annotations
 
 import enum
-import logging
 from collections.abc import Callable
 from typing import Any
 
-logger = logging.getLogger(__name__)
-
 BACKEND_NAME = "banaserve"
 ENUM_MEMBER = "BANASERVE"
-GET_KV_CLASS = "sglang.srt.disaggregation.utils.get_kv_class"
 
 
 def add_enum_member(enum_cls: type[enum.Enum], name: str, value: object) -> enum.Enum:
@@ -59,46 +55,44 @@ def add_enum_member(enum_cls: type[enum.Enum], name: str, value: object) -> enum
     return member
 
 
-def _class_mapping() -> dict[Any, type]:
-    from sglang.srt.disaggregation.utils import KVClassType
+class KVClassRouter:
+    """The ``get_kv_class`` AROUND hook: our classes for ``banaserve``, SGLang's otherwise."""
 
-    from . import conn
+    def __init__(self, pd: Any) -> None:
+        self.pd = pd  # the host namespace of the pd feature
 
-    return {
-        KVClassType.MANAGER: conn.BanaserveKVManager,
-        KVClassType.SENDER: conn.BanaserveKVSender,
-        KVClassType.RECEIVER: conn.BanaserveKVReceiver,
-        KVClassType.BOOTSTRAP_SERVER: conn.BanaserveKVBootstrapServer,
-    }
+    def mapping(self) -> dict[Any, type]:
+        from . import conn
+
+        k = self.pd.KVClassType
+        return {
+            k.MANAGER: conn.manager_class(),
+            k.SENDER: conn.sender_class(),
+            k.RECEIVER: conn.receiver_class(),
+            k.BOOTSTRAP_SERVER: conn.bootstrap_server_class(),
+        }
+
+    def around_get_kv_class(self, original: Callable[..., Any], transfer_backend: Any,
+                            class_type: Any, *args: Any, **kwargs: Any) -> Any:  # fmt: skip
+        is_ours = getattr(transfer_backend, "value", transfer_backend) == BACKEND_NAME
+        if not is_ours or class_type == self.pd.KVClassType.KVARGS:
+            return original(transfer_backend, class_type, *args, **kwargs)
+        return self.mapping()[class_type]
 
 
-def around_get_kv_class(original: Callable[..., Any], transfer_backend: Any, class_type: Any,
-                        *args: Any, **kwargs: Any) -> Any:
-    """AROUND hook of ``get_kv_class``: our classes for ``banaserve``, SGLang's otherwise."""
-    from sglang.srt.disaggregation.utils import KVClassType
-
-    is_ours = getattr(transfer_backend, "value", transfer_backend) == BACKEND_NAME
-    if not is_ours or class_type == KVClassType.KVARGS:
-        return original(transfer_backend, class_type, *args, **kwargs)
-    return _class_mapping()[class_type]
+def activate_pd(host: Any) -> KVClassRouter:
+    """Activation of the ``pd`` feature (called by the host once its internals are probed)."""
+    pd = host.ns("pd")
+    if BACKEND_NAME not in pd.choices:
+        pd.add_choices([BACKEND_NAME])
+    add_enum_member(pd.TransferBackend, ENUM_MEMBER, BACKEND_NAME)
+    router = KVClassRouter(pd)
+    host.hook("pd", "get_kv_class", router.around_get_kv_class)
+    return router
 
 
 def register() -> None:
     """Entry point of the ``banaserve`` plug-in (group ``sglang.srt.plugins``)."""
-    from sglang.srt.arg_groups import choices
-    from sglang.srt.disaggregation.utils import TransferBackend
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    from . import host
 
-    if BACKEND_NAME not in choices.DISAGG_TRANSFER_BACKEND_CHOICES:
-        choices.add_disagg_transfer_backend_choices([BACKEND_NAME])
-    add_enum_member(TransferBackend, ENUM_MEMBER, BACKEND_NAME)
-    HookRegistry.register(GET_KV_CLASS, around_get_kv_class, HookType.AROUND)
-
-    from . import admin, cpu_compat, kv_migration, layerwise
-
-    layerwise.register()
-    admin.register()
-    kv_migration.register()
-
-    if cpu_compat.active():
-        cpu_compat.apply_sglang_patches()
+    host.load()

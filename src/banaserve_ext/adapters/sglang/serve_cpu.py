@@ -1,7 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """``python -m banaserve_ext.adapters.sglang.serve_cpu ARGS``: an SGLang server on CPU.
 
-Takes the same arguments as ``python -m sglang.launch_server``. The compat layer
+Takes the same arguments as ``python -m sglang.launch_server``, plus ``--banaserve-features
+LIST`` (comma list: ``admin``, ``kv_migration``, ``layer_migration``), the opt-in of features
+SGLang has no argument for (see ``adapters/sglang/host/selection.py``). The compat layer
 (:mod:`.cpu_compat`) is installed at import of this module, on purpose at top level: SGLang
 starts its scheduler and detokenizer with the ``spawn`` start method, which re-imports the main
 module in each child (as ``__mp_main__``) before unpickling anything, so the children get it
@@ -20,18 +22,21 @@ cpu_compat.install()
 
 
 def main(argv: list[str]) -> None:
-    from sglang.launch_server import run_server
-    from sglang.srt.plugins import load_plugins
-    from sglang.srt.server_args import prepare_server_args
-    from sglang.srt.utils import kill_process_tree
+    from banaserve_ext.adapters.sglang.host.selection import take_features
 
-    load_plugins()
-    cpu_compat.patch_http_server()
-    server_args = prepare_server_args(argv)
+    argv, features = take_features(argv)
+    if features is not None:  # the opt-in, for this process and (inherited) SGLang's children
+        cpu_compat.set_features(features)
+    from banaserve_ext.adapters.sglang.host import ns
+
+    sg = ns("cpu_launcher")  # SGLang's launcher functions (listed in host/table.py)
+    sg.load_plugins()
+    cpu_compat.patch_http_server(sg)
+    server_args = sg.prepare_server_args(argv)
     try:
-        run_server(server_args)
+        sg["launch_server.run_server"](server_args)
     finally:
-        kill_process_tree(os.getpid(), include_parent=False)
+        sg.kill_process_tree(os.getpid(), include_parent=False)
 
 
 if __name__ == "__main__":
