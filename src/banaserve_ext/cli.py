@@ -20,6 +20,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "router": ("banaserve_ext.router.cli", "load-aware PD router (sglang_router PD flags)"),
     "sim": ("banaserve_ext.sim.cli", "cluster simulator: replay, run, routing ablation, compare"),
     "launch": ("banaserve_ext.launch.cli", "start a PD deployment of SGLang servers"),
+    "control": ("banaserve_ext.live.cli", "live controller: rebalance a running deployment"),
+    "status": ("banaserve_ext.live.status", "show the live controller's view of a deployment"),
 }
 
 

@@ -50,6 +50,8 @@ class SGLangServerConfig:
     chunked_prefill_size: int | None = None
     page_size: int | None = None
     extra_args: tuple[str, ...] = ()
+    #: --dtype of a CPU server (float32 keeps greedy ties from flipping between runs)
+    dtype: str = "bfloat16"
 
     def command(self, python: str = sys.executable) -> list[str]:
         if self.role not in ("single", "prefill", "decode"):
@@ -75,7 +77,7 @@ class SGLangServerConfig:
             cmd += [
                 "--attention-backend", "torch_native",
                 "--disable-cuda-graph",
-                "--dtype", "bfloat16",
+                "--dtype", self.dtype,
                 # a radix-cache hit with overlap scheduling calls torch.cuda.Event()
                 "--disable-overlap-schedule",
             ]  # fmt: skip

@@ -94,11 +94,12 @@ def register() -> None:
     add_enum_member(TransferBackend, ENUM_MEMBER, BACKEND_NAME)
     HookRegistry.register(GET_KV_CLASS, around_get_kv_class, HookType.AROUND)
 
-    from . import admin, cpu_compat, kv_migration, layerwise
+    from . import admin, cpu_compat, kv_migration, layerwise, signals
 
     layerwise.register()
     admin.register()
     kv_migration.register()
+    signals.register()
 
     if cpu_compat.active():
         cpu_compat.apply_sglang_patches()
