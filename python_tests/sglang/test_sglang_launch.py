@@ -62,6 +62,7 @@ def test_default_deployment_is_banaserve(tmp_path: Path) -> None:
     insts = [ccmd[i + 1] for i, a in enumerate(ccmd) if a == "--instance"]
     assert insts == [f"{s.url},{s.bootstrap_port}" for s in d.prefill + d.decode]
     assert ccmd[ccmd.index("--router") + 1] == d.router.url
+    assert len(d.peers) == 1 and ccmd[ccmd.index("--attn-peer") + 1] == d.peers[0].address
 
 
 def test_baseline_is_the_stock_deployment(tmp_path: Path) -> None:
@@ -203,8 +204,8 @@ def test_background_launch_stops_everything_on_sigint(tiny_model_dir: Path, tmp_
             time.sleep(1)
         assert out.read_text().startswith("http://127.0.0.1:"), err.read_text()
         children = _children(pid)
-        # store, prefill, decode, router, controller: each the leader of its own group
-        assert len(children) == 5, err.read_text()
+        # store, prefill, decode, router, attention peer, controller: each leads its own group
+        assert len(children) == 6, err.read_text()
         assert all(group_members(c) for c in children)
         time.sleep(2.5)  # a status line or two
         os.kill(pid, signal.SIGINT)

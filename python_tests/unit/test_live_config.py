@@ -13,6 +13,7 @@ from banaserve_ext.errors import InvalidArgumentError
 from banaserve_ext.live import cli
 from banaserve_ext.live.clients import InstanceSpec
 from banaserve_ext.live.controller import LiveConfig
+from banaserve_ext.live.kv_pressure import KvPressureConfig
 from banaserve_ext.live.status import one_line, render
 
 
@@ -41,6 +42,8 @@ def test_impossible_controller_configs_are_refused() -> None:
         "window_s": _cfg(window_s=0.0),
         "flip_low": _cfg(control=BanaServeConfig(flip_high=0.5, flip_low=0.6)),
         "low < high": _cfg(control=BanaServeConfig(high=0.1, low=0.2)),
+        "kv_low < kv_high": _cfg(kv_pressure=KvPressureConfig(high=0.5, low=0.6)),
+        "kv_fraction": _cfg(kv_pressure=KvPressureConfig(fraction=1.0)),
     }
     for match, cfg in cases.items():
         with pytest.raises(InvalidArgumentError, match=match):
@@ -54,10 +57,12 @@ def test_cli_builds_the_controller_config(tmp_path) -> None:
     p = argparse.ArgumentParser()
     cli.add_arguments(p)
     args = p.parse_args(["--router", "http://r:1", "--instance", "http://a:1,5",
-                         "--flip-high", "0.6", "--persist", "4", "--model-config", str(model)])
+                         "--flip-high", "0.6", "--persist", "4", "--model-config", str(model),
+                         "--attn-peer", "127.0.0.1:9", "--kv-high", "0.7"])
     cfg = cli.config_from_args(args)
     assert cfg.instances == (InstanceSpec("http://a:1", 5),)
     assert cfg.control.flip_high == 0.6 and cfg.control.persist == 4
+    assert cfg.kv_pressure.peers == ("127.0.0.1:9",) and cfg.kv_pressure.high == 0.7
     # 2 layers; K+V of 2 heads x 32 dims x 4 bytes per token and layer
     assert (cfg.total_layers, cfg.kv_bytes_per_token_layer) == (2, 2 * 2 * 32 * 4)
     assert cfg.weight_bytes_per_layer > 0

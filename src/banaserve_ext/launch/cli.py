@@ -25,7 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..errors import BanaserveError, InvalidArgumentError
+from ..errors import BanaserveError, InvalidArgumentError, UnavailableError
 from .deploy import BASELINES, Deployment, plan_deployment
 from .servers import LOOPBACK, ServerProcess, SGLangServerConfig, http_json
 
@@ -49,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bfloat16", help="model dtype on CPU (default bfloat16)")
     p.add_argument("--no-store", action="store_true", help="BanaServe without the KV store")
     p.add_argument("--no-controller", action="store_true", help="BanaServe without controller")
+    p.add_argument("--attn-peers", type=int, default=1,
+                   help="attention peers for KV migration under KV pressure (default 1)")
     p.add_argument("--store-size", default="256MiB", help="KV store capacity (default 256MiB)")
     p.add_argument("--controller-arg", action="append", default=[],
                    help="extra argument for `banaserve control` (repeatable)")
@@ -138,6 +140,9 @@ def main(args: argparse.Namespace) -> int:
                                             f"{router.url}/health",
                                             log_dir / f"router-{router.port}.log"))
         rproc.wait_ready(60.0)
+        for peer in dep.peers:
+            _start(procs, PeerProcess(f"attn-peer-{peer.port}", peer.command(), "",
+                                      log_dir / f"attn-peer-{peer.port}.log")).wait_ready(60.0)
         if dep.controller is not None:
             _wait_router(router.url)  # the controller checks the router's workers at start
             c = dep.controller
@@ -177,12 +182,29 @@ def main(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
 
 
+class PeerProcess(ServerProcess):
+    """An attention peer: not HTTP; ready once it printed ``READY host:port``."""
+
+    def wait_ready(self, timeout_s: float = 60.0, poll_s: float = 0.2) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise UnavailableError(f"{self.name} exited; log {self.log_path}:\n"
+                                       f"{self.log_tail()}")  # fmt: skip
+            if "READY " in self.log_tail():
+                return
+            time.sleep(poll_s)
+        raise UnavailableError(f"{self.name} not ready after {timeout_s:.0f}s")
+
+
 def _describe(dep: Deployment) -> str:
     parts = [f"{dep.kind}: {len(dep.prefill)}P+{len(dep.decode)}D",
              f"transfer {dep.prefill[0].transfer_backend}",
              f"router {dep.router.module}/{dep.router.policy}"]  # fmt: skip
     parts.append("store " + (dep.pool.name if dep.pool else "off"))
     parts.append("controller " + ("on" if dep.controller else "off"))
+    if dep.peers:
+        parts.append(f"{len(dep.peers)} attention peer(s)")
     return ", ".join(parts)
 
 

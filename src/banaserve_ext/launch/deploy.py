@@ -8,7 +8,8 @@
   every server with SGLang's runtime role switch (``--enable-pd-role-switch``, each with its own
   ``--disaggregation-bootstrap-port``: with role switch every instance runs a bootstrap server);
 * the ``banaserve`` transfer backend, this project's router with ``load_aware``;
-* the live controller (``banaserve control``) over all of them.
+* the live controller (``banaserve control``) over all of them, with ``--attn-peers`` attention
+  peers (1 by default) for attention-level KV migration under KV pressure.
 
 ``sglang`` (``--baseline sglang``): the stock deployment for side-by-side runs: ``sglang_router``
 with ``cache_aware``, no store, no role switch, no controller, Mooncake transfer when the
@@ -72,6 +73,23 @@ class PoolPlan:
 
 
 @dataclass(frozen=True)
+class PeerPlan:
+    """An attention peer (``python -m banaserve_ext.migration.attn_peer``): where a decode
+    server under KV pressure moves part of its requests' KV."""
+
+    port: int
+    host: str = LOOPBACK
+
+    def command(self, python: str = sys.executable) -> list[str]:
+        return [python, "-m", "banaserve_ext.migration.attn_peer", "--host", self.host,
+                "--port", str(self.port)]  # fmt: skip
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
 class ControllerPlan:
     port: int
     router_url: str
@@ -104,6 +122,7 @@ class Deployment:
     router: RouterConfig
     pool: PoolPlan | None = None
     controller: ControllerPlan | None = None
+    peers: list[PeerPlan] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -165,10 +184,14 @@ def plan_deployment(args, model: str) -> Deployment:  # noqa: ANN001 - argparse 
                            + tuple(args.server_arg), **common)  # type: ignore[arg-type]
         for _ in range(args.prefill)
     ]  # fmt: skip
+    # a PD decode server runs without radix cache anyway (SGLang resolves it so), but
+    # `server_args.disable_radix_cache` stays False unless given, and the KV-migration kinds
+    # check that flag
+    no_radix = ("--disable-radix-cache",) if ours else ()
     decode = [
         SGLangServerConfig(port=free_port(host), role="decode",
                            bootstrap_port=free_port(host) if ours else None,
-                           extra_args=role_switch + tuple(args.server_arg),
+                           extra_args=role_switch + no_radix + tuple(args.server_arg),
                            **common)  # type: ignore[arg-type]
         for _ in range(args.decode)
     ]  # fmt: skip
@@ -180,11 +203,15 @@ def plan_deployment(args, model: str) -> Deployment:  # noqa: ANN001 - argparse 
         module="banaserve" if ours else "sglang_router",
     )  # fmt: skip
     controller = None
+    peers: list[PeerPlan] = []
     if ours and not args.no_controller:
+        peers = [PeerPlan(free_port(host), host) for _ in range(args.attn_peers)]
+        peer_args = tuple(a for p in peers for a in ("--attn-peer", p.address))
         controller = ControllerPlan(
             port=free_port(host), router_url=router.url,
             instances=tuple(f"{s.url},{s.bootstrap_port}" for s in prefill + decode),
-            decisions=args.log_dir / "decisions.jsonl", extra=tuple(args.controller_arg),
+            decisions=args.log_dir / "decisions.jsonl",
+            extra=peer_args + tuple(args.controller_arg),
             host=host, model_config=str(model_cfg_path) if model_cfg else None,
         )  # fmt: skip
-    return Deployment(kind, prefill, decode, router, pool, controller, notes)
+    return Deployment(kind, prefill, decode, router, pool, controller, peers, notes)

@@ -28,6 +28,7 @@ from ..control import BanaServeConfig
 from ..errors import BanaserveError
 from .clients import InstanceSpec
 from .controller import LiveConfig, LiveController
+from .kv_pressure import KvPressureConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,6 +44,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="predicted seconds of a flip (drain + switch), logged beside the measured")
     p.add_argument("--model-config", type=Path, default=None,
                    help="the model's config.json (layers and bytes for the migration cost model)")
+    k = p.add_argument_group("attention-level KV migration on KV pressure")
+    k.add_argument("--attn-peer", action="append", default=[], metavar="HOST:PORT",
+                   help="an attention peer (python -m banaserve_ext.migration.attn_peer)")
+    kd = KvPressureConfig()
+    k.add_argument("--kv-high", type=float, default=kd.high, help="KV use that starts migration")
+    k.add_argument("--kv-low", type=float, default=kd.low, help="KV use that brings KV back")
+    k.add_argument("--kv-fraction", type=float, default=kd.fraction,
+                   help="share of a request's KV moved (oldest tokens)")
     g = p.add_argument_group("controller thresholds (BanaServeConfig)")
     d = BanaServeConfig()
     for name in ("flip_high", "flip_low", "high", "low", "cooldown_s", "budget_s", "warmup_s"):
@@ -64,6 +73,8 @@ def config_from_args(args: argparse.Namespace) -> LiveConfig:
         control=control, window_s=args.window, drain_timeout_s=args.drain_timeout,
         flip_cost_s=args.flip_cost, decisions_path=args.decisions, total_layers=layers,
         weight_bytes_per_layer=wbytes, kv_bytes_per_token_layer=kvbytes,
+        kv_pressure=KvPressureConfig(peers=tuple(args.attn_peer), high=args.kv_high,
+                                     low=args.kv_low, fraction=args.kv_fraction),
     )  # fmt: skip
 
 

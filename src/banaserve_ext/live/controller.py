@@ -22,9 +22,12 @@ their connections and finish), waits until its scheduler reports itself fully id
 step that fails puts the instance back in its old role (SGLang's switch refuses busy instances
 with ``safe_to_restore``); an instance the switch left unhealthy is taken out and reported dead.
 
-Layer- and attention-level migrations decided by the controller are logged with outcome
-``not_actuated`` and dropped from the controller's active list: the live actuators for them are
-not wired yet (see docs/live.md).
+Besides the controller's decisions, :mod:`.kv_pressure` moves part of a decode instance's KV to
+an attention peer when its KV use crosses ``kv_pressure.high``, and back below ``low``.
+
+Layer- and attention-level migrations decided by :class:`BanaServeController` (on busy-share
+imbalance) are logged with outcome ``not_actuated`` and dropped from the controller's active
+list: their live actuators are not wired yet (see docs/live.md).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from ..control import (
 )
 from ..errors import BanaserveError, InvalidArgumentError
 from .clients import InstanceClient, InstanceSpec, RouterClient
+from .kv_pressure import KvPressure, KvPressureConfig
 
 log = logging.getLogger("banaserve_ext.live")
 
@@ -69,6 +73,8 @@ class LiveConfig:
     #: predicted drain + switch time of a flip (logged next to the measured one)
     flip_cost_s: float = 1.0
     decisions_path: Path | None = None
+    #: attention-level KV migration on KV pressure (off without peers)
+    kv_pressure: KvPressureConfig = field(default_factory=KvPressureConfig)
     #: model geometry for the controller's migration cost model
     total_layers: int = 2
     weight_bytes_per_layer: int = 0
@@ -95,6 +101,7 @@ class LiveConfig:
                 f"({self.control.flip_high}): without that gap a flip can undo itself"
             )
         self.control.validate()
+        self.kv_pressure.validate()
 
 
 @dataclass
@@ -153,6 +160,7 @@ class LiveController:
             kv_bytes_per_token_layer=config.kv_bytes_per_token_layer,
             config=config.control,
         )
+        self.kv = KvPressure(config.kv_pressure, self._record)
         self.recent: deque[dict] = deque(maxlen=50)
         self.counts: dict[tuple[str, str], int] = {}
         self.ticks = 0
@@ -195,6 +203,9 @@ class LiveController:
         now = self.clock() - self._t0
         for act in self.policy.plan(views, now):
             records.append(self._execute(act, views))
+        for inst in self.instances:
+            if not inst.dead and not inst.failures and inst.current is not None:
+                records += self.kv.step(inst.url, inst.current)
         return records
 
     def _read(self, workers: list[dict]) -> None:
