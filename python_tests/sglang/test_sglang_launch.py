@@ -185,7 +185,8 @@ def test_background_launch_stops_everything_on_sigint(tiny_model_dir: Path, tmp_
     out, err = tmp_path / "out.txt", tmp_path / "err.txt"
     out.touch()
     err.touch()
-    probe = f"{sys.executable} -c 'import signal; print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)'"
+    probe = (f"{sys.executable} -c "
+             "'import signal; print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)'")
     script = (f"{probe} &\nwait $!\n"  # what any background Python job here inherits
               f"{sys.executable} -m banaserve_ext launch --model {tiny_model_dir} "
               f"--log-dir {tmp_path / 'logs'} --ready-timeout 400 --status-interval 1 "

@@ -27,7 +27,7 @@ import pytest
 from sglang_testbed.cluster import Cluster, generate
 
 from banaserve_ext.control import BanaServeConfig
-from banaserve_ext.launch.servers import SGLangServerConfig, free_port, http_json
+from banaserve_ext.launch.servers import ServerProcess, SGLangServerConfig, free_port, http_json
 from banaserve_ext.live.clients import InstanceSpec
 from banaserve_ext.live.controller import LiveConfig, LiveController
 from banaserve_ext.live.status import one_line
@@ -59,6 +59,7 @@ class Live:
     router_url: str
     servers: list[SGLangServerConfig]
     reference: dict[tuple[int, ...], list[int]]
+    procs: dict[str, ServerProcess]
 
 
 def _out(body: dict) -> list[int]:
@@ -83,14 +84,19 @@ def live(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
             reference.update({tuple(p): o for p, o in zip(prompts, outs, strict=True)})
         cluster.stop(ref)
         kw = dict(extra_args=SERVER_ARGS + ROLE_SWITCH, max_total_tokens=MAX_TOKENS)
+        # as `banaserve launch` starts them: decode servers say --disable-radix-cache (the KV
+        # migration kinds check the flag)
+        dkw = dict(extra_args=SERVER_ARGS + ROLE_SWITCH + ("--disable-radix-cache",),
+                   max_total_tokens=MAX_TOKENS)  # fmt: skip
         p, pp = cluster.server("prefill", wait=False, **kw)  # type: ignore[arg-type]
-        d1, dp1 = cluster.server("decode", wait=False, bootstrap_port=free_port(), **kw)  # type: ignore[arg-type]
-        d2, dp2 = cluster.server("decode", wait=False, bootstrap_port=free_port(), **kw)  # type: ignore[arg-type]
+        d1, dp1 = cluster.server("decode", wait=False, bootstrap_port=free_port(), **dkw)  # type: ignore[arg-type]
+        d2, dp2 = cluster.server("decode", wait=False, bootstrap_port=free_port(), **dkw)  # type: ignore[arg-type]
         for proc in (pp, dp1, dp2):
             proc.wait_ready(300)
         rcfg, _ = cluster.router([p], [d1, d2], module="banaserve")
         generate(rcfg.url, input_ids=[5, 6, 7], max_new_tokens=1)  # past the router's 503s
-        yield Live(cluster, rcfg.url, [p, d1, d2], reference)
+        procs = {p.url: pp, d1.url: dp1, d2.url: dp2}
+        yield Live(cluster, rcfg.url, [p, d1, d2], reference, procs)
     finally:
         cluster.close()
 
@@ -280,3 +286,89 @@ def test_controller_killed_mid_run_leaves_requests_alone(live: Live, tmp_path: P
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_kv_pressure_moves_kv_to_an_attention_peer_and_back(live: Live) -> None:
+    """Decode-heavy load with the KV thresholds set low (pressure): the controller moves half of
+    running requests' KV to an attention peer; once the pressure is declared gone (thresholds
+    raised), the KV comes back. Every output equals the single server's, no request fails."""
+    from banaserve_ext.live.kv_pressure import KvPressureConfig
+    from banaserve_ext.migration.attn_peer import AttnPeerProcess
+
+    with AttnPeerProcess() as peer:
+        pressure = KvPressureConfig(peers=(peer.address,), high=0.004, low=0.002, fraction=0.5)
+        gone = KvPressureConfig(peers=(peer.address,), high=0.99, low=0.98, fraction=0.5)
+        ctl = _controller(live, kv_pressure=pressure,
+                          control=BanaServeConfig(flip_high=2.0, flip_low=1.5))  # no flips
+        records: list[dict] = []
+        failures: list[str] = []
+        stop = threading.Event()
+
+        def control_loop() -> None:
+            while not stop.wait(0.5):
+                recs = ctl.tick()
+                records.extend(recs)
+                print(one_line(ctl.status()), flush=True)
+                if any(r["action"] == "MigrateKV" and r["outcome"] == "ok" for r in recs):
+                    ctl.kv.config = gone  # the pressure is gone: bring everything back
+
+        def one(p: list[int]) -> None:
+            try:
+                out = _out(generate(live.router_url, input_ids=p, max_new_tokens=DECODE_HEAVY[1],
+                                    timeout_s=300))  # fmt: skip
+                if out != live.reference[tuple(p)]:
+                    failures.append(f"output differs: {out[:8]}")
+            except AssertionError as exc:
+                failures.append(str(exc))
+
+        def done(action: str) -> bool:
+            return any(r["action"] == action and r["outcome"] == "ok" for r in records)
+
+        t = threading.Thread(target=control_loop, daemon=True)
+        t.start()
+        deadline = time.monotonic() + PHASE_DEADLINE_S
+        try:
+            with ThreadPoolExecutor(4) as ex:
+                while not (done("MigrateKV") and done("MigrateKVBack")):
+                    assert time.monotonic() < deadline, records[-6:]
+                    ctl.kv.config = pressure
+                    list(ex.map(one, DECODE_HEAVY[0]))
+        finally:
+            stop.set()
+            t.join(120)
+        ctl.close()
+    assert failures == []
+    moved = [r for r in records if r["action"] == "MigrateKV" and r["outcome"] == "ok"]
+    back = [r for r in records if r["action"] == "MigrateKVBack" and r["outcome"] == "ok"]
+    print(f"\nKV migrations {len(moved)}, back {len(back)}; measured "
+          f"{[round(r['measured_cost_s'], 4) for r in moved[:5]]} s out, "
+          f"{[round(r['measured_cost_s'], 4) for r in back[:5]]} s back")
+
+
+def test_dead_instance_is_removed_from_router_and_views(live: Live) -> None:
+    """Runs last (it stops a server): a server that stops answering is, after ``dead_after``
+    windows, out of the router and out of the controller's views; serving goes on."""
+    ctl = _controller(live, dead_after=2)
+    ctl.tick()
+    roles = [i.router_role for i in ctl.instances]
+    victim = next(i for i in ctl.instances if roles.count(i.router_role) >= 2)
+    live.cluster.stop(live.procs[victim.url])
+    recs: list[dict] = []
+    for _ in range(4):
+        recs += ctl.tick()
+    dead = [r for r in recs if r["action"] == "remove_dead"]
+    assert [r["outcome"] for r in dead] in (["removed"], ["not_in_router"]), recs
+    assert victim.url not in _roles_router(live)
+    assert victim.idx not in [v.idx for v in ctl.views()]
+    assert ctl.status()["instances"][victim.idx]["dead"] is True
+    for p in PREFILL_HEAVY[0][:2]:
+        assert _out(generate(live.router_url, input_ids=p, max_new_tokens=4)) == live.reference[
+            tuple(p)
+        ]
+    ctl.close()
+
+
+def _roles_router(live: Live) -> dict[str, str]:
+    _, body = http_json(f"{live.router_url}/workers")
+    assert isinstance(body, dict)
+    return {w["url"]: w["worker_type"] for w in body["workers"]}

@@ -25,7 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..errors import BanaserveError, InvalidArgumentError, UnavailableError
+from ..errors import BanaserveError, UnavailableError
 from .deploy import BASELINES, Deployment, plan_deployment
 from .servers import LOOPBACK, ServerProcess, SGLangServerConfig, http_json
 
