@@ -38,14 +38,21 @@ SCRIPT = textwrap.dedent("""
 def test_full_mooncake_trace_16_instances(system: str) -> None:
     runs = []
     for _ in range(3):
-        out = subprocess.run([sys.executable, "-c", SCRIPT, system], capture_output=True,
-                             text=True, timeout=300, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", SCRIPT, system],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        )
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     runs.sort(key=lambda r: r["wall_s"])
     med = runs[1]
-    print(f"\n{system}: {med['requests']} requests, 16 instances: median wall "
-          f"{med['wall_s']:.2f} s (runs {[round(r['wall_s'], 2) for r in runs]}), peak RSS "
-          f"{med['peak_rss_bytes'] / 2**20:.0f} MiB")
+    print(
+        f"\n{system}: {med['requests']} requests, 16 instances: median wall "
+        f"{med['wall_s']:.2f} s (runs {[round(r['wall_s'], 2) for r in runs]}), peak RSS "
+        f"{med['peak_rss_bytes'] / 2**20:.0f} MiB"
+    )
     assert med["requests"] == 12031
     assert med["wall_s"] <= 60.0
     assert med["peak_rss_bytes"] <= 2 * 2**30

@@ -201,9 +201,10 @@ def test_handoff_output_equals_single_server(pair: dict, stream: bool) -> None:
         assert final["output_ids"] == ref, where
         assert meta["prompt_tokens"] == len(ids)
         assert meta["completion_tokens"] == TOTAL
-        assert meta["finish_reason"] == {"type": "length", "length": TOTAL} or meta[
-            "finish_reason"
-        ]["type"] == "length"
+        assert (
+            meta["finish_reason"] == {"type": "length", "length": TOTAL}
+            or meta["finish_reason"]["type"] == "length"
+        )
         ho = meta["handoff"]
         assert ho["split"] == s and ho["first"] != ho["second"], ho
         segs = ho["segments"]
@@ -259,8 +260,12 @@ def test_live_migration_of_a_running_stream_keeps_the_output(pair: dict) -> None
 
     def client() -> None:
         conn = http.client.HTTPConnection(host, int(port), timeout=300)
-        conn.request("POST", "/generate", json.dumps(body),
-                     {"Content-Type": "application/json", SPLIT_HEADER: str(len(ids) + 2)})
+        conn.request(
+            "POST",
+            "/generate",
+            json.dumps(body),
+            {"Content-Type": "application/json", SPLIT_HEADER: str(len(ids) + 2)},
+        )
         resp = conn.getresponse()
         for line in resp:  # one SSE line at a time, as they arrive
             line = line.strip()

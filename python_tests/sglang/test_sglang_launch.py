@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 from banaserve_ext import data
 from banaserve_ext.errors import InvalidArgumentError
-from banaserve_ext.launch import cli, replay
+from banaserve_ext.launch import cli, deploy, replay
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -20,11 +21,20 @@ def _args(*argv: str) -> argparse.Namespace:
     return p.parse_args(list(argv))
 
 
-def test_plan_builds_prefill_and_decode_commands() -> None:
-    prefill, decode = cli.plan(_args("--prefill", "2", "--decode", "1"), "/m")
+def _model(tmp_path: Path) -> str:
+    """A model directory with the tiny Llama's config.json (enough to plan a deployment)."""
+    (tmp_path / "config.json").write_text(json.dumps({
+        "num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 1024, "intermediate_size": 256,
+    }))  # fmt: skip
+    return str(tmp_path)
+
+
+def test_plan_builds_prefill_and_decode_commands(tmp_path: Path) -> None:
+    prefill, decode = cli.plan(_args("--prefill", "2", "--decode", "1"), _model(tmp_path))
     assert [c.role for c in prefill + decode] == ["prefill", "prefill", "decode"]
-    ports = {c.port for c in prefill + decode} | {c.bootstrap_port for c in prefill}
-    assert len(ports) == 5  # every server and bootstrap port distinct
+    ports = {c.port for c in prefill + decode} | {c.bootstrap_port for c in prefill + decode}
+    assert len(ports) == 6  # every server and bootstrap port distinct (role switch: decode too)
     cmd = prefill[0].command("py")
     assert cmd[:3] == ["py", "-m", "banaserve_ext.adapters.sglang.serve_cpu"]
     i = cmd.index("--disaggregation-transfer-backend")
@@ -35,9 +45,47 @@ def test_plan_builds_prefill_and_decode_commands() -> None:
     assert prefill[0].env() == {"SGLANG_HOST_IP": "127.0.0.1"}
 
 
-def test_plan_rejects_empty_roles() -> None:
-    with pytest.raises(InvalidArgumentError):
-        cli.plan(_args("--decode", "0"), "/m")
+def test_default_deployment_is_banaserve(tmp_path: Path) -> None:
+    d = deploy.plan_deployment(_args("--decode", "2", "--dtype", "float32"), _model(tmp_path))
+    assert d.kind == "banaserve"
+    assert d.router.module == "banaserve" and d.router.policy == "load_aware"
+    # the store, sized in HiCache pages of this model: K+V x 2 layers x 2 heads x 32 x 4 B
+    assert d.pool is not None and d.pool.page_bytes == 2 * 2 * 2 * 32 * 4
+    pcmd, dcmd = d.prefill[0].command("py"), d.decode[0].command("py")
+    assert "--enable-pd-role-switch" in pcmd and "--enable-pd-role-switch" in dcmd
+    assert pcmd[pcmd.index("--hicache-storage-backend") + 1] == "dynamic"
+    extra = json.loads(pcmd[pcmd.index("--hicache-storage-backend-extra-config") + 1])
+    assert extra["pool"] == d.pool.name
+    assert "--hicache-storage-backend" not in dcmd
+    assert dcmd[dcmd.index("--dtype") + 1] == "float32"
+    assert d.controller is not None
+    ccmd = d.controller.command("py")
+    insts = [ccmd[i + 1] for i, a in enumerate(ccmd) if a == "--instance"]
+    assert insts == [f"{s.url},{s.bootstrap_port}" for s in d.prefill + d.decode]
+    assert ccmd[ccmd.index("--router") + 1] == d.router.url
+    assert len(d.peers) == 1 and ccmd[ccmd.index("--attn-peer") + 1] == d.peers[0].address
+
+
+def test_baseline_is_the_stock_deployment(tmp_path: Path) -> None:
+    d = deploy.plan_deployment(_args("--baseline", "sglang"), _model(tmp_path))
+    assert d.router.module == "sglang_router" and d.router.policy == "cache_aware"
+    assert d.pool is None and d.controller is None
+    cmd = d.prefill[0].command("py") + d.decode[0].command("py")
+    assert "--enable-pd-role-switch" not in cmd and "--hicache-storage-backend" not in cmd
+    backend = cmd[cmd.index("--disaggregation-transfer-backend") + 1]
+    assert backend == ("mooncake" if deploy.mooncake_installed() else "banaserve")
+    assert bool(d.notes) == (backend != "mooncake")  # the fallback is said, not silent
+
+
+def test_impossible_configs_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgumentError, match="at least one"):
+        cli.plan(_args("--decode", "0"), _model(tmp_path))
+    with pytest.raises(InvalidArgumentError, match="banaserve transfer backend"):
+        deploy.plan_deployment(_args("--transfer-backend", "mooncake"), _model(tmp_path))
+    with pytest.raises(InvalidArgumentError, match="dtype"):
+        deploy.plan_deployment(_args("--dtype", "int3"), _model(tmp_path))
+    with pytest.raises(InvalidArgumentError, match="config.json"):
+        deploy.plan_deployment(_args(), str(tmp_path / "nowhere"))
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -136,43 +184,58 @@ def _children(pid: int) -> list[int]:
 @pytest.mark.sglang
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_launch_stops_every_server_on_ctrl_c(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """``banaserve launch`` (1 prefill, 1 decode, router) up and serving; SIGINT (what Ctrl-C
-    sends) to the launcher: it exits with 130 (interrupted, the shell convention) and no
-    process of any server's or the router's group is left."""
+def test_background_launch_stops_everything_on_sigint(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The default deployment (store, 1 prefill, 1 decode, router, controller) started as a
+    background job of a non-interactive bash, which starts it with SIGINT *ignored*; ``kill -INT``
+    to it: it exits with 130 (interrupted) and no process of any child's group is left."""
     import os
     import signal
     import subprocess
-    import sys
-    import threading
+    import time
 
     from banaserve_ext.launch.servers import group_members
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "banaserve_ext", "launch", "--model", str(tiny_model_dir),
-         "--log-dir", str(tmp_path / "logs"), "--ready-timeout", "400"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    out.touch()
+    err.touch()
+    probe = (
+        f"{sys.executable} -c "
+        "'import signal; print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)'"
+    )
+    script = (f"{probe} &\nwait $!\n"  # what any background Python job here inherits
+              f"{sys.executable} -m banaserve_ext launch --model {tiny_model_dir} "
+              f"--log-dir {tmp_path / 'logs'} --ready-timeout 400 --status-interval 1 "
+              f"> {out} 2> {err} &\n"
+              "echo $!\nwait $!\necho rc=$?\n")  # fmt: skip
+    shell = subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE, text=True,
+                             start_new_session=True)  # fmt: skip
     children: list[int] = []
     try:
-        url: list[str] = []
-        reader = threading.Thread(target=lambda: url.append(proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
-        reader.start()
-        reader.join(450)
-        assert url and url[0].startswith("http://127.0.0.1:"), proc.stderr.read() if (
-            proc.poll() is not None
-        ) else "launcher not ready"  # fmt: skip
-        children = _children(proc.pid)
-        assert len(children) == 3  # prefill, decode, router: each the leader of its own group
+        inherited = shell.stdout.readline().strip()  # type: ignore[union-attr]
+        assert inherited == "True", "bash did not start the job with SIGINT ignored"
+        pid = int(shell.stdout.readline())  # type: ignore[union-attr]
+        deadline = time.monotonic() + 450
+        while not out.read_text().startswith("http://") and time.monotonic() < deadline:
+            assert shell.poll() is None, err.read_text()
+            time.sleep(1)
+        assert out.read_text().startswith("http://127.0.0.1:"), err.read_text()
+        children = _children(pid)
+        # store, prefill, decode, router, attention peer, controller: each leads its own group
+        assert len(children) == 6, err.read_text()
         assert all(group_members(c) for c in children)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=120) == 130
-        assert "interrupted; shutting down" in proc.stderr.read()  # type: ignore[union-attr]
+        time.sleep(2.5)  # a status line or two
+        os.kill(pid, signal.SIGINT)
+        rest, _ = shell.communicate(timeout=120)
+        assert rest.strip() == "rc=130", err.read_text()
+        log = err.read_text()
+        assert "interrupted; shutting down" in log
+        assert "banaserve: 1P+1D" in log and "controller on" in log
+        assert "banaserve launch: [w" in log  # the live status line
         assert [c for c in children if group_members(c)] == []
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if shell.poll() is None:
+            os.killpg(shell.pid, signal.SIGKILL)
+            shell.wait()
         for c in children:
             if group_members(c):
                 os.killpg(c, signal.SIGKILL)

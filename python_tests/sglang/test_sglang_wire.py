@@ -82,8 +82,13 @@ def test_messages_round_trip() -> None:
     )  # fmt: skip
     assert wire.decode(wire.encode(wire.TAG_REGISTER, reg)) == reg
     idx = np.array([3, 1, 2], np.int32)
-    req = wire.RequestMsg(room=7, session="127.0.0.1:5555", kv_indices=idx.tobytes(),
-                          aux_index=4, required_dst_info_num=1)
+    req = wire.RequestMsg(
+        room=7,
+        session="127.0.0.1:5555",
+        kv_indices=idx.tobytes(),
+        aux_index=4,
+        required_dst_info_num=1,
+    )
     got = wire.decode(wire.encode(wire.TAG_REQUEST, req))
     assert isinstance(got, wire.RequestMsg)
     assert got.dst_kv_indices().tolist() == [3, 1, 2]

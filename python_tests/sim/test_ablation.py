@@ -17,5 +17,7 @@ def test_routing_ablation_order(traces_dir: Path) -> None:
     order = sorted(MOONCAKE_MEASURED_TTFT_S, key=MOONCAKE_MEASURED_TTFT_S.get, reverse=True)
     assert [k for k in sorted(t, key=t.get, reverse=True)] == order
     # the global store must raise the hit rate over load balancing with local caches
-    assert rows["global_cache_aware"]["prefix_hit_mean"] > 1.5 * rows["load_balancing"][
-        "prefix_hit_mean"]
+    assert (
+        rows["global_cache_aware"]["prefix_hit_mean"]
+        > 1.5 * rows["load_balancing"]["prefix_hit_mean"]
+    )

@@ -26,14 +26,17 @@ M = get_model("llama-3.1-8b")
 
 
 def _ctrl(**kw) -> BanaServeController:
-    return BanaServeController(M.layers, M.weight_bytes_per_layer, M.kv_bytes_per_token_layer,
-                               BanaServeConfig(**kw))
+    return BanaServeController(
+        M.layers, M.weight_bytes_per_layer, M.kv_bytes_per_token_layer, BanaServeConfig(**kw)
+    )
 
 
 def _views(u: list[float], roles: list[str] | None = None, kv: int = 10_000) -> list[InstanceView]:
     roles = roles or ["prefill"] * len(u)
-    return [InstanceView(i, r, x, 0.1, kv, M.layers, 0.5 if r == "decode" else 0.0)
-            for i, (x, r) in enumerate(zip(u, roles, strict=True))]
+    return [
+        InstanceView(i, r, x, 0.1, kv, M.layers, 0.5 if r == "decode" else 0.0)
+        for i, (x, r) in enumerate(zip(u, roles, strict=True))
+    ]
 
 
 def test_layer_migration_after_persistence_minimises_peak() -> None:
@@ -46,8 +49,8 @@ def test_layer_migration_after_persistence_minimises_peak() -> None:
     k_best = min(range(1, 17), key=lambda k: max(0.95 * (1 - k / 32), 0.2 + 0.95 * k / 32))
     assert act.layers == k_best
     assert act.latency_s == pytest.approx(
-        act.layers * (M.weight_bytes_per_layer + 10_000 * M.kv_bytes_per_token_layer) / 50e9
-        + 0.005)
+        act.layers * (M.weight_bytes_per_layer + 10_000 * M.kv_bytes_per_token_layer) / 50e9 + 0.005
+    )
     assert c.plan(v, 3.0) == []  # cool-down
 
 
@@ -141,12 +144,17 @@ def test_dynaserve_no_split_when_not_worth_it() -> None:
 
 def test_llumnix_moves_from_fullest_to_emptiest() -> None:
     m = LlumnixMigrator(gap=0.2)
-    views = [InstanceView(0, "colocated", 0.5, 0.9), InstanceView(1, "colocated", 0.5, 0.3),
-             InstanceView(2, "colocated", 0.5, 0.1)]
+    views = [
+        InstanceView(0, "colocated", 0.5, 0.9),
+        InstanceView(1, "colocated", 0.5, 0.3),
+        InstanceView(2, "colocated", 0.5, 0.1),
+    ]
     (mig,) = m.plan(views)
     assert (mig.src, mig.dst) == (0, 2)
-    assert m.plan([InstanceView(0, "colocated", 0.5, 0.5), InstanceView(1, "colocated", 0.5, 0.4)]
-                  ) == []
+    assert (
+        m.plan([InstanceView(0, "colocated", 0.5, 0.5), InstanceView(1, "colocated", 0.5, 0.4)])
+        == []
+    )
 
 
 def test_link_cost_fit_recovers_fixed_and_bandwidth() -> None:
@@ -168,8 +176,13 @@ def test_link_cost_fit_with_negative_intercept_goes_through_origin() -> None:
 
 @pytest.mark.parametrize(
     ("sizes", "times"),
-    [([1.0], [1.0]), ([1.0, 1.0], [1.0, 2.0]), ([1.0, 2.0], [1.0]), ([1.0, 2.0], [0.0, 1.0]),
-     ([1.0, 2.0], [2.0, 1.0])],
+    [
+        ([1.0], [1.0]),
+        ([1.0, 1.0], [1.0, 2.0]),
+        ([1.0, 2.0], [1.0]),
+        ([1.0, 2.0], [0.0, 1.0]),
+        ([1.0, 2.0], [2.0, 1.0]),
+    ],
 )
 def test_link_cost_fit_refuses_what_it_cannot_fit(sizes: list[float], times: list[float]) -> None:
     with pytest.raises(InvalidArgumentError):

@@ -29,14 +29,26 @@ def _ctrl(**kw) -> BanaServeController:
     kw.setdefault("flip_persist", 3)
     kw.setdefault("flip_cost_s", 5.0)
     kw.setdefault("cooldown_s", 0.0)
-    return BanaServeController(M.layers, M.weight_bytes_per_layer, M.kv_bytes_per_token_layer,
-                               BanaServeConfig(**kw))
+    return BanaServeController(
+        M.layers, M.weight_bytes_per_layer, M.kv_bytes_per_token_layer, BanaServeConfig(**kw)
+    )
 
 
 def _views(q: list[float], util: list[float], roles: list[str]) -> list[InstanceView]:
-    return [InstanceView(i, r, u, 0.1, 10_000, M.layers, 0.5 if r == "decode" else 0.0,
-                         queue_len=int(d * 10), queue_delay_s=d)
-            for i, (d, u, r) in enumerate(zip(q, util, roles, strict=True))]
+    return [
+        InstanceView(
+            i,
+            r,
+            u,
+            0.1,
+            10_000,
+            M.layers,
+            0.5 if r == "decode" else 0.0,
+            queue_len=int(d * 10),
+            queue_delay_s=d,
+        )
+        for i, (d, u, r) in enumerate(zip(q, util, roles, strict=True))
+    ]
 
 
 ROLES = ["prefill", "prefill", "decode", "decode", "decode"]
@@ -94,17 +106,19 @@ def test_migrations_carry_a_reason_and_use_the_measured_link() -> None:
     assert isinstance(act, MigrateLayers)
     assert "util 0.95 on 0 vs 0.10 on 1" in act.reason and "LinkCost" in act.reason
     assert act.latency_s == pytest.approx(
-        link.seconds(act.layers * (M.weight_bytes_per_layer
-                                   + M.kv_bytes_per_token_layer * 10_000)))
+        link.seconds(act.layers * (M.weight_bytes_per_layer + M.kv_bytes_per_token_layer * 10_000))
+    )
 
 
 def test_costs_file_is_read_and_checked(tmp_path: Path) -> None:
     costs = measured_costs()
     assert costs.flip_cost_s > 0 and "source" not in costs.sources  # per-entry notes only
     assert set(costs.sources) == {"flip_cost_s", "layer_link", "attention_link"}
-    good = {"flip_cost_s": {"value": 7.5, "source": "measured: drain 2.1 s + switch 5.4 s"},
-            "layer_link": {"bandwidth_Bps": 1e9, "fixed_s": 0.001},
-            "attention_link": {"bandwidth_Bps": 2e9, "fixed_s": 0.0}}
+    good = {
+        "flip_cost_s": {"value": 7.5, "source": "measured: drain 2.1 s + switch 5.4 s"},
+        "layer_link": {"bandwidth_Bps": 1e9, "fixed_s": 0.001},
+        "attention_link": {"bandwidth_Bps": 2e9, "fixed_s": 0.0},
+    }
     p = tmp_path / "costs.json"
     p.write_text(json.dumps(good))
     got = measured_costs(str(p))

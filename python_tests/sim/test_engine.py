@@ -23,8 +23,13 @@ def _cost():
 def _sim(**kw) -> Simulator:
     kw.setdefault("max_batched_tokens", 2048)
     cfg = ClusterConfig(M, G, 1, **kw)
-    return Simulator(cfg, _cost(), policy=make_policy("round_robin"),
-                     decode_policy=make_policy("round_robin"), tick_s=0)
+    return Simulator(
+        cfg,
+        _cost(),
+        policy=make_policy("round_robin"),
+        decode_policy=make_policy("round_robin"),
+        tick_s=0,
+    )
 
 
 def test_single_request_colocated_timeline() -> None:
@@ -66,8 +71,9 @@ def test_pd_transfer_adds_exposed_time() -> None:
     prefill = cost.iteration_s([(4096, 0)], 0, 0)
     exposed_lw = total / M.layers + max(0.0, total - prefill)
     assert sims[False].t_done - sims[False].t_first == pytest.approx(0.0005 + total + dec, rel=1e-3)
-    assert sims[True].t_done - sims[True].t_first == pytest.approx(0.0005 + exposed_lw + dec,
-                                                                   rel=1e-3)
+    assert sims[True].t_done - sims[True].t_first == pytest.approx(
+        0.0005 + exposed_lw + dec, rel=1e-3
+    )
 
 
 def test_kv_capacity_limits_concurrency() -> None:

@@ -34,8 +34,9 @@ def test_prefers_the_worker_holding_the_prefix_without_a_store_cost() -> None:
 
 
 def test_transfer_cost_favours_local_holder_and_load_can_outweigh_it() -> None:
-    p = GlobalCacheAwarePolicy(0, prefill_s=_prefill, kv_bytes_per_token=320 * 1024,
-                               transfer_Bps=1e9)
+    p = GlobalCacheAwarePolicy(
+        0, prefill_s=_prefill, kv_bytes_per_token=320 * 1024, transfer_Bps=1e9
+    )
     ws = [WorkerLoad("a", "prefill"), WorkerLoad("b", "prefill")]
     r1 = _req("1", tuple(range(16)))
     p.on_dispatch(r1, ws[0], 0.0)

@@ -31,14 +31,19 @@ def _write(tmp_path: Path, lines: list[str], name: str = "t.jsonl") -> Path:
 GOOD = json.dumps({"timestamp": 0, "input_length": 600, "output_length": 3, "hash_ids": [1, 2]})
 
 
-@pytest.mark.parametrize("bad,needle", [
-    ("{not json", "not valid JSON"),
-    (json.dumps({"timestamp": 1, "input_length": 10}), "missing field 'output_length'"),
-    (json.dumps({"timestamp": 1, "input_length": -5, "output_length": 2}), "input_length"),
-    (json.dumps({"timestamp": 1, "input_length": 1000, "output_length": 2, "hash_ids": [1]}),
-     "hash_ids"),
-    (json.dumps({"timestamp": "x", "input_length": 10, "output_length": 2}), "timestamp"),
-])
+@pytest.mark.parametrize(
+    "bad,needle",
+    [
+        ("{not json", "not valid JSON"),
+        (json.dumps({"timestamp": 1, "input_length": 10}), "missing field 'output_length'"),
+        (json.dumps({"timestamp": 1, "input_length": -5, "output_length": 2}), "input_length"),
+        (
+            json.dumps({"timestamp": 1, "input_length": 1000, "output_length": 2, "hash_ids": [1]}),
+            "hash_ids",
+        ),
+        (json.dumps({"timestamp": "x", "input_length": 10, "output_length": 2}), "timestamp"),
+    ],
+)
 def test_mooncake_bad_line_names_line(tmp_path: Path, bad: str, needle: str) -> None:
     p = _write(tmp_path, [GOOD, bad])
     with pytest.raises(InvalidArgumentError) as ei:
@@ -56,8 +61,10 @@ def test_mooncake_unsorted(tmp_path: Path) -> None:
 
 def test_azure_bad_row(tmp_path: Path) -> None:
     p = tmp_path / "a.csv"
-    p.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
-                 "2023-11-16 18:17:03.9799600,100,5\n2023-11-16 18:17:04.1,abc,5\n")
+    p.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+        "2023-11-16 18:17:03.9799600,100,5\n2023-11-16 18:17:04.1,abc,5\n"
+    )
     with pytest.raises(InvalidArgumentError, match=rf"{p}:3"):
         load_azure(p)
 

@@ -15,9 +15,11 @@ from banaserve_ext.sim.workloads import WorkloadSpec, build_workload
 
 
 def _run(wl: str, system: str, variant: str, seed: int, pts: list[tuple[float, float]]) -> dict:
-    return {"task": {"workload": wl, "system": system, "variant": variant, "seed": seed},
-            "points": [{"rate": r, "att": dict.fromkeys(MODES, a)} for r, a in pts],
-            "events": []}
+    return {
+        "task": {"workload": wl, "system": system, "variant": variant, "seed": seed},
+        "points": [{"rate": r, "att": dict.fromkeys(MODES, a)} for r, a in pts],
+        "events": [],
+    }
 
 
 def test_aggregate_takes_each_seeds_best_variant_then_the_median() -> None:
@@ -37,9 +39,16 @@ def test_aggregate_takes_each_seeds_best_variant_then_the_median() -> None:
 
 
 def test_target_lines_say_holds_or_misses() -> None:
-    runs = [_run("mooncake-conv", s, "", 0, [(1, 1.0), (g, 0.9), (g + 1, 0.0)])
-            for s, g in (("vllm", 2), ("distserve", 3), ("sglang-pd", 2), ("banaserve", 4),
-                         ("dynaserve", 3))]
+    runs = [
+        _run("mooncake-conv", s, "", 0, [(1, 1.0), (g, 0.9), (g + 1, 0.0)])
+        for s, g in (
+            ("vllm", 2),
+            ("distserve", 3),
+            ("sglang-pd", 2),
+            ("banaserve", 4),
+            ("dynaserve", 3),
+        )
+    ]
     lines = "\n".join(targets(aggregate(runs)))
     assert "banaserve >= 1.3x vLLM" in lines and "= 2.00x -> HOLDS" in lines
     assert "sglang-pd >= 1.0x vLLM at its best chunk: 2.00 vs 2.00 = 1.00x -> HOLDS" in lines
@@ -49,8 +58,9 @@ def test_target_lines_say_holds_or_misses() -> None:
 def test_shifting_mix_alternates_sources_by_phase() -> None:
     reqs = build_workload(WorkloadSpec("shift-azure", 960.0, 240.0), 2.0)
     assert reqs and reqs[-1].arrival_s < 960.0
-    out = {k: [r.output_len for r in reqs if k * 240 <= r.arrival_s < (k + 1) * 240]
-           for k in range(4)}
+    out = {
+        k: [r.output_len for r in reqs if k * 240 <= r.arrival_s < (k + 1) * 240] for k in range(4)
+    }
     mean = {k: sum(v) / len(v) for k, v in out.items()}
     # code (phases 0, 2) has short outputs (mean 28), conversation (1, 3) long ones (211)
     assert mean[0] < 60 and mean[2] < 60 and mean[1] > 120 and mean[3] > 120
@@ -61,8 +71,9 @@ def test_shifting_mix_alternates_sources_by_phase() -> None:
 
 
 def test_report_end_to_end(tmp_path: Path) -> None:
-    text = report(tmp_path, seeds=1, duration_s=30.0, stationary_s=30.0, jobs=1,
-                  workloads=("mooncake-conv",))
+    text = report(
+        tmp_path, seeds=1, duration_s=30.0, stationary_s=30.0, jobs=1, workloads=("mooncake-conv",)
+    )
     assert (tmp_path / "report.md").read_text().startswith("Llama-3.1-70B")
     assert (tmp_path / "report.json").is_file()
     for s in ("vllm", "distserve", "sglang-pd", "llumnix", "banaserve", "dynaserve", "semi-pd"):
@@ -73,10 +84,27 @@ def test_report_end_to_end(tmp_path: Path) -> None:
 
 
 def test_report_cli_rejects_bad_arguments() -> None:
-    out = subprocess.run([sys.executable, "-m", "banaserve_ext", "sim", "report", "--seeds", "0"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "banaserve_ext", "sim", "report", "--seeds", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "--seeds" in out.stderr
-    out = subprocess.run([sys.executable, "-m", "banaserve_ext", "sim", "report", "--workloads",
-                          "nope", "--out", "/tmp/never-written"], capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "banaserve_ext",
+            "sim",
+            "report",
+            "--workloads",
+            "nope",
+            "--out",
+            "/tmp/never-written",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "unknown workload 'nope'" in out.stderr

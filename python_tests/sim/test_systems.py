@@ -37,8 +37,7 @@ def test_system_runs_every_request(system: str) -> None:
     res, sim = simulate(system, _setup(), trace)
     assert res["requests"] == 300
     assert all(r.t_first >= r.arrival and r.t_done >= r.t_first for r in sim.finished)
-    assert sum(i.tokens_decoded for i in sim.instances) == sum(
-        r.output_len - 1 for r in trace)
+    assert sum(i.tokens_decoded for i in sim.instances) == sum(r.output_len - 1 for r in trace)
     assert all(i.pool.used == 0 for i in sim.instances)
     assert all(i.load.active_requests == 0 for i in sim.instances), system
 
@@ -79,8 +78,7 @@ def test_banaserve_flips_a_decode_instance_to_prefill() -> None:
     assert drains and all("prefill queueing" in d for d in drains)
     # nothing inside the warm-up; the switch itself takes the measured flip cost
     assert all(t >= 5.0 for t, w, _ in sim.events_log if w == "control")
-    static, _ = simulate("distserve", replace(_setup(n=4, slo=Slo(0.5, 0.1)), pd_prefill=2),
-                         trace)
+    static, _ = simulate("distserve", replace(_setup(n=4, slo=Slo(0.5, 0.1)), pd_prefill=2), trace)
     dyn, _ = simulate("banaserve", start, trace)
     assert dyn["ttft_ms_mean"] < static["ttft_ms_mean"]
 
@@ -102,12 +100,12 @@ def test_dynaserve_splits_requests_across_instances() -> None:
 
 
 def test_llumnix_migration_keeps_every_token() -> None:
-    trace = [TraceRequest(i, 0.0 if i < 40 else 5.0, 300, 400 if i % 2 else 30)
-             for i in range(60)]
+    trace = [TraceRequest(i, 0.0 if i < 40 else 5.0, 300, 400 if i % 2 else 30) for i in range(60)]
     sim = build("llumnix", _setup(n=2))
     sim.controller = LlumnixActuator(LlumnixMigrator(gap=0.01, per_tick=4))
     sim.policy = __import__("banaserve_ext.policies", fromlist=["make_policy"]).make_policy(
-        "round_robin")
+        "round_robin"
+    )
     reqs = sim.run(trace)
     assert sim.controller.migrated > 0
     assert sum(i.tokens_decoded for i in sim.instances) == sum(r.output_len - 1 for r in reqs)

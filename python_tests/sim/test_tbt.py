@@ -92,8 +92,9 @@ def test_slo_rejects_a_tbt_mode_without_a_bound() -> None:
 
 
 def test_goodput_from_points_interpolates_the_crossing() -> None:
-    assert goodput_from_points([(1, 1.0), (2, 0.95), (3, 0.85), (4, 0.99)], 0.9) == \
-        pytest.approx(2.5)
+    assert goodput_from_points([(1, 1.0), (2, 0.95), (3, 0.85), (4, 0.99)], 0.9) == pytest.approx(
+        2.5
+    )
     assert goodput_from_points([(1, 0.5), (2, 0.95)], 0.9) == 0.0
     assert goodput_from_points([(1, 1.0), (2, 0.95)], 0.9) == 2.0
 
@@ -115,7 +116,8 @@ def test_on_demand_kv_preempts_the_latest_and_recomputes() -> None:
 
 
 def test_no_preemption_when_memory_is_ample() -> None:
-    (a, b), sim = _run([TraceRequest(0, 0.0, 100, 80), TraceRequest(1, 0.01, 100, 80)],
-                       kv_capacity_tokens=10_000)
+    (a, b), sim = _run(
+        [TraceRequest(0, 0.0, 100, 80), TraceRequest(1, 0.01, 100, 80)], kv_capacity_tokens=10_000
+    )
     assert sim.instances[0].preemptions == 0
     assert max(tbt_gaps(a)) == pytest.approx(PRE)  # b's prefill, nothing else

@@ -24,6 +24,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "banaserve_ext.adapters.sglang.host.cli",
         "SGLang plug-in: `probe` the installed SGLang for the internals it needs",
     ),
+    "control": ("banaserve_ext.live.cli", "live controller: rebalance a running deployment"),
+    "status": ("banaserve_ext.live.status", "show the live controller's view of a deployment"),
 }
 
 

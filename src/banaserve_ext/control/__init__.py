@@ -40,8 +40,22 @@ from .profile import WorkloadProfile, choose_prefill_count
 from .semipd import SemiPDController
 
 __all__ = [
-    "BanaServeConfig", "BanaServeController", "DynaServeSplitter", "FlipRole", "InstanceView",
-    "LinkCost", "LlumnixMigrator", "LoadView", "MeasuredCosts", "MigrateAttention",
-    "MigrateLayers", "Migration", "Revert", "SemiPDController", "SplitPlan", "WorkloadProfile",
-    "choose_prefill_count", "measured_costs",
+    "BanaServeConfig",
+    "BanaServeController",
+    "DynaServeSplitter",
+    "FlipRole",
+    "InstanceView",
+    "LinkCost",
+    "LlumnixMigrator",
+    "LoadView",
+    "MeasuredCosts",
+    "MigrateAttention",
+    "MigrateLayers",
+    "Migration",
+    "Revert",
+    "SemiPDController",
+    "SplitPlan",
+    "WorkloadProfile",
+    "choose_prefill_count",
+    "measured_costs",
 ]

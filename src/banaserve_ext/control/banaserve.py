@@ -240,8 +240,11 @@ class BanaServeController:
         self._flip_ticks = 0
         self._rev_ticks = 0
         self._last_action = float("-inf")
-        self._flip_cost = (self.config.flip_cost_s if self.config.flip_cost_s is not None
-                           else _measured_flip_cost())
+        self._flip_cost = (
+            self.config.flip_cost_s
+            if self.config.flip_cost_s is not None
+            else _measured_flip_cost()
+        )
 
     # -- costs -------------------------------------------------------------------------------
     def layer_latency(self, k: int, kv_tokens: int) -> float:
@@ -261,8 +264,11 @@ class BanaServeController:
             return []
         if now_s - self._last_action < c.cooldown_s or now_s < c.warmup_s:
             return []
-        acts = (self._maybe_flip_queue(live, now_s) if c.flip_queue_s is not None
-                else self._maybe_flip(live))
+        acts = (
+            self._maybe_flip_queue(live, now_s)
+            if c.flip_queue_s is not None
+            else self._maybe_flip(live)
+        )
         if acts:
             return self._commit(acts, now_s)
         acts = self._maybe_revert(views)
@@ -290,8 +296,9 @@ class BanaServeController:
         self._imb_ticks = 0
         return self._commit([best], now_s)
 
-    def solve(self, views: Sequence[InstanceView], hi: InstanceView, lo: InstanceView
-              ) -> MigrateLayers | MigrateAttention | None:
+    def solve(
+        self, views: Sequence[InstanceView], hi: InstanceView, lo: InstanceView
+    ) -> MigrateLayers | MigrateAttention | None:
         """min over plans of max_g U_g(plan), subject to latency(plan) <= budget."""
         c = self.config
         others = max((v.util for v in views if v.idx not in (hi.idx, lo.idx)), default=0.0)
@@ -307,9 +314,11 @@ class BanaServeController:
                 break
             moved = hi.util * k / self.total_layers
             peak = max(hi.util - moved, lo.util + moved, others)
-            why = (f"util {hi.util:.2f} on {hi.idx} vs {lo.util:.2f} on {lo.idx} for "
-                   f"{c.persist} windows; peak {current:.2f} -> {peak:.2f}; {k} layers in "
-                   f"{lat:.2f} s (LinkCost)")
+            why = (
+                f"util {hi.util:.2f} on {hi.idx} vs {lo.util:.2f} on {lo.idx} for "
+                f"{c.persist} windows; peak {current:.2f} -> {peak:.2f}; {k} layers in "
+                f"{lat:.2f} s (LinkCost)"
+            )
             cand = (peak, lat, MigrateLayers(hi.idx, lo.idx, k, lat, why))
             if best is None or cand[:2] < best[:2]:
                 best = cand
@@ -320,9 +329,11 @@ class BanaServeController:
                     continue
                 moved = hi.util * phi * hi.attn_share
                 peak = max(hi.util - moved, lo.util + moved, others)
-                why = (f"decode util {hi.util:.2f} on {hi.idx} vs {lo.util:.2f} on {lo.idx} "
-                       f"for {c.persist} windows; attention share {hi.attn_share:.2f}; peak "
-                       f"{current:.2f} -> {peak:.2f}; {phi:.2f} of the KV in {lat:.2f} s")
+                why = (
+                    f"decode util {hi.util:.2f} on {hi.idx} vs {lo.util:.2f} on {lo.idx} "
+                    f"for {c.persist} windows; attention share {hi.attn_share:.2f}; peak "
+                    f"{current:.2f} -> {peak:.2f}; {phi:.2f} of the KV in {lat:.2f} s"
+                )
                 cand = (peak, lat, MigrateAttention(hi.idx, lo.idx, phi, lat, why))
                 if best is None or cand[:2] < best[:2]:
                     best = cand
@@ -355,8 +366,10 @@ class BanaServeController:
         if not cands:
             return []
         self._flip_ticks = 0
-        why = (f"util prefill {up:.2f} / decode {ud:.2f} for {c.persist} windows "
-               f"(flip_high {c.flip_high}, flip_low {c.flip_low})")
+        why = (
+            f"util prefill {up:.2f} / decode {ud:.2f} for {c.persist} windows "
+            f"(flip_high {c.flip_high}, flip_low {c.flip_low})"
+        )
         return [FlipRole(min(cands, key=lambda v: v.util).idx, role, why, self._flip_cost)]
 
     def _maybe_flip_queue(self, live: Sequence[InstanceView], now_s: float) -> list[object]:
@@ -417,11 +430,13 @@ class BanaServeController:
             return []
         self._flip_ticks = 0
         donor = min(cands, key=lambda v: (v.queue_len, v.util))
-        why = (f"{hot} queueing {q:.2f} s > {c.flip_queue_s:.2f} s for {c.flip_persist} "
-               f"windows; {'decode' if hot == 'prefill' else 'prefill'} queue "
-               f"{qd if hot == 'prefill' else qp:.2f} s, util {u_after:.2f} after losing "
-               f"{donor.idx} (load prefill {up:.2f} / decode {ud:.2f}); flip cost "
-               f"{self._flip_cost:.1f} s + drain")
+        why = (
+            f"{hot} queueing {q:.2f} s > {c.flip_queue_s:.2f} s for {c.flip_persist} "
+            f"windows; {'decode' if hot == 'prefill' else 'prefill'} queue "
+            f"{qd if hot == 'prefill' else qp:.2f} s, util {u_after:.2f} after losing "
+            f"{donor.idx} (load prefill {up:.2f} / decode {ud:.2f}); flip cost "
+            f"{self._flip_cost:.1f} s + drain"
+        )
         return [FlipRole(donor.idx, role, why, self._flip_cost)]
 
     def _maybe_revert(self, views: Sequence[InstanceView]) -> list[object]:
@@ -434,8 +449,10 @@ class BanaServeController:
                 self._rev_ticks += 1
                 if self._rev_ticks >= self.config.persist:
                     self._rev_ticks = 0
-                    why = (f"imbalance reversed: util {d.util:.2f} on receiver {d.idx} vs "
-                           f"{s.util:.2f} on donor {s.idx} for {self.config.persist} windows")
+                    why = (
+                        f"imbalance reversed: util {d.util:.2f} on receiver {d.idx} vs "
+                        f"{s.util:.2f} on donor {s.idx} for {self.config.persist} windows"
+                    )
                     return [Revert(a.action.src, a.action.dst, why)]
                 return []
         self._rev_ticks = 0
@@ -448,6 +465,7 @@ class BanaServeController:
             if isinstance(a, (MigrateLayers, MigrateAttention)):
                 self.active.append(_Active(a, now_s))
             elif isinstance(a, Revert):
-                self.active = [x for x in self.active
-                               if not (x.action.src == a.src and x.action.dst == a.dst)]
+                self.active = [
+                    x for x in self.active if not (x.action.src == a.src and x.action.dst == a.dst)
+                ]
         return acts

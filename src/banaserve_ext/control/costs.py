@@ -22,10 +22,16 @@ from .banaserve import LinkCost
 #: the same content as bench/sim/costs.json at release time
 _BUILTIN = {
     "flip_cost_s": {"value": 10.0, "source": "PLACEHOLDER, not yet measured live"},
-    "layer_link": {"bandwidth_Bps": 2.2e9, "fixed_s": 0.0036,
-                   "source": "LinkCost.fit, banaserve bench layer-migration (dev box)"},
-    "attention_link": {"bandwidth_Bps": 4.18e9, "fixed_s": 0.00043,
-                       "source": "LinkCost.fit, bench_kv_migration.py over tcp (dev box)"},
+    "layer_link": {
+        "bandwidth_Bps": 2.2e9,
+        "fixed_s": 0.0036,
+        "source": "LinkCost.fit, banaserve bench layer-migration (dev box)",
+    },
+    "attention_link": {
+        "bandwidth_Bps": 4.18e9,
+        "fixed_s": 0.00043,
+        "source": "LinkCost.fit, bench_kv_migration.py over tcp (dev box)",
+    },
 }
 
 
@@ -50,14 +56,20 @@ def default_costs_path() -> Path:
 def parse_costs(data: dict, where: str) -> MeasuredCosts:
     try:
         flip = float(data["flip_cost_s"]["value"])
-        links = {k: LinkCost(float(data[k]["bandwidth_Bps"]), float(data[k]["fixed_s"]))
-                 for k in ("layer_link", "attention_link")}
-        sources = {k: str(data[k].get("source", "")) for k in
-                   ("flip_cost_s", "layer_link", "attention_link")}
+        links = {
+            k: LinkCost(float(data[k]["bandwidth_Bps"]), float(data[k]["fixed_s"]))
+            for k in ("layer_link", "attention_link")
+        }
+        sources = {
+            k: str(data[k].get("source", ""))
+            for k in ("flip_cost_s", "layer_link", "attention_link")
+        }
     except (KeyError, TypeError, ValueError) as exc:
-        raise InvalidArgumentError(f"{where}: malformed costs file ({exc!r}); needs "
-                                   "flip_cost_s.value and {layer,attention}_link."
-                                   "{bandwidth_Bps,fixed_s}") from exc
+        raise InvalidArgumentError(
+            f"{where}: malformed costs file ({exc!r}); needs "
+            "flip_cost_s.value and {layer,attention}_link."
+            "{bandwidth_Bps,fixed_s}"
+        ) from exc
     if not flip >= 0:
         raise InvalidArgumentError(f"{where}: flip_cost_s must be >= 0, got {flip}")
     return MeasuredCosts(flip, links["layer_link"], links["attention_link"], sources, where)

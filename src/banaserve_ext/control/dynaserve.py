@@ -79,8 +79,10 @@ class DynaServeSplitter:
                     hi = mid
             s = hi
         whole = a.prefill_backlog_s + a.decode_backlog_s + prefill_s + out_tokens * a.tok_s
-        split_end = max(a.prefill_backlog_s + a.decode_backlog_s + prefill_s + s * a.tok_s,
-                        b.prefill_backlog_s + b.decode_backlog_s + (out_tokens - s) * b.tok_s)
+        split_end = max(
+            a.prefill_backlog_s + a.decode_backlog_s + prefill_s + s * a.tok_s,
+            b.prefill_backlog_s + b.decode_backlog_s + (out_tokens - s) * b.tok_s,
+        )
         if whole - split_end < self.min_gain_s:
             return SplitPlan(a.idx, None, out_tokens)
         return SplitPlan(a.idx, b.idx, s)

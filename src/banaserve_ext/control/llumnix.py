@@ -36,6 +36,8 @@ class LlumnixMigrator:
         dst = min(live, key=lambda v: (v.kv_frac, v.util))
         if src.kv_frac - dst.kv_frac <= self.gap:
             return []
-        why = (f"KV use {src.kv_frac:.2f} on {src.idx} vs {dst.kv_frac:.2f} on {dst.idx} "
-               f"(gap > {self.gap})")
+        why = (
+            f"KV use {src.kv_frac:.2f} on {src.idx} vs {dst.kv_frac:.2f} on {dst.idx} "
+            f"(gap > {self.gap})"
+        )
         return [Migration(src.idx, dst.idx, self.per_tick, why)]

@@ -31,8 +31,7 @@ class WorkloadProfile:
     window_s: float = 60.0
 
 
-def decode_batch(demand_tok_s: float, step_s: Callable[[int], float], max_batch: int
-                 ) -> int | None:
+def decode_batch(demand_tok_s: float, step_s: Callable[[int], float], max_batch: int) -> int | None:
     """Smallest batch ``B`` with ``B / step_s(B) >= demand`` (tokens/s), None if none."""
     for b in range(1, max_batch + 1):
         if b / step_s(b) >= demand_tok_s:
@@ -40,9 +39,14 @@ def decode_batch(demand_tok_s: float, step_s: Callable[[int], float], max_batch:
     return None
 
 
-def choose_prefill_count(n: int, prof: WorkloadProfile, step_s: Callable[[int, int], float],
-                         step_budget_s: float, kv_capacity: int, max_batch: int = 256
-                         ) -> tuple[int, str]:
+def choose_prefill_count(
+    n: int,
+    prof: WorkloadProfile,
+    step_s: Callable[[int, int], float],
+    step_budget_s: float,
+    kv_capacity: int,
+    max_batch: int = 256,
+) -> tuple[int, str]:
     """(P, reason): the split that minimises the busier tier's predicted load.
 
     ``step_s(batch, total_context)`` is the decode step time."""
@@ -56,7 +60,7 @@ def choose_prefill_count(n: int, prof: WorkloadProfile, step_s: Callable[[int, i
         up = prof.rate * prof.prefill_s / p
         demand = prof.rate * max(0.0, prof.out_tokens - 1) / d
         ctx = max(1, int(prof.context_tokens))
-        b = decode_batch(demand, lambda x: step_s(x, x * ctx), max_batch) if demand > 0 else 0
+        b = decode_batch(demand, lambda x, c=ctx: step_s(x, x * c), max_batch) if demand > 0 else 0
         if b is None:
             ud = 2.0
         elif b == 0:
@@ -68,6 +72,8 @@ def choose_prefill_count(n: int, prof: WorkloadProfile, step_s: Callable[[int, i
         if best is None or load < best[0] - 1e-9:
             best = (load, p, why)
     assert best is not None
-    return best[1], (f"profile {prof.window_s:.0f} s: {prof.rate:.2f} req/s, prefill "
-                     f"{prof.prefill_s * 1e3:.0f} ms/req, {prof.out_tokens:.0f} out tokens; "
-                     f"best {best[2]}")
+    return best[1], (
+        f"profile {prof.window_s:.0f} s: {prof.rate:.2f} req/s, prefill "
+        f"{prof.prefill_s * 1e3:.0f} ms/req, {prof.out_tokens:.0f} out tokens; "
+        f"best {best[2]}"
+    )

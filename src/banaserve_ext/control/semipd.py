@@ -68,8 +68,9 @@ class SemiPDController:
         return float(coef[0]), float(coef[1])
 
     # -- Algorithm 1 -------------------------------------------------------------------------
-    def update(self, x: float, ttft_p: float | None, tpot_p: float | None, now_s: float = 0.0
-               ) -> float:
+    def update(
+        self, x: float, ttft_p: float | None, tpot_p: float | None, now_s: float = 0.0
+    ) -> float:
         """Observe one window at prefill share ``x`` (percent); return the next share."""
         y = 100.0 - x
         if ttft_p is not None:

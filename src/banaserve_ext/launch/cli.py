@@ -1,14 +1,18 @@
 # SPDX-License-Identifier: Apache-2.0
-"""``banaserve launch``: N prefill + M decode SGLang servers with the ``banaserve`` transfer
-backend behind a PD router, on this host.
+"""``banaserve launch``: BanaServe on this host — N prefill + M decode SGLang servers, the global
+KV store, this project's router and the live controller (:mod:`.deploy` has the parts).
 
     banaserve launch                              # tiny embedded model on CPU, 1 prefill + 1 decode
     banaserve launch --replay                     # the shipped Mooncake slice (banaserve_ext.data)
+    banaserve launch --baseline sglang            # the stock deployment, for side-by-side runs
     banaserve launch --replay ../shared/data/traces/mooncake_fast25/conversation_trace.jsonl
 
-Waits for every server, prints the router URL, and serves until Ctrl-C (or, with ``--replay``,
+Waits for every process, prints the router URL, shows a live status line every
+``--status-interval`` seconds, and serves until Ctrl-C / SIGINT / SIGTERM (or, with ``--replay``,
 replays a scaled slice of the trace, prints TTFT/TPOT/throughput and exits). Every process is
-stopped by PID on the way out, also on errors.
+stopped by PID on the way out, also on errors. SIGINT gets an explicit handler: a job started in
+the background by a non-interactive shell inherits SIGINT *ignored*, and Python keeps an inherited
+ignore unless told otherwise.
 """
 
 from __future__ import annotations
@@ -17,13 +21,15 @@ import argparse
 import json
 import signal
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..data import LAUNCH_TRACE
-from ..errors import BanaserveError, InvalidArgumentError
-from .servers import LOOPBACK, RouterConfig, ServerProcess, SGLangServerConfig, free_port
+from ..errors import BanaserveError, UnavailableError
+from .deploy import BASELINES, Deployment, plan_deployment
+from .servers import LOOPBACK, ServerProcess, SGLangServerConfig, http_json
 
 DEFAULT_MODEL_DIR = Path.home() / ".cache" / "banaserve" / "tiny-llama"
 #: one CPU SGLang server takes about 2.1 GB of RSS
@@ -34,27 +40,87 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model path (default: the embedded tiny Llama, created locally)")
     p.add_argument("--prefill", type=int, default=1, help="prefill servers (default 1)")
     p.add_argument("--decode", type=int, default=1, help="decode servers (default 1)")
-    p.add_argument("--transfer-backend", default="banaserve",
-                   help="--disaggregation-transfer-backend of the servers (default banaserve)")
+    p.add_argument(
+        "--baseline",
+        choices=BASELINES,
+        default="banaserve",
+        help="banaserve (default: store, role switch, load_aware router, controller) "
+        "or sglang (stock sglang_router cache_aware, no store, no controller)",
+    )
+    p.add_argument(
+        "--transfer-backend",
+        default=None,
+        help="--disaggregation-transfer-backend (default banaserve; the sglang "
+        "baseline uses mooncake when it is installed)",
+    )
+    p.add_argument(
+        "--policy",
+        default=None,
+        help="router policy (default load_aware; cache_aware for the baseline)",
+    )
+    p.add_argument("--dtype", default="bfloat16", help="model dtype on CPU (default bfloat16)")
+    p.add_argument("--no-store", action="store_true", help="BanaServe without the KV store")
+    p.add_argument("--no-controller", action="store_true", help="BanaServe without controller")
+    p.add_argument(
+        "--attn-peers",
+        type=int,
+        default=1,
+        help="attention peers for KV migration under KV pressure (default 1)",
+    )
+    p.add_argument("--store-size", default="256MiB", help="KV store capacity (default 256MiB)")
+    p.add_argument(
+        "--controller-arg",
+        action="append",
+        default=[],
+        help="extra argument for `banaserve control` (repeatable)",
+    )
+    p.add_argument(
+        "--status-interval",
+        type=float,
+        default=5.0,
+        help="seconds between live status lines (0: none)",
+    )
     p.add_argument("--device", default="cpu", help="SGLang --device (default cpu)")
     p.add_argument("--host", default=LOOPBACK, help="address every process binds")
     p.add_argument("--port", type=int, default=0, help="router port (default: a free one)")
     p.add_argument("--max-total-tokens", type=int, default=4096)
     p.add_argument("--chunked-prefill-size", type=int, default=None)
-    p.add_argument("--log-dir", type=Path, default=Path("out") / "launch",
-                   help="server logs (default out/launch)")
+    p.add_argument(
+        "--log-dir",
+        type=Path,
+        default=Path("out") / "launch",
+        help="server logs (default out/launch)",
+    )
     p.add_argument("--ready-timeout", type=float, default=300.0)
-    p.add_argument("--server-arg", action="append", default=[],
-                   help="extra argument for every SGLang server (repeatable)")
+    p.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="extra argument for every SGLang server (repeatable)",
+    )
     g = p.add_argument_group("replay")
-    g.add_argument("--replay", type=Path, nargs="?", const=LAUNCH_TRACE, metavar="TRACE",
-                   help="trace to replay (.jsonl Mooncake or .csv Azure); without a path, the "
-                   f"shipped slice {LAUNCH_TRACE.name}")
+    g.add_argument(
+        "--replay",
+        type=Path,
+        nargs="?",
+        const=LAUNCH_TRACE,
+        metavar="TRACE",
+        help="trace to replay (.jsonl Mooncake or .csv Azure); without a path, the "
+        f"shipped slice {LAUNCH_TRACE.name}",
+    )
     g.add_argument("--replay-requests", type=int, default=40, help="first N requests (default 40)")
-    g.add_argument("--replay-rate", type=float, default=2.0,
-                   help="mean arrival rate after scaling, requests/s (default 2)")
-    g.add_argument("--replay-length-scale", type=float, default=1 / 16,
-                   help="input length multiplier (default 1/16)")
+    g.add_argument(
+        "--replay-rate",
+        type=float,
+        default=2.0,
+        help="mean arrival rate after scaling, requests/s (default 2)",
+    )
+    g.add_argument(
+        "--replay-length-scale",
+        type=float,
+        default=1 / 16,
+        help="input length multiplier (default 1/16)",
+    )
     g.add_argument("--replay-max-input", type=int, default=1024)
     g.add_argument("--replay-max-output", type=int, default=32)
     g.add_argument("--json", action="store_true", help="print the replay summary as JSON")
@@ -75,24 +141,15 @@ def _model_path(args: argparse.Namespace) -> tuple[str, int]:
 def plan(
     args: argparse.Namespace, model: str
 ) -> tuple[list[SGLangServerConfig], list[SGLangServerConfig]]:
-    """Server configs of the deployment (ports picked now)."""
-    if args.prefill < 1 or args.decode < 1:
-        raise InvalidArgumentError("need at least one prefill and one decode server")
-    common = dict(
-        model_path=model, host=args.host, device=args.device,
-        transfer_backend=args.transfer_backend, max_total_tokens=args.max_total_tokens,
-        chunked_prefill_size=args.chunked_prefill_size, extra_args=tuple(args.server_arg),
-    )  # fmt: skip
-    prefill = [
-        SGLangServerConfig(port=free_port(args.host), role="prefill",
-                           bootstrap_port=free_port(args.host), **common)  # type: ignore[arg-type]
-        for _ in range(args.prefill)
-    ]  # fmt: skip
-    decode = [
-        SGLangServerConfig(port=free_port(args.host), role="decode", **common)  # type: ignore[arg-type]
-        for _ in range(args.decode)
-    ]
-    return prefill, decode
+    """Server configs of the deployment (ports picked now); :func:`.deploy.plan_deployment` has
+    the whole deployment."""
+    d = plan_deployment(args, model)
+    return d.prefill, d.decode
+
+
+def _start(procs: list[ServerProcess], proc: ServerProcess) -> ServerProcess:
+    procs.append(proc)
+    return proc.start()
 
 
 def main(args: argparse.Namespace) -> int:
@@ -104,8 +161,6 @@ def main(args: argparse.Namespace) -> int:
     if args.device == "cpu":
         print(f"banaserve launch: {args.prefill} prefill + {args.decode} decode CPU servers "
               f"(~{n * SERVER_RSS_GB:.1f} GB RSS)", file=sys.stderr)  # fmt: skip
-    model, vocab = _model_path(args)
-    prefill, decode = plan(args, model)
     log_dir = args.log_dir
     procs: list[ServerProcess] = []
     interrupted = False
@@ -113,36 +168,86 @@ def main(args: argparse.Namespace) -> int:
     def on_signal(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    old = signal.signal(signal.SIGTERM, on_signal)
+    # explicit for SIGINT too: a background job inherits SIGINT ignored (see the module doc)
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        for cfg in prefill + decode:
-            name = f"{cfg.role}-{cfg.port}"
-            procs.append(
-                ServerProcess(name, cfg.command(), f"{cfg.url}/health", log_dir / f"{name}.log",
-                              cfg.env()).start()
-            )  # fmt: skip
+        model, vocab = _model_path(args)
+        dep = plan_deployment(args, model)
+        for note in dep.notes:
+            print(f"banaserve launch: {note}", file=sys.stderr)
         t0 = time.monotonic()
-        with ThreadPoolExecutor(len(procs)) as pool:
-            list(pool.map(lambda p: p.wait_ready(args.ready_timeout), procs))
-        router = RouterConfig(
-            port=args.port or free_port(args.host),
-            prefill=tuple((p.url, int(p.bootstrap_port or 0)) for p in prefill),
-            decode=tuple(d.url for d in decode), host=args.host,
-        )  # fmt: skip
-        rproc = ServerProcess(f"router-{router.port}", router.command(), f"{router.url}/health",
-                              log_dir / f"router-{router.port}.log").start()  # fmt: skip
-        procs.append(rproc)
+        if dep.pool is not None:
+            pool = _start(
+                procs,
+                ServerProcess(
+                    f"pool-{dep.pool.name}",
+                    dep.pool.command(),
+                    dep.pool.ready_url,
+                    log_dir / "pool.log",
+                ),
+            )
+            pool.wait_ready(60.0)
+        servers = [
+            _start(procs, ServerProcess(f"{c.role}-{c.port}", c.command(), f"{c.url}/health",
+                                        log_dir / f"{c.role}-{c.port}.log", c.env()))
+            for c in dep.prefill + dep.decode
+        ]  # fmt: skip
+        with ThreadPoolExecutor(len(servers)) as ex:
+            list(ex.map(lambda p: p.wait_ready(args.ready_timeout), servers))
+        router = dep.router
+        rproc = _start(
+            procs,
+            ServerProcess(
+                f"router-{router.port}",
+                router.command(),
+                f"{router.url}/health",
+                log_dir / f"router-{router.port}.log",
+            ),
+        )
         rproc.wait_ready(60.0)
-        print(f"banaserve launch: ready in {time.monotonic() - t0:.0f}s; router {router.url} "
-              f"(logs in {log_dir})", file=sys.stderr, flush=True)  # fmt: skip
+        for peer in dep.peers:
+            _start(
+                procs,
+                PeerProcess(
+                    f"attn-peer-{peer.port}",
+                    peer.command(),
+                    "",
+                    log_dir / f"attn-peer-{peer.port}.log",
+                ),
+            ).wait_ready(60.0)
+        if dep.controller is not None:
+            _wait_router(router.url)  # the controller checks the router's workers at start
+            c = dep.controller
+            _start(
+                procs,
+                ServerProcess(
+                    "controller", c.command(), f"{c.url}/status", log_dir / "controller.log"
+                ),
+            ).wait_ready(60.0)
+        print(
+            f"banaserve launch: {_describe(dep)} ready in {time.monotonic() - t0:.0f}s; "
+            f"router {router.url} (logs in {log_dir})",
+            file=sys.stderr,
+            flush=True,
+        )
+        if dep.controller is not None:
+            print(
+                f"banaserve launch: controller {dep.controller.url}/status "
+                f"(banaserve status --controller {dep.controller.url})",
+                file=sys.stderr,
+            )
         if args.replay is None:
             print(router.url, flush=True)
+            next_status = time.monotonic()
             while all(p.alive() for p in procs):
+                if args.status_interval > 0 and time.monotonic() >= next_status:
+                    _status_line(dep)
+                    next_status = time.monotonic() + args.status_interval
                 time.sleep(0.5)
             dead = [p.name for p in procs if not p.alive()]
             print(f"banaserve launch: {dead} exited; shutting down", file=sys.stderr)
             return 1
-        return _replay(args, router.url, vocab)
+        return _replay(args, dep, vocab)
     except KeyboardInterrupt:
         interrupted = True
         print("banaserve launch: interrupted; shutting down", file=sys.stderr)
@@ -151,13 +256,70 @@ def main(args: argparse.Namespace) -> int:
         print(f"banaserve launch: {exc}", file=sys.stderr)
         return 1
     finally:
-        signal.signal(signal.SIGTERM, old)
+        # no second Ctrl-C may cut the teardown short
+        for sig in old:
+            signal.signal(sig, signal.SIG_IGN)
         for p in reversed(procs):
             p.stop(grace_s=2.0 if interrupted else 10.0)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
-def _replay(args: argparse.Namespace, url: str, vocab: int) -> int:
+class PeerProcess(ServerProcess):
+    """An attention peer: not HTTP; ready once it printed ``READY host:port``."""
+
+    def wait_ready(self, timeout_s: float = 60.0, poll_s: float = 0.2) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise UnavailableError(f"{self.name} exited; log {self.log_path}:\n"
+                                       f"{self.log_tail()}")  # fmt: skip
+            if "READY " in self.log_tail():
+                return
+            time.sleep(poll_s)
+        raise UnavailableError(f"{self.name} not ready after {timeout_s:.0f}s")
+
+
+def _describe(dep: Deployment) -> str:
+    parts = [f"{dep.kind}: {len(dep.prefill)}P+{len(dep.decode)}D",
+             f"transfer {dep.prefill[0].transfer_backend}",
+             f"router {dep.router.module}/{dep.router.policy}"]  # fmt: skip
+    parts.append("store " + (dep.pool.name if dep.pool else "off"))
+    parts.append("controller " + ("on" if dep.controller else "off"))
+    if dep.peers:
+        parts.append(f"{len(dep.peers)} attention peer(s)")
+    return ", ".join(parts)
+
+
+def _status_line(dep: Deployment) -> None:
+    """One live status line on stderr: the controller's view, or the router's counts."""
+    from ..live.status import fetch, one_line
+
+    try:
+        if dep.controller is not None:
+            line = one_line(fetch(dep.controller.url))
+        else:
+            status, body = http_json(f"{dep.router.url}/workers", timeout_s=5.0)
+            workers = body.get("workers", []) if isinstance(body, dict) else []
+            line = (
+                "  ".join(
+                    f"{str(w.get('worker_type', '?'))[:1].upper()}:"
+                    f"{str(w.get('url', '')).rsplit(':', 1)[-1]} "
+                    f"inflight {w.get('active_requests', '?')}"
+                    for w in workers
+                    if isinstance(w, dict)
+                )
+                or f"router {status}"
+            )
+    except BanaserveError as exc:
+        line = f"status unavailable: {exc}"
+    print(f"banaserve launch: {line}", file=sys.stderr, flush=True)
+
+
+def _replay(args: argparse.Namespace, dep: Deployment, vocab: int) -> int:
     from . import replay
+
+    url = dep.router.url
 
     trace = replay.load_trace(args.replay, args.replay_requests)
     reqs = replay.scale(
@@ -167,18 +329,35 @@ def _replay(args: argparse.Namespace, url: str, vocab: int) -> int:
     )  # fmt: skip
     _wait_router(url)
     t0 = time.perf_counter()
-    results = replay.run(url, reqs)
+    done = threading.Event()
+
+    def status_loop() -> None:
+        while not done.wait(args.status_interval):
+            _status_line(dep)
+
+    if args.status_interval > 0:
+        threading.Thread(target=status_loop, name="launch-status", daemon=True).start()
+    try:
+        results = replay.run(url, reqs)
+    finally:
+        done.set()
     summary = replay.summarize(results, time.perf_counter() - t0)
     if args.json:
         print(json.dumps(summary))
     else:
         print(f"replayed {int(summary['requests'])} requests of {args.replay.name} "
               f"({int(summary['failed'])} failed) in {summary['wall_s']:.1f}s")  # fmt: skip
-        print(f"  TTFT  mean {summary['ttft_mean_s'] * 1e3:8.1f} ms  p50 "
-              f"{summary['ttft_p50_s'] * 1e3:8.1f} ms  p99 {summary['ttft_p99_s'] * 1e3:8.1f} ms")
-        print(f"  TPOT  mean {summary['tpot_mean_s'] * 1e3:8.1f} ms  p50 "
-              f"{summary['tpot_p50_s'] * 1e3:8.1f} ms  p99 {summary['tpot_p99_s'] * 1e3:8.1f} ms")
+        print(
+            f"  TTFT  mean {summary['ttft_mean_s'] * 1e3:8.1f} ms  p50 "
+            f"{summary['ttft_p50_s'] * 1e3:8.1f} ms  p99 {summary['ttft_p99_s'] * 1e3:8.1f} ms"
+        )
+        print(
+            f"  TPOT  mean {summary['tpot_mean_s'] * 1e3:8.1f} ms  p50 "
+            f"{summary['tpot_p50_s'] * 1e3:8.1f} ms  p99 {summary['tpot_p99_s'] * 1e3:8.1f} ms"
+        )
         print(f"  throughput {summary['output_tokens_per_s']:.1f} output tokens/s")
+    if dep.controller is not None:
+        _status_line(dep)
     errors = {r.error for r in results if not r.ok}
     for e in sorted(errors)[:3]:
         print(f"  error: {e}", file=sys.stderr)
@@ -187,8 +366,6 @@ def _replay(args: argparse.Namespace, url: str, vocab: int) -> int:
 
 def _wait_router(url: str, timeout_s: float = 60.0) -> None:
     """The router answers 503 for a few seconds after its workers turn healthy."""
-    from .servers import http_json
-
     deadline = time.monotonic() + timeout_s
     body = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 1}}
     while True:

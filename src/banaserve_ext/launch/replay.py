@@ -188,8 +188,9 @@ def _one(url: str, req: ReplayRequest, timeout_s: float) -> Result:
     except (OSError, ValueError) as exc:
         return Result(False, error=str(exc))
     e2e = time.perf_counter() - start
-    return Result(tokens > 0, first if first is not None else e2e, e2e, tokens,
-                  "" if tokens else "no tokens")
+    return Result(
+        tokens > 0, first if first is not None else e2e, e2e, tokens, "" if tokens else "no tokens"
+    )
 
 
 def run(url: str, requests: list[ReplayRequest], timeout_s: float = 300.0) -> list[Result]:

@@ -53,6 +53,8 @@ class SGLangServerConfig:
     #: opt-in plug-in features SGLang has no argument for (``admin``, ``kv_migration``,
     #: ``layer_migration``; see adapters/sglang/host/selection.py)
     features: tuple[str, ...] = ()
+    #: --dtype of a CPU server (float32 keeps greedy ties from flipping between runs)
+    dtype: str = "bfloat16"
 
     def command(self, python: str = sys.executable) -> list[str]:
         if self.role not in ("single", "prefill", "decode"):
@@ -78,7 +80,7 @@ class SGLangServerConfig:
             cmd += [
                 "--attention-backend", "torch_native",
                 "--disable-cuda-graph",
-                "--dtype", "bfloat16",
+                "--dtype", self.dtype,
                 # a radix-cache hit with overlap scheduling calls torch.cuda.Event()
                 "--disable-overlap-schedule",
             ]  # fmt: skip

@@ -15,8 +15,24 @@ from .models import GPUS, MODELS, get_gpu, get_model
 from .traces import TraceRequest, load_azure, load_lengths_poisson, load_mooncake, load_trace
 
 __all__ = [
-    "GPUS", "MODELS", "ClusterConfig", "FitCostModel", "Instance", "ProfileCostModel",
-    "SimRequest", "Simulator", "Slo", "TraceRequest", "get_gpu", "get_model", "goodput",
-    "load_azure", "load_fit_cost_model", "load_lengths_poisson", "load_mooncake", "load_trace",
-    "slo_attainment", "summarize",
+    "GPUS",
+    "MODELS",
+    "ClusterConfig",
+    "FitCostModel",
+    "Instance",
+    "ProfileCostModel",
+    "SimRequest",
+    "Simulator",
+    "Slo",
+    "TraceRequest",
+    "get_gpu",
+    "get_model",
+    "goodput",
+    "load_azure",
+    "load_fit_cost_model",
+    "load_lengths_poisson",
+    "load_mooncake",
+    "load_trace",
+    "slo_attainment",
+    "summarize",
 ]

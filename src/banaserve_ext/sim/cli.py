@@ -77,17 +77,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cp.add_argument("--plots", action="store_true", help="write PNG plots (needs matplotlib)")
     cp.add_argument("--quick", action="store_true", help="fewer bisection steps")
 
-    rep = sub.add_parser("report", help="the whole comparison: every system, workload and SLO "
-                         "mode (tables, action logs) under --out")
+    rep = sub.add_parser(
+        "report",
+        help="the whole comparison: every system, workload and SLO "
+        "mode (tables, action logs) under --out",
+    )
     rep.add_argument("--out", default="bench/sim/results", help="output directory")
     rep.add_argument("--seeds", type=int, default=3, help="seeds per cell (median reported)")
-    rep.add_argument("--minutes", type=float, default=20.0,
-                     help="simulated minutes per run of a shifting-mix workload")
-    rep.add_argument("--stationary-minutes", type=float, default=10.0,
-                     help="simulated minutes per run of a stationary trace window")
+    rep.add_argument(
+        "--minutes",
+        type=float,
+        default=20.0,
+        help="simulated minutes per run of a shifting-mix workload",
+    )
+    rep.add_argument(
+        "--stationary-minutes",
+        type=float,
+        default=10.0,
+        help="simulated minutes per run of a stationary trace window",
+    )
     rep.add_argument("--jobs", type=int, default=2, help="worker processes")
-    rep.add_argument("--workloads", default=None,
-                     help="comma-separated subset (default: all of the report's workloads)")
+    rep.add_argument(
+        "--workloads",
+        default=None,
+        help="comma-separated subset (default: all of the report's workloads)",
+    )
 
 
 def _systems() -> list[str]:
@@ -97,12 +111,18 @@ def _systems() -> list[str]:
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trace", default="mooncake-conv",
-                   help="mooncake-conv | mooncake-synth | azure-code | azure-conv | sharegpt | "
-                   "PATH")
+    p.add_argument(
+        "--trace",
+        default="mooncake-conv",
+        help="mooncake-conv | mooncake-synth | azure-code | azure-conv | sharegpt | PATH",
+    )
     p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--rate", type=float, default=None,
-                   help="target mean request rate (rescales the trace's arrivals)")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="target mean request rate (rescales the trace's arrivals)",
+    )
     p.add_argument("--model", default="llama-3.1-8b")
     p.add_argument("--gpu", default="h100")
     p.add_argument("--tp", type=int, default=1)
@@ -156,10 +176,21 @@ def replay(args: argparse.Namespace) -> dict[str, float]:
     gpu = get_gpu(gpu_name)
     reqs = _load_requests(args.requests)
     cost = ProfileCostModel(profile, model, args.tp)
-    cfg = ClusterConfig(model, gpu, args.tp, n_colocated=1, max_num_seqs=args.max_num_seqs,
-                        max_batched_tokens=args.max_num_batched_tokens)
-    sim = Simulator(cfg, cost, policy=make_policy("round_robin"), tick_s=0,
-                    progress=ProgressBar("replay", args.progress))
+    cfg = ClusterConfig(
+        model,
+        gpu,
+        args.tp,
+        n_colocated=1,
+        max_num_seqs=args.max_num_seqs,
+        max_batched_tokens=args.max_num_batched_tokens,
+    )
+    sim = Simulator(
+        cfg,
+        cost,
+        policy=make_policy("round_robin"),
+        tick_s=0,
+        progress=ProgressBar("replay", args.progress),
+    )
     t0 = time.monotonic()
     out = sim.run(reqs)
     res = summarize(out)
@@ -180,8 +211,9 @@ def main(args: argparse.Namespace) -> int:
         elif args.action == "ablation":
             from .experiments import routing_ablation
 
-            res = routing_ablation(limit=args.limit, rate_scale=args.rate_scale,
-                                   progress=args.progress)
+            res = routing_ablation(
+                limit=args.limit, rate_scale=args.rate_scale, progress=args.progress
+            )
             if args.json:
                 print(json.dumps(res, indent=2))
             else:
@@ -194,12 +226,19 @@ def main(args: argparse.Namespace) -> int:
             from .report import WORKLOADS, main_progress, report
 
             wls = tuple(w for w in args.workloads.split(",") if w) if args.workloads else WORKLOADS
-            if args.seeds < 1 or args.jobs < 1 or min(args.minutes,
-                                                       args.stationary_minutes) <= 0:
+            if args.seeds < 1 or args.jobs < 1 or min(args.minutes, args.stationary_minutes) <= 0:
                 raise InvalidArgumentError("--seeds and --jobs must be >= 1, minutes > 0")
-            print(report(Path(args.out), seeds=args.seeds, duration_s=args.minutes * 60,
-                         stationary_s=args.stationary_minutes * 60, jobs=args.jobs,
-                         workloads=wls, progress=main_progress))
+            print(
+                report(
+                    Path(args.out),
+                    seeds=args.seeds,
+                    duration_s=args.minutes * 60,
+                    stationary_s=args.stationary_minutes * 60,
+                    jobs=args.jobs,
+                    workloads=wls,
+                    progress=main_progress,
+                )
+            )
         return 0
     except BanaserveError as exc:
         print(f"banaserve sim: error: {exc}", file=sys.stderr)

@@ -31,10 +31,18 @@ from .traces import MOONCAKE_BLOCK_TOKENS, TraceRequest
 class Simulator:
     """Replays requests through a cluster under a routing policy and optional controller."""
 
-    def __init__(self, cfg: ClusterConfig, cost: CostModel, *, policy: Any,
-                 decode_policy: Any | None = None, controller: Any | None = None,
-                 splitter: Any | None = None, tick_s: float = 1.0,
-                 progress: Callable[[float], None] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ClusterConfig,
+        cost: CostModel,
+        *,
+        policy: Any,
+        decode_policy: Any | None = None,
+        controller: Any | None = None,
+        splitter: Any | None = None,
+        tick_s: float = 1.0,
+        progress: Callable[[float], None] | None = None,
+    ) -> None:
         cfg.validate()
         self.cfg = cfg
         self.cost = cost
@@ -66,8 +74,9 @@ class Simulator:
     def _new(self, kind: str, pool: KVPool) -> Instance:
         cfg = self.cfg
         max_tokens = cfg.prefill_max_tokens if kind == "prefill" else cfg.max_batched_tokens
-        inst = Instance(self, len(self.instances), kind, pool, self.cost, cfg.max_num_seqs,
-                        max_tokens)
+        inst = Instance(
+            self, len(self.instances), kind, pool, self.cost, cfg.max_num_seqs, max_tokens
+        )
         self.instances.append(inst)
         return inst
 
@@ -93,8 +102,7 @@ class Simulator:
                 if inst.kind != "decode":
                     inst.cache = PrefixCache(blocks)
         n_front = sum(1 for i in self.instances if i.kind != "decode")
-        self.global_store = (PrefixCache(blocks * n_front) if cfg.cache_mode == "global"
-                             else None)
+        self.global_store = PrefixCache(blocks * n_front) if cfg.cache_mode == "global" else None
         self._busy_mark = [0.0] * len(self.instances)
         gbps = cfg.link_gbps if cfg.link_gbps is not None else cfg.gpu.nic_gbps * cfg.tp
         self.link_Bps = gbps * 1e9
@@ -273,8 +281,9 @@ class Simulator:
         self.decode_policy.on_dispatch(r.info, d.load, now)
         self._transfer(inst, d, r, now, r.input_len, now - r.t_prefill_start)
 
-    def _transfer(self, src: Instance, dst: Instance, r: SimRequest, now: float, tokens: int,
-                  overlap_s: float) -> None:
+    def _transfer(
+        self, src: Instance, dst: Instance, r: SimRequest, now: float, tokens: int, overlap_s: float
+    ) -> None:
         nbytes = tokens * self.model.kv_bytes_per_token
         src.transfers_active += 1
         share = self.link_Bps / max(1, src.transfers_active, dst.transfers_active + 1)
@@ -299,8 +308,12 @@ class Simulator:
         d.kick(now)
 
     def _on_decode_segment_done(self, inst: Instance, r: SimRequest, now: float) -> None:
-        if (r.handover_to is not None and 0 < r.handover_after < r.output_len
-                and r.generated < r.output_len and not r.seg2):
+        if (
+            r.handover_to is not None
+            and 0 < r.handover_after < r.output_len
+            and r.generated < r.output_len
+            and not r.seg2
+        ):
             # DynaServe: the second segment continues on another instance
             dst = r.handover_to
             r.seg2 = True
@@ -310,8 +323,9 @@ class Simulator:
             return
         self._finish(inst, r, now)
 
-    def _finish(self, inst: Instance, r: SimRequest, now: float, prefill_side: bool = False
-                ) -> None:
+    def _finish(
+        self, inst: Instance, r: SimRequest, now: float, prefill_side: bool = False
+    ) -> None:
         r.t_done = now
         r.generated = r.output_len
         inst.completed += 1

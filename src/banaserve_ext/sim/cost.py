@@ -39,8 +39,9 @@ Chunk = tuple[int, int]  # (new tokens, cached prefix tokens)
 class CostModel(Protocol):
     layers: int
 
-    def iteration_s(self, chunks: Sequence[Chunk], n_decode: int, decode_ctx: int,
-                    layer_frac: float = 1.0) -> float: ...
+    def iteration_s(
+        self, chunks: Sequence[Chunk], n_decode: int, decode_ctx: int, layer_frac: float = 1.0
+    ) -> float: ...
 
     def decode_step_s(self, n_decode: int, decode_ctx: int, layer_frac: float = 1.0) -> float: ...
 
@@ -99,12 +100,27 @@ class _Table2D:
 class ProfileCostModel:
     """LLMServingSim-format per-layer profile (times in microseconds, one decoder layer)."""
 
-    _PER_LAYER = ("layernorm", "qkv_proj", "rotary_emb", "o_proj", "layernorm",
-                  "gate_up_proj", "act_fn", "down_proj")
+    _PER_LAYER = (
+        "layernorm",
+        "qkv_proj",
+        "rotary_emb",
+        "o_proj",
+        "layernorm",
+        "gate_up_proj",
+        "act_fn",
+        "down_proj",
+    )
 
-    def __init__(self, profile_dir: str | Path, model: ModelSpec, tp: int = 1, *,
-                 step_ms: float = 0.126, layer_ms: float = 0.032, request_ms: float = 0.0044
-                 ) -> None:
+    def __init__(
+        self,
+        profile_dir: str | Path,
+        model: ModelSpec,
+        tp: int = 1,
+        *,
+        step_ms: float = 0.126,
+        layer_ms: float = 0.032,
+        request_ms: float = 0.0044,
+    ) -> None:
         root = Path(profile_dir)
         tdir = root / f"tp{tp}"
         if not tdir.is_dir():
@@ -126,8 +142,10 @@ class ProfileCostModel:
         self._per_seq = {k: _curve(v) for k, v in per_seq.items()}
         pre, dec = [], []
         mixed: dict[tuple[float, float], list[tuple[float, float]]] = defaultdict(list)
-        for row in _read_csv(tdir / "attention.csv",
-                             ("prefill_chunk", "kv_prefill", "n_decode", "kv_decode", "time_us")):
+        for row in _read_csv(
+            tdir / "attention.csv",
+            ("prefill_chunk", "kv_prefill", "n_decode", "kv_decode", "time_us"),
+        ):
             c, kp, n, kd, t = (float(x) for x in row)
             if n == 0 and kd == 0 and c > 0:
                 pre.append((c, kp, t))
@@ -136,8 +154,9 @@ class ProfileCostModel:
             elif c > 0 and n > 0 and kp == 0:
                 mixed[(c, n)].append((kd, t))
         if not pre or not dec:
-            raise InvalidArgumentError(f"{tdir / 'attention.csv'}: needs prefill-only and "
-                                       "decode-only rows")
+            raise InvalidArgumentError(
+                f"{tdir / 'attention.csv'}: needs prefill-only and decode-only rows"
+            )
         self._attn_pre = _Table2D(pre)
         self._attn_dec = _Table2D(dec)
         # a prefill chunk batched with decodes costs more than the two apart (one varlen kernel)
@@ -164,6 +183,7 @@ class ProfileCostModel:
     def _mixed_penalty(self, c: float, n: float, kd: float) -> float:
         """Extra time of (chunk + n decodes) over the two measured apart, interpolated over
         the bracketing (chunk, n) grid points that were profiled."""
+
         def bracket(xs: np.ndarray, x: float) -> tuple[float, float, float]:
             if x <= xs[0]:
                 return xs[0], xs[0], 0.0
@@ -194,8 +214,9 @@ class ProfileCostModel:
                 t += _interp(seqs, *self._per_seq[op])
         return t
 
-    def iteration_s(self, chunks: Sequence[Chunk], n_decode: int, decode_ctx: int,
-                    layer_frac: float = 1.0) -> float:
+    def iteration_s(
+        self, chunks: Sequence[Chunk], n_decode: int, decode_ctx: int, layer_frac: float = 1.0
+    ) -> float:
         tokens = n_decode + sum(c for c, _ in chunks)
         if tokens == 0:
             return 0.0
@@ -220,17 +241,25 @@ class ProfileCostModel:
 class FitCostModel:
     """DistServe-form per-iteration fits (ms) plus BLIS overhead terms."""
 
-    def __init__(self, model: ModelSpec, coeffs: dict[str, float], *, op_factor: float = 1.10,
-                 step_ms: float = 0.126, layer_ms: float = 0.032, request_ms: float = 0.0044
-                 ) -> None:
+    def __init__(
+        self,
+        model: ModelSpec,
+        coeffs: dict[str, float],
+        *,
+        op_factor: float = 1.10,
+        step_ms: float = 0.126,
+        layer_ms: float = 0.032,
+        request_ms: float = 0.0044,
+    ) -> None:
         self.model = model
         self.layers = model.layers
         self.c = coeffs
         self.op_factor = op_factor
         self.step_ms, self.layer_ms, self.request_ms = step_ms, layer_ms, request_ms
 
-    def _ms(self, n_tok: int, quad: float, n_decode: int, decode_ctx: int, seqs: int,
-            layer_frac: float) -> float:
+    def _ms(
+        self, n_tok: int, quad: float, n_decode: int, decode_ctx: int, seqs: int, layer_frac: float
+    ) -> float:
         c = self.c
         base = 0.0
         op = 0.0
@@ -249,8 +278,9 @@ class FitCostModel:
         ms = self.op_factor * (base + op) * layer_frac
         return ms + self.step_ms + self.layer_ms * self.layers * layer_frac + self.request_ms * seqs
 
-    def iteration_s(self, chunks: Sequence[Chunk], n_decode: int, decode_ctx: int,
-                    layer_frac: float = 1.0) -> float:
+    def iteration_s(
+        self, chunks: Sequence[Chunk], n_decode: int, decode_ctx: int, layer_frac: float = 1.0
+    ) -> float:
         n_tok = 0
         quad = 0.0
         for ch, p in chunks:
@@ -293,14 +323,25 @@ def default_calibration_dir() -> Path:
     return calibration_dir()
 
 
-def load_fit_cost_model(model: ModelSpec, gpu_table_name: str, tp: int,
-                        calibration_dir: str | Path | None = None) -> FitCostModel:
+def load_fit_cost_model(
+    model: ModelSpec, gpu_table_name: str, tp: int, calibration_dir: str | Path | None = None
+) -> FitCostModel:
     """The fitted model for (GPU, model, TP); NotFoundError naming the setting if absent."""
     root = Path(calibration_dir) if calibration_dir else default_calibration_dir()
     path = root / "derived" / "opsum_linear_fits.csv"
-    cols = ("device", "model", "tp", "prefill_a_ms", "prefill_b_ms_per_tok",
-            "prefill_c_ms_per_tok2", "prefill_max_rel_err", "decode_a_ms",
-            "decode_b_ms_per_ctx_tok", "decode_c_ms_per_req", "decode_max_rel_err")
+    cols = (
+        "device",
+        "model",
+        "tp",
+        "prefill_a_ms",
+        "prefill_b_ms_per_tok",
+        "prefill_c_ms_per_tok2",
+        "prefill_max_rel_err",
+        "decode_a_ms",
+        "decode_b_ms_per_ctx_tok",
+        "decode_c_ms_per_req",
+        "decode_max_rel_err",
+    )
     have = []
     for row in _read_csv(path, cols):
         have.append(f"{row[0]}/{row[1].lower()}/tp{row[2]}")

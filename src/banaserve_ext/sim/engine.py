@@ -40,11 +40,34 @@ _EV_STEP, _EV_TRANSFER, _EV_READY, _EV_ARRIVAL, _EV_TICK, _EV_CALL = range(6)
 
 class SimRequest:
     __slots__ = (
-        "rid", "arrival", "input_len", "output_len", "hash_ids", "info",
-        "prefilled", "prefix_hit", "ready_at", "t_first", "t_done", "t_prefill_start",
-        "pinst", "dinst", "join_step", "tokens_at_join", "finish_step", "alive",
-        "handover_after", "handover_to", "generated", "migrations", "seg2",
-        "kv", "segs", "preemptions", "order", "recompute",
+        "rid",
+        "arrival",
+        "input_len",
+        "output_len",
+        "hash_ids",
+        "info",
+        "prefilled",
+        "prefix_hit",
+        "ready_at",
+        "t_first",
+        "t_done",
+        "t_prefill_start",
+        "pinst",
+        "dinst",
+        "join_step",
+        "tokens_at_join",
+        "finish_step",
+        "alive",
+        "handover_after",
+        "handover_to",
+        "generated",
+        "migrations",
+        "seg2",
+        "kv",
+        "segs",
+        "preemptions",
+        "order",
+        "recompute",
     )
 
     def __init__(self, tr: TraceRequest) -> None:
@@ -149,11 +172,13 @@ class ClusterConfig:
         if self.n_colocated + self.n_prefill + self.n_split == 0:
             raise InvalidArgumentError("the cluster has no instance that can run a prefill")
         if self.n_prefill and not self.n_decode:
-            raise InvalidArgumentError(f"{self.n_prefill} prefill instances need >= 1 decode "
-                                       "instance (--decode)")
+            raise InvalidArgumentError(
+                f"{self.n_prefill} prefill instances need >= 1 decode instance (--decode)"
+            )
         if self.cache_mode not in ("none", "local", "global"):
-            raise InvalidArgumentError(f"cache_mode must be none|local|global, got "
-                                       f"{self.cache_mode!r}")
+            raise InvalidArgumentError(
+                f"cache_mode must be none|local|global, got {self.cache_mode!r}"
+            )
         if not 0.05 <= self.split_prefill_share <= 0.95:
             raise InvalidArgumentError("split_prefill_share must be in [0.05, 0.95]")
         if self.max_num_seqs < 1 or self.max_batched_tokens < 1:
@@ -163,8 +188,16 @@ class ClusterConfig:
 class Instance:
     """One serving engine (a TP group, or one half of a semi-PD GPU group)."""
 
-    def __init__(self, sim: Simulator, idx: int, kind: str, pool: KVPool, cost: CostModel,
-                 max_num_seqs: int, max_tokens: int) -> None:
+    def __init__(
+        self,
+        sim: Simulator,
+        idx: int,
+        kind: str,
+        pool: KVPool,
+        cost: CostModel,
+        max_num_seqs: int,
+        max_tokens: int,
+    ) -> None:
         self.sim = sim
         self.idx = idx
         self.kind = kind
@@ -223,8 +256,7 @@ class Instance:
         return self.n_dec + len(self.prefilling)
 
     def queued_prefill_tokens(self) -> int:
-        return self.waiting_tokens + sum(
-            r.input_len - r.prefilled for r in self.prefilling)
+        return self.waiting_tokens + sum(r.input_len - r.prefilled for r in self.prefilling)
 
     def _scale(self) -> float:
         return self.time_scale / max(1e-6, 1.0 - self.assist)
@@ -373,8 +405,12 @@ class Instance:
                 budget -= c
             wait = self.waiting
             # preempted requests go first (vLLM puts them at the head of the queue)
-            while (wait and budget > 0 and self.num_running < self.max_num_seqs
-                   and not (self.pending and self.kind == "colocated")):
+            while (
+                wait
+                and budget > 0
+                and self.num_running < self.max_num_seqs
+                and not (self.pending and self.kind == "colocated")
+            ):
                 r = wait[0]
                 if r.ready_at > now:
                     break
@@ -428,8 +464,9 @@ class Instance:
             self.recompute_s = 0.0
         self.sim.push(end, _EV_STEP, (self, self.version))
 
-    def _fit_budget(self, chunks: list[tuple[SimRequest, int]], tbt: float
-                    ) -> list[tuple[SimRequest, int]]:
+    def _fit_budget(
+        self, chunks: list[tuple[SimRequest, int]], tbt: float
+    ) -> list[tuple[SimRequest, int]]:
         """DynaServe's local scheduler: shrink the prefill part until the step fits ``tbt``."""
         spec = [(c, r.prefilled) for r, c in chunks]
         if self.iteration_s(spec, self.n_dec, self.dec_ctx) <= tbt:

@@ -38,10 +38,18 @@ def ablation_cluster(mode: str, n: int = 16) -> tuple[ClusterConfig, Any, Any]:
     cost = load_fit_cost_model(model, gpu.table_name, 8)
     cap = kv_capacity_tokens(model, gpu, 8)
     # Mooncake keeps the cache in each node's DRAM: size it at 2x the HBM KV capacity
-    cfg = ClusterConfig(model, gpu, 8, n_prefill=n, n_decode=n, max_num_seqs=256,
-                        prefill_max_tokens=16384, link_gbps=100.0,
-                        cache_mode="global" if mode == "global_cache_aware" else "local",
-                        cache_tokens_per_instance=2 * cap)
+    cfg = ClusterConfig(
+        model,
+        gpu,
+        8,
+        n_prefill=n,
+        n_decode=n,
+        max_num_seqs=256,
+        prefill_max_tokens=16384,
+        link_gbps=100.0,
+        cache_mode="global" if mode == "global_cache_aware" else "local",
+        cache_tokens_per_instance=2 * cap,
+    )
     if mode == "random":
         pol = make_policy("random", seed=0)
     elif mode == "load_balancing":
@@ -50,14 +58,18 @@ def ablation_cluster(mode: str, n: int = 16) -> tuple[ClusterConfig, Any, Any]:
         pol = make_policy("cache_aware", seed=0)
     else:
         pol = GlobalCacheAwarePolicy(
-            0, prefill_s=lambda n_tok, p: cost.prefill_s(n_tok, p),
-            kv_bytes_per_token=model.kv_bytes_per_token, transfer_Bps=100e9,
-            capacity_blocks=2 * cap // 512)
+            0,
+            prefill_s=lambda n_tok, p: cost.prefill_s(n_tok, p),
+            kv_bytes_per_token=model.kv_bytes_per_token,
+            transfer_Bps=100e9,
+            capacity_blocks=2 * cap // 512,
+        )
     return cfg, cost, pol
 
 
-def routing_ablation(limit: int | None = None, rate_scale: float | None = None,
-                     progress: bool = False) -> dict[str, Any]:
+def routing_ablation(
+    limit: int | None = None, rate_scale: float | None = None, progress: bool = False
+) -> dict[str, Any]:
     trace = load_trace("mooncake-conv", limit)
     # Mooncake's ablation ran at a load where random routing reached ~20 s of mean TTFT; the
     # trace's native 3.4 req/s is far lighter than that on 16 TP8 nodes in our cost model, so by
@@ -68,24 +80,34 @@ def routing_ablation(limit: int | None = None, rate_scale: float | None = None,
     rows: dict[str, Any] = {}
     for mode in MOONCAKE_MEASURED_TTFT_S:
         cfg, cost, pol = ablation_cluster(mode)
-        sim = Simulator(cfg, cost, policy=pol, decode_policy=make_policy("load_aware", seed=1),
-                        tick_s=0)
+        sim = Simulator(
+            cfg, cost, policy=pol, decode_policy=make_policy("load_aware", seed=1), tick_s=0
+        )
         t0 = time.monotonic()
         reqs = sim.run(trace)
         s = summarize(reqs)
         hit = [r.prefix_hit / r.input_len for r in reqs]
-        rows[mode] = {"ttft_s_mean": s["ttft_ms_mean"] / 1e3, "ttft_s_p90": s["ttft_ms_p90"] / 1e3,
-                      "prefix_hit_mean": float(np.mean(hit)), "wall_s": time.monotonic() - t0}
+        rows[mode] = {
+            "ttft_s_mean": s["ttft_ms_mean"] / 1e3,
+            "ttft_s_p90": s["ttft_ms_p90"] / 1e3,
+            "prefix_hit_mean": float(np.mean(hit)),
+            "wall_s": time.monotonic() - t0,
+        }
     base = rows["global_cache_aware"]["ttft_s_mean"]
     mbase = MOONCAKE_MEASURED_TTFT_S["global_cache_aware"]
-    lines = ["| routing | measured mean TTFT (s) | ratio to global | simulated mean TTFT (s) "
-             "| ratio to global | prefix hit |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| routing | measured mean TTFT (s) | ratio to global | simulated mean TTFT (s) "
+        "| ratio to global | prefix hit |",
+        "|---|---|---|---|---|---|",
+    ]
     for mode, row in rows.items():
         m = MOONCAKE_MEASURED_TTFT_S[mode]
         row["ratio"] = row["ttft_s_mean"] / base if base > 0 else float("nan")
         row["measured_ratio"] = m / mbase
-        lines.append(f"| {mode} | {m:.2f} | {m / mbase:.2f} | {row['ttft_s_mean']:.2f} | "
-                     f"{row['ratio']:.2f} | {row['prefix_hit_mean']:.1%} |")
+        lines.append(
+            f"| {mode} | {m:.2f} | {m / mbase:.2f} | {row['ttft_s_mean']:.2f} | "
+            f"{row['ratio']:.2f} | {row['prefix_hit_mean']:.1%} |"
+        )
     return {"requests": len(trace), "rate_scale": scale, "rows": rows, "table": "\n".join(lines)}
 
 
@@ -125,14 +147,22 @@ def _capacity_guess(trace: list, model_name: str, tp: int, n: int) -> float:
     cost = make_cost(model, "h100", tp)
     mean_in = float(np.mean([r.input_len for r in trace]))
     mean_out = float(np.mean([r.output_len for r in trace]))
-    per_req = cost.prefill_s(int(min(mean_in, 16384))) + mean_out * cost.decode_step_s(
-        64, int(64 * mean_in)) / 64
+    per_req = (
+        cost.prefill_s(int(min(mean_in, 16384)))
+        + mean_out * cost.decode_step_s(64, int(64 * mean_in)) / 64
+    )
     return n / per_req
 
 
-def compare(out: Path, limit: int = 1500, plots: bool = False, quick: bool = False,
-            workloads: tuple[str, ...] = WORKLOADS, models: tuple = MODELS,
-            systems: tuple[str, ...] | None = None) -> str:
+def compare(
+    out: Path,
+    limit: int = 1500,
+    plots: bool = False,
+    quick: bool = False,
+    workloads: tuple[str, ...] = WORKLOADS,
+    models: tuple = MODELS,
+    systems: tuple[str, ...] | None = None,
+) -> str:
     """Goodput (max rate at 90 % SLO attainment) per system, workload and model."""
     from dataclasses import replace as dc_replace
 
@@ -155,8 +185,10 @@ def compare(out: Path, limit: int = 1500, plots: bool = False, quick: bool = Fal
             slo = workload_slo(base_trace, model_name, tp)
             has_hashes = any(r.hash_ids for r in base_trace[:100])
             guess = _capacity_guess(base_trace, model_name, tp, n)
-            hint = (float(np.mean([r.input_len for r in base_trace])),
-                    float(np.mean([r.output_len for r in base_trace])))
+            hint = (
+                float(np.mean([r.input_len for r in base_trace])),
+                float(np.mean([r.output_len for r in base_trace])),
+            )
             setup = Setup(model, "h100", tp, n, slo, cost, has_hashes, workload_hint=hint)
             row: dict[str, float] = {}
             curves[key] = {}
@@ -167,8 +199,14 @@ def compare(out: Path, limit: int = 1500, plots: bool = False, quick: bool = Fal
                 for n_p in ratios:
                     st = dc_replace(setup, pd_prefill=n_p) if n_p else setup
 
-                    def at(rate: float, st: Setup = st, system: str = system, wl: str = wl,
-                           slo: Any = slo, pts: list = pts) -> float:
+                    def at(
+                        rate: float,
+                        st: Setup = st,
+                        system: str = system,
+                        wl: str = wl,
+                        slo: Any = slo,
+                        pts: list = pts,
+                    ) -> float:
                         trace = load_workload(wl, limit, rate)
                         reqs = build(system, st).run(trace)
                         att = slo_attainment(reqs, slo)
@@ -205,8 +243,10 @@ def _table(results: dict[str, Any], systems: tuple[str, ...]) -> str:
         t, p = res["slo"]
         lines.append(f"| {key} | {t:.2f} s / {p * 1e3:.0f} ms | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("Goodput = highest request rate (req/s) with >= 90 % of requests within both "
-                 "SLOs; in brackets: ratio to vLLM / to DistServe (best static P:D ratio).")
+    lines.append(
+        "Goodput = highest request rate (req/s) with >= 90 % of requests within both "
+        "SLOs; in brackets: ratio to vLLM / to DistServe (best static P:D ratio)."
+    )
     for s, r in PAPER_RANGES.items():
         lines.append(f"- {s}, published: {r}")
     return "\n".join(lines)
@@ -221,8 +261,9 @@ def _require_matplotlib() -> Any:
     except ImportError as exc:  # optional extra
         from ..errors import NotSupportedError
 
-        raise NotSupportedError("--plots needs matplotlib: pip install 'banaserve-ext[sim]'"
-                                ) from exc
+        raise NotSupportedError(
+            "--plots needs matplotlib: pip install 'banaserve-ext[sim]'"
+        ) from exc
     return plt
 
 
@@ -251,10 +292,13 @@ def _plots(out: Path, curves: dict, setup_for_timeline: tuple, limit: int) -> No
     slo = workload_slo(trace0, model_name, tp)
     rate = 0.6 * _capacity_guess(trace0, model_name, tp, n)
     trace = load_workload(wl, limit, rate)
-    hint = (float(np.mean([r.input_len for r in trace])),
-            float(np.mean([r.output_len for r in trace])))
-    setup = Setup(model, "h100", tp, n, slo, cost, any(r.hash_ids for r in trace[:100]),
-                  workload_hint=hint)
+    hint = (
+        float(np.mean([r.input_len for r in trace])),
+        float(np.mean([r.output_len for r in trace])),
+    )
+    setup = Setup(
+        model, "h100", tp, n, slo, cost, any(r.hash_ids for r in trace[:100]), workload_hint=hint
+    )
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     sims = {}
     for s in SYSTEMS:
@@ -288,8 +332,10 @@ def _plots(out: Path, curves: dict, setup_for_timeline: tuple, limit: int) -> No
     ax.set_ylabel("busy share per 1 s window")
     ax.set_ylim(0, 1.3)
     ax.legend(fontsize=6, ncol=4)
-    ax.set_title(f"BanaServe, {wl}, {model_name}: per-instance utilisation; red = control actions",
-                 fontsize=9)
+    ax.set_title(
+        f"BanaServe, {wl}, {model_name}: per-instance utilisation; red = control actions",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(out / "banaserve_utilisation.png", dpi=110)
     plt.close(fig)

@@ -10,7 +10,6 @@ import numpy as np
 
 from ..errors import InvalidArgumentError
 
-
 #: how a request is judged (``Slo.mode``)
 SLO_MODES = ("tpot", "p99-tbt")
 
@@ -170,8 +169,9 @@ def slo_attainment(reqs: Sequence, slo: Slo) -> float:
     return attainments(reqs, {"": slo})[""]
 
 
-def attainments(reqs: Sequence, slos: dict[str, Slo], p99: np.ndarray | None = None
-                ) -> dict[str, float]:
+def attainments(
+    reqs: Sequence, slos: dict[str, Slo], p99: np.ndarray | None = None
+) -> dict[str, float]:
     """SLO attainment under several SLOs from one run (the TBT gaps are computed once; pass
     ``p99`` from :func:`tbt_stats` if you have it)."""
     ttft, tpot, _ = request_latencies(reqs)
@@ -205,8 +205,9 @@ def goodput_from_points(points: Sequence[tuple[float, float]], target: float) ->
     return best
 
 
-def goodput(run_at_rate: Callable[[float], float], slo: Slo, lo: float, hi: float,
-            iters: int = 8) -> float:
+def goodput(
+    run_at_rate: Callable[[float], float], slo: Slo, lo: float, hi: float, iters: int = 8
+) -> float:
     """Largest rate whose SLO attainment is >= ``slo.attainment`` (DistServe's bisection).
 
     ``run_at_rate(rate)`` simulates the workload at ``rate`` and returns its attainment.

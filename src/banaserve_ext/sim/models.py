@@ -64,8 +64,12 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("llama-2-70b", 80, 8192, 64, 8, 28672, 32000),
     )
 }
-_MODEL_ALIASES = {"llama-3-8b": "llama-3.1-8b", "llama-3-70b": "llama-3.1-70b",
-                  "llama3-70b": "llama-3.1-70b", "llama3-8b": "llama-3.1-8b"}
+_MODEL_ALIASES = {
+    "llama-3-8b": "llama-3.1-8b",
+    "llama-3-70b": "llama-3.1-70b",
+    "llama3-70b": "llama-3.1-70b",
+    "llama3-8b": "llama-3.1-8b",
+}
 
 
 @dataclass(frozen=True)
@@ -109,8 +113,13 @@ def get_gpu(name: str) -> GpuSpec:
         ) from None
 
 
-def kv_capacity_tokens(model: ModelSpec, gpu: GpuSpec, tp: int, layers_held: int | None = None,
-                       extra_weight_bytes: int = 0) -> int:
+def kv_capacity_tokens(
+    model: ModelSpec,
+    gpu: GpuSpec,
+    tp: int,
+    layers_held: int | None = None,
+    extra_weight_bytes: int = 0,
+) -> int:
     """KV tokens an instance of ``tp`` GPUs can hold after its weights.
 
     ``layers_held`` (default: all) and ``extra_weight_bytes`` let migrated layers change memory.

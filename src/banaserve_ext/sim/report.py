@@ -40,11 +40,15 @@ MODES = ("tpot", "p99-tbt", "mooncake-100", "mooncake-200", "mooncake-300")
 WORKLOADS = ("mooncake-conv", "azure-conv", "shift-azure", "shift-sharegpt-arxiv")
 CHUNKS = (512, 1024, 2048)
 #: rate ladder, as multiples of the workload's capacity guess
-LADDER = tuple(1.35 ** k for k in range(-8, 3))
+LADDER = tuple(1.35**k for k in range(-8, 3))
 #: where the ladder walk starts, relative to the cost-model capacity guess (from a 1-seed,
 #: 5-minute trial of this report); the walk goes as far down / up as the SLOs need either way
-START_AT = {"mooncake-conv": 0.5, "azure-conv": 1.3, "shift-azure": 0.3,
-            "shift-sharegpt-arxiv": 1.0}
+START_AT = {
+    "mooncake-conv": 0.5,
+    "azure-conv": 1.3,
+    "shift-azure": 0.3,
+    "shift-sharegpt-arxiv": 1.0,
+}
 PD = ("distserve", "sglang-pd", "banaserve")
 #: the ladder climbs while one of these passes
 CLIMB = ("tpot", "p99-tbt", "mooncake-100")
@@ -65,11 +69,14 @@ def slos_for(workload: str) -> dict[str, Slo]:
     from .experiments import workload_slo
 
     base = workload_slo(build_workload(WorkloadSpec(workload), 1.0), MODEL, TP)
-    out = {"tpot": Slo(base.ttft_s, base.tpot_s, name="tpot"),
-           "p99-tbt": Slo(base.ttft_s, base.tpot_s, mode="p99-tbt", tbt_s=0.1, name="p99-tbt")}
+    out = {
+        "tpot": Slo(base.ttft_s, base.tpot_s, name="tpot"),
+        "p99-tbt": Slo(base.ttft_s, base.tpot_s, mode="p99-tbt", tbt_s=0.1, name="p99-tbt"),
+    }
     for tier in (100, 200, 300):
-        out[f"mooncake-{tier}"] = Slo(30.0, base.tpot_s, mode="p99-tbt", tbt_s=tier / 1e3,
-                                      name=f"mooncake-{tier}")
+        out[f"mooncake-{tier}"] = Slo(
+            30.0, base.tpot_s, mode="p99-tbt", tbt_s=tier / 1e3, name=f"mooncake-{tier}"
+        )
     return out
 
 
@@ -118,16 +125,20 @@ def run_task(t: Task) -> dict:
         p99, gaps = tbt_stats(reqs)
         att = attainments(reqs, slos, p99)
         ttft = np.array([r.t_first - r.arrival for r in reqs])
-        points[i] = {"rate": len(trace) / t.duration_s, "att": att,
-                     "ttft_p90_s": float(np.percentile(ttft, 90)),
-                     "tbt_p99_ms": float(np.percentile(gaps, 99) * 1e3) if len(gaps) else 0.0,
-                     "preemptions": sum(r.preemptions for r in reqs)}
+        points[i] = {
+            "rate": len(trace) / t.duration_s,
+            "att": att,
+            "ttft_p90_s": float(np.percentile(ttft, 90)),
+            "tbt_p99_ms": float(np.percentile(gaps, 99) * 1e3) if len(gaps) else 0.0,
+            "preemptions": sum(r.preemptions for r in reqs),
+        }
         ctrl = sim.controller
         if att["p99-tbt"] >= 0.9 and ctrl is not None and hasattr(ctrl, "events"):
             # the log of the busiest run that still meets the TBT SLO
             events = [(round(tt, 1), what) for tt, what in ctrl.events]
-            events.insert(0, (0.0, f"(run at {len(trace) / t.duration_s:.2f} req/s, seed "
-                                   f"{t.seed})"))
+            events.insert(
+                0, (0.0, f"(run at {len(trace) / t.duration_s:.2f} req/s, seed {t.seed})")
+            )
         return att
 
     # walk the ladder from its middle: down until every SLO passes, up until every SLO misses
@@ -145,12 +156,17 @@ def run_task(t: Task) -> dict:
         i += 1
         att = rung(i)
     points = [points[k] for k in sorted(points)]  # type: ignore[assignment]
-    return {"task": t.__dict__ | {"rates": list(t.rates)}, "points": points, "events": events,
-            "wall_s": time.monotonic() - t0}
+    return {
+        "task": t.__dict__ | {"rates": list(t.rates)},
+        "points": points,
+        "events": events,
+        "wall_s": time.monotonic() - t0,
+    }
 
 
-def tasks(workloads: tuple[str, ...], seeds: int, duration_s: float,
-          stationary_s: float | None = None) -> list[Task]:
+def tasks(
+    workloads: tuple[str, ...], seeds: int, duration_s: float, stationary_s: float | None = None
+) -> list[Task]:
     """Shifting-mix workloads run ``duration_s``, stationary ones ``stationary_s`` (default the
     same)."""
     out = []
@@ -187,8 +203,11 @@ def aggregate(results: list[dict]) -> dict:
                 per[key] = (g, t["variant"], capped)
     out: dict = {}
     for (wl, sysn, m, seed), (g, var, capped) in per.items():
-        cell = out.setdefault(wl, {}).setdefault(sysn, {}).setdefault(
-            m, {"per_seed": {}, "variant": {}, "capped": False})
+        cell = (
+            out.setdefault(wl, {})
+            .setdefault(sysn, {})
+            .setdefault(m, {"per_seed": {}, "variant": {}, "capped": False})
+        )
         cell["per_seed"][seed] = g
         cell["variant"][seed] = var
         cell["capped"] |= capped
@@ -210,23 +229,32 @@ def tables(agg: dict, systems: tuple[str, ...]) -> str:
     lines = []
     for wl, per in agg.items():
         lines.append(f"\n#### {wl}\n")
-        lines.append("| SLO | " + " | ".join(systems) + " | best static PD | BanaServe / "
-                     "static PD | BanaServe / vLLM |")
+        lines.append(
+            "| SLO | " + " | ".join(systems) + " | best static PD | BanaServe / "
+            "static PD | BanaServe / vLLM |"
+        )
         lines.append("|---|" + "---|" * (len(systems) + 3))
         for m in MODES:
             cells = [_fmt(per.get(s, {}).get(m)) for s in systems]
-            pd = max((per[s][m]["median"] for s in ("distserve", "sglang-pd") if s in per),
-                     default=float("nan"))
+            pd = max(
+                (per[s][m]["median"] for s in ("distserve", "sglang-pd") if s in per),
+                default=float("nan"),
+            )
             b = per.get("banaserve", {}).get(m, {}).get("median", float("nan"))
             v = per.get("vllm", {}).get(m, {}).get("median", float("nan"))
-            lines.append(f"| {m} | " + " | ".join(cells) + f" | {pd:.2f} | {_ratio(b, pd)} | "
-                         f"{_ratio(b, v)} |")
+            lines.append(
+                f"| {m} | " + " | ".join(cells) + f" | {pd:.2f} | {_ratio(b, pd)} | "
+                f"{_ratio(b, v)} |"
+            )
         chosen = []
         for s in ("vllm", "distserve", "sglang-pd"):
             if s in per:
-                chosen.append(f"{s}: " + ", ".join(
-                    f"{m} {'/'.join(sorted(set(per[s][m]['variant'].values())))}"
-                    for m in MODES))
+                chosen.append(
+                    f"{s}: "
+                    + ", ".join(
+                        f"{m} {'/'.join(sorted(set(per[s][m]['variant'].values())))}" for m in MODES
+                    )
+                )
         lines.append("\nBest variant per SLO (over seeds): " + "; ".join(chosen))
     return "\n".join(lines)
 
@@ -246,14 +274,18 @@ def targets(agg: dict) -> list[str]:
         return agg.get(wl, {}).get(s, {}).get(m, {}).get("median", float("nan"))
 
     for wl in agg:
-        pd = max(g(wl, "distserve", "p99-tbt"), g(wl, "sglang-pd", "p99-tbt")
-                 if "sglang-pd" in agg[wl] else 0.0)
+        pd = max(
+            g(wl, "distserve", "p99-tbt"),
+            g(wl, "sglang-pd", "p99-tbt") if "sglang-pd" in agg[wl] else 0.0,
+        )
         b = g(wl, "banaserve", "p99-tbt")
         need = 1.2 if wl in SHIFTS else 1.0
         kind = "shifting-mix" if wl in SHIFTS else "stationary"
-        out.append(f"- BanaServe >= {need}x best static PD ({kind}, {wl}, p99-tbt): "
-                   f"{b:.2f} vs {pd:.2f} = {_ratio(b, pd)} -> "
-                   f"{'HOLDS' if pd > 0 and b >= need * pd else 'MISSES'}")
+        out.append(
+            f"- BanaServe >= {need}x best static PD ({kind}, {wl}, p99-tbt): "
+            f"{b:.2f} vs {pd:.2f} = {_ratio(b, pd)} -> "
+            f"{'HOLDS' if pd > 0 and b >= need * pd else 'MISSES'}"
+        )
     wl = "mooncake-conv"
     if wl in agg:
         v = g(wl, "vllm", "p99-tbt")
@@ -261,21 +293,33 @@ def targets(agg: dict) -> list[str]:
             x = g(wl, s, "p99-tbt")
             need = 1.3 if s == "banaserve" else 1.0
             ok = x >= need * v if v > 0 else x > 0
-            out.append(f"- {wl} p99-tbt: {s} >= {need}x vLLM at its best chunk: {x:.2f} vs "
-                       f"{v:.2f} = {_ratio(x, v)} -> {'HOLDS' if ok else 'MISSES'}")
-    wins = [wl for wl in agg if not wl.startswith("shift")
-            and g(wl, "dynaserve", "p99-tbt") >= g(wl, "vllm", "p99-tbt")]
+            out.append(
+                f"- {wl} p99-tbt: {s} >= {need}x vLLM at its best chunk: {x:.2f} vs "
+                f"{v:.2f} = {_ratio(x, v)} -> {'HOLDS' if ok else 'MISSES'}"
+            )
+    wins = [
+        wl
+        for wl in agg
+        if not wl.startswith("shift") and g(wl, "dynaserve", "p99-tbt") >= g(wl, "vllm", "p99-tbt")
+    ]
     real = [wl for wl in agg if not wl.startswith("shift")]
-    out.append(f"- DynaServe >= vLLM at its best (p99-tbt) on >= 2 real traces: on "
-               f"{len(wins)} of {len(real)} ({', '.join(wins) or 'none'}) -> "
-               f"{'HOLDS' if len(wins) >= 2 else 'MISSES'}")
+    out.append(
+        f"- DynaServe >= vLLM at its best (p99-tbt) on >= 2 real traces: on "
+        f"{len(wins)} of {len(real)} ({', '.join(wins) or 'none'}) -> "
+        f"{'HOLDS' if len(wins) >= 2 else 'MISSES'}"
+    )
     return out
 
 
-def report(out: Path, seeds: int = 3, duration_s: float = 1200.0, jobs: int = 2,
-           stationary_s: float | None = 600.0,
-           workloads: tuple[str, ...] = WORKLOADS,
-           progress: Callable[[str], None] | None = None) -> str:
+def report(
+    out: Path,
+    seeds: int = 3,
+    duration_s: float = 1200.0,
+    jobs: int = 2,
+    stationary_s: float | None = 600.0,
+    workloads: tuple[str, ...] = WORKLOADS,
+    progress: Callable[[str], None] | None = None,
+) -> str:
     from .systems import SYSTEMS
 
     out.mkdir(parents=True, exist_ok=True)
@@ -312,22 +356,28 @@ def report(out: Path, seeds: int = 3, duration_s: float = 1200.0, jobs: int = 2,
     slo_lines = []
     for wl in workloads:
         s = slos_for(wl)
-        slo_lines.append(f"- {wl}: TTFT {s['tpot'].ttft_s:.2f} s, mean TPOT "
-                         f"{s['tpot'].tpot_s * 1e3:.0f} ms (tpot); TTFT {s['tpot'].ttft_s:.2f} s "
-                         "+ P99 TBT 100 ms (p99-tbt); TTFT 30 s + P99 TBT 100/200/300 ms "
-                         "(mooncake)")
+        slo_lines.append(
+            f"- {wl}: TTFT {s['tpot'].ttft_s:.2f} s, mean TPOT "
+            f"{s['tpot'].tpot_s * 1e3:.0f} ms (tpot); TTFT {s['tpot'].ttft_s:.2f} s "
+            "+ P99 TBT 100 ms (p99-tbt); TTFT 30 s + P99 TBT 100/200/300 ms "
+            "(mooncake)"
+        )
     st = stationary_s if stationary_s is not None else duration_s
-    head = (f"Llama-3.1-70B, H100 TP4 x {N} instances (16 GPUs) for every system; "
-            f"shifting mixes {duration_s / 60:.0f} minutes (phases of 4 minutes), stationary "
-            f"traces a {st / 60:.0f}-minute window each (offset by the seed); goodput in "
-            f"req/s at >= 90 % attainment, "
-            f"median of {seeds} seeds; ≥ = still passing at the top rung. "
-            f"Wall time {wall / 60:.1f} min on {os.cpu_count()} cores ({jobs} processes).")
-    text = "\n".join([head, "", "SLOs:", *slo_lines, body, "", "Memory pressure:", *pre, "",
-                      "Targets:", *tgt])
+    head = (
+        f"Llama-3.1-70B, H100 TP4 x {N} instances (16 GPUs) for every system; "
+        f"shifting mixes {duration_s / 60:.0f} minutes (phases of 4 minutes), stationary "
+        f"traces a {st / 60:.0f}-minute window each (offset by the seed); goodput in "
+        f"req/s at >= 90 % attainment, "
+        f"median of {seeds} seeds; ≥ = still passing at the top rung. "
+        f"Wall time {wall / 60:.1f} min on {os.cpu_count()} cores ({jobs} processes)."
+    )
+    text = "\n".join(
+        [head, "", "SLOs:", *slo_lines, body, "", "Memory pressure:", *pre, "", "Targets:", *tgt]
+    )
     (out / "report.md").write_text(text + "\n")
-    (out / "report.json").write_text(json.dumps({"aggregate": agg, "runs": results,
-                                                 "wall_s": wall}, indent=1, default=str))
+    (out / "report.json").write_text(
+        json.dumps({"aggregate": agg, "runs": results, "wall_s": wall}, indent=1, default=str)
+    )
     adir = out / "actions"
     adir.mkdir(exist_ok=True)
     for r in results:
@@ -352,8 +402,11 @@ def preemption_lines(results: list[dict]) -> list[str]:
             v[3] += p["preemptions"] > 0 and p["att"]["p99-tbt"] >= 0.9
     out = []
     for wl in sorted({k[0] for k in c}):
-        cells = [f"{s} {v[1]}/{v[0]} (max {v[2]}, {v[3]} within the TBT SLO)"
-                 for (w, s), v in sorted(c.items()) if w == wl]
+        cells = [
+            f"{s} {v[1]}/{v[0]} (max {v[2]}, {v[3]} within the TBT SLO)"
+            for (w, s), v in sorted(c.items())
+            if w == wl
+        ]
         out.append(f"- {wl}: rungs with preemptions: " + "; ".join(cells))
     return out
 
@@ -361,9 +414,11 @@ def preemption_lines(results: list[dict]) -> list[str]:
 def _tick(say: Callable[[str], None], i: int, n: int, r: dict, t0: float) -> None:
     el = time.monotonic() - t0
     t = r["task"]
-    say(f"[{i}/{n}] {el / 60:5.1f} min, ETA {el / i * (n - i) / 60:4.1f} min: {t['workload']} "
+    say(
+        f"[{i}/{n}] {el / 60:5.1f} min, ETA {el / i * (n - i) / 60:4.1f} min: {t['workload']} "
         f"{t['system']} {t['variant']} seed {t['seed']} ({len(r['points'])} rungs, "
-        f"{r['wall_s']:.0f} s)")
+        f"{r['wall_s']:.0f} s)"
+    )
 
 
 def main_progress(line: str) -> None:

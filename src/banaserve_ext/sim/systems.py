@@ -38,12 +38,12 @@ from ..control import (
     LlumnixMigrator,
     LoadView,
     MigrateAttention,
-    WorkloadProfile,
-    choose_prefill_count,
-    measured_costs,
     MigrateLayers,
     Revert,
     SemiPDController,
+    WorkloadProfile,
+    choose_prefill_count,
+    measured_costs,
 )
 from ..errors import InvalidArgumentError
 from ..policies import make_policy
@@ -80,8 +80,9 @@ def load_utils(sim: Simulator, busy: Sequence[float], slo: Slo) -> list[float]:
     return out
 
 
-def _views(sim: Simulator, utils: Sequence[float], preempted: Sequence[int] | None = None
-           ) -> list[InstanceView]:
+def _views(
+    sim: Simulator, utils: Sequence[float], preempted: Sequence[int] | None = None
+) -> list[InstanceView]:
     """What a live runtime would report per instance (see :mod:`banaserve_ext.control`)."""
     out = []
     L = sim.model.layers
@@ -102,19 +103,32 @@ def _views(sim: Simulator, utils: Sequence[float], preempted: Sequence[int] | No
             qlen = len(inst.waiting)
             q = inst.queued_prefill_tokens()
             qdel = inst.cost.prefill_s(q) * inst._scale() if q else 0.0
-        out.append(InstanceView(inst.idx, inst.kind, u, inst.pool.frac, inst.pool.used,
-                                int(round(inst.layer_frac * L)), attn, inst.accepting,
-                                queue_len=qlen, queue_delay_s=max(0.0, qdel),
-                                running=inst.n_dec, step_s=step,
-                                preempted=preempted[i] if preempted else 0))
+        out.append(
+            InstanceView(
+                inst.idx,
+                inst.kind,
+                u,
+                inst.pool.frac,
+                inst.pool.used,
+                int(round(inst.layer_frac * L)),
+                attn,
+                inst.accepting,
+                queue_len=qlen,
+                queue_delay_s=max(0.0, qdel),
+                running=inst.n_dec,
+                step_s=step,
+                preempted=preempted[i] if preempted else 0,
+            )
+        )
     return out
 
 
 class BanaServeActuator:
     """Applies :class:`BanaServeController` decisions inside the simulator."""
 
-    def __init__(self, ctrl: BanaServeController, slo: Slo, hop_s: float = 0.0002,
-                 ema_alpha: float = 0.2) -> None:
+    def __init__(
+        self, ctrl: BanaServeController, slo: Slo, hop_s: float = 0.0002, ema_alpha: float = 0.2
+    ) -> None:
         self.ctrl = ctrl
         self.slo = slo
         self.ema_alpha = ema_alpha
@@ -134,8 +148,14 @@ class BanaServeActuator:
             insts[dst].assist = min(0.8, insts[dst].assist + utils[src] * share)
         for idx, role in list(self.draining.items()):
             inst = insts[idx]
-            if not (inst.waiting or inst.prefilling or inst.pending or inst.n_dec or inst.busy
-                    or inst.pool.used):
+            if not (
+                inst.waiting
+                or inst.prefilling
+                or inst.pending
+                or inst.n_dec
+                or inst.busy
+                or inst.pool.used
+            ):
                 del self.draining[idx]
                 self.switching.add(idx)
                 cost = self.ctrl._flip_cost
@@ -165,12 +185,12 @@ class BanaServeActuator:
                 self._event(sim, now, f"drain {act.idx} for {act.new_role} | {act.reason}")
             elif isinstance(act, MigrateLayers):
                 sim.call_at(now + act.latency_s, self._layers_done(sim, act))
-                self._event(sim, now, f"layers {act.layers} {act.src}->{act.dst} | "
-                            f"{act.reason}")
+                self._event(sim, now, f"layers {act.layers} {act.src}->{act.dst} | {act.reason}")
             elif isinstance(act, MigrateAttention):
                 sim.call_at(now + act.latency_s, self._attn_done(sim, act))
-                self._event(sim, now, f"attention {act.fraction:.2f} {act.src}->{act.dst} | "
-                            f"{act.reason}")
+                self._event(
+                    sim, now, f"attention {act.fraction:.2f} {act.src}->{act.dst} | {act.reason}"
+                )
             elif isinstance(act, Revert):
                 self._revert(sim, act, now)
 
@@ -179,13 +199,15 @@ class BanaServeActuator:
             inst = sim.instances[idx]
             inst.kind = role
             inst.load.role = role
-            inst.max_tokens = (sim.cfg.prefill_max_tokens if role == "prefill"
-                               else sim.cfg.max_batched_tokens)
+            inst.max_tokens = (
+                sim.cfg.prefill_max_tokens if role == "prefill" else sim.cfg.max_batched_tokens
+            )
             if role == "prefill" and inst.cache is None and sim.cfg.cache_mode != "none":
                 inst.cache = PrefixCache(sim.cfg.cache_tokens_per_instance // 512)
             inst.accepting = True
             self.switching.discard(idx)
             self._event(sim, now, f"flip {idx}->{role} done")
+
         return apply
 
     def _event(self, sim: Simulator, now: float, what: str) -> None:
@@ -207,6 +229,7 @@ class BanaServeActuator:
             dst.pool.capacity = max(dst.pool.used, dst.pool.capacity - wbytes // per_tok)
             self.links.append((act.src, act.dst, "layers", share))
             src.kick(now)
+
         return apply
 
     def _attn_done(self, sim: Simulator, act: MigrateAttention) -> Callable[[float], None]:
@@ -222,6 +245,7 @@ class BanaServeActuator:
             share = act.fraction * max(0.0, (full - bare) / full) if full > 0 else 0.0
             self.links.append((act.src, act.dst, "attention", share))
             src.kick(now)
+
         return apply
 
     def _revert(self, sim: Simulator, act: Revert, now: float) -> None:
@@ -255,9 +279,15 @@ def _capacity(sim: Simulator, held: int | None, extra: int) -> int:
 class SemiPDActuator:
     """Runs Algorithm 1 per semi-PD instance every ``window_s`` of simulated time."""
 
-    def __init__(self, ttft_slo_s: float, tpot_slo_s: float, window_s: float = 10.0,
-                 percentile: float = 90.0, start_share: float = 50.0,
-                 tail_tbt: bool = False) -> None:
+    def __init__(
+        self,
+        ttft_slo_s: float,
+        tpot_slo_s: float,
+        window_s: float = 10.0,
+        percentile: float = 90.0,
+        start_share: float = 50.0,
+        tail_tbt: bool = False,
+    ) -> None:
         self.ttft_slo_s, self.tpot_slo_s = ttft_slo_s, tpot_slo_s
         #: judge decode by each request's P99 TBT (a TBT SLO) instead of its mean TPOT
         self.tail_tbt = tail_tbt
@@ -274,7 +304,7 @@ class SemiPDActuator:
         if now < self._next:
             return
         self._next = now + self.window_s
-        new = sim.finished[self._seen:]
+        new = sim.finished[self._seen :]
         self._seen = len(sim.finished)
         by_inst: dict[int, list[SimRequest]] = {}
         for r in new:
@@ -284,7 +314,8 @@ class SemiPDActuator:
             if inst.partner is None or inst.kind != "prefill":
                 continue
             ctrl = self.ctrls.setdefault(
-                inst.idx, SemiPDController(self.ttft_slo_s, self.tpot_slo_s))
+                inst.idx, SemiPDController(self.ttft_slo_s, self.tpot_slo_s)
+            )
             x = self.shares.get(inst.idx, self.start_share)
             reqs = by_inst.get(inst.idx, [])
             ttft = tpot = None
@@ -294,8 +325,11 @@ class SemiPDActuator:
                 if self.tail_tbt:
                     tp = [float(np.percentile(g, 99)) for g in map(tbt_gaps, reqs) if len(g)]
                 else:
-                    tp = [(r.t_done - r.t_first) / (r.output_len - 1) for r in reqs
-                          if r.output_len > 1]
+                    tp = [
+                        (r.t_done - r.t_first) / (r.output_len - 1)
+                        for r in reqs
+                        if r.output_len > 1
+                    ]
                 if tp:
                     tpot = float(np.percentile(tp, self.percentile))
             nx = ctrl.update(x, ttft, tpot, now)
@@ -305,11 +339,13 @@ class SemiPDActuator:
                 inst.kick(now)
                 if inst.partner is not None:
                     inst.partner.kick(now)
-                why = (f"window P{self.percentile:.0f} TTFT "
-                       f"{ttft if ttft is not None else float('nan'):.2f} s (SLO "
-                       f"{self.ttft_slo_s:.2f}), decode "
-                       f"{tpot * 1e3 if tpot is not None else float('nan'):.0f} ms (SLO "
-                       f"{self.tpot_slo_s * 1e3:.0f})")
+                why = (
+                    f"window P{self.percentile:.0f} TTFT "
+                    f"{ttft if ttft is not None else float('nan'):.2f} s (SLO "
+                    f"{self.ttft_slo_s:.2f}), decode "
+                    f"{tpot * 1e3 if tpot is not None else float('nan'):.0f} ms (SLO "
+                    f"{self.tpot_slo_s * 1e3:.0f})"
+                )
                 self.events.append((now, f"split {inst.idx} x={x:.0f}->{nx:.0f} | {why}"))
                 sim.log("control", f"semi-pd {inst.idx} x={nx:.0f}")
 
@@ -326,11 +362,18 @@ class LlumnixActuator:
             src, dst = sim.instances[m.src], sim.instances[m.dst]
             src.at_boundary(now, self._move(sim, src, dst, m.requests))
 
-    def _move(self, sim: Simulator, src: Instance, dst: Instance, n: int
-              ) -> Callable[[float], None]:
+    def _move(
+        self, sim: Simulator, src: Instance, dst: Instance, n: int
+    ) -> Callable[[float], None]:
         def op(now: float) -> None:
-            live = sorted((e for e in src.heap if e[2].alive and e[2].dinst is src
-                           and e[2].finish_step == e[0]), key=lambda e: -e[0])
+            live = sorted(
+                (
+                    e
+                    for e in src.heap
+                    if e[2].alive and e[2].dinst is src and e[2].finish_step == e[0]
+                ),
+                key=lambda e: -e[0],
+            )
             seen: set[int] = set()
             for _, _, r in live:
                 if len(seen) >= n:
@@ -352,21 +395,22 @@ class LlumnixActuator:
                 # live migration: copied while it keeps running; only the last stage is exposed
                 sim._transfer(src, dst, r, now, r.input_len + r.generated, 1e9)
                 self.migrated += 1
+
         return op
 
 
 class DynaServePlacer:
     """Places requests with :class:`DynaServeSplitter` (the global scheduler)."""
 
-    def __init__(self, splitter: DynaServeSplitter, predictor_sigma: float = 50.0,
-                 seed: int = 0) -> None:
+    def __init__(
+        self, splitter: DynaServeSplitter, predictor_sigma: float = 50.0, seed: int = 0
+    ) -> None:
         self.splitter = splitter
         self.sigma = predictor_sigma
         self.rng = random.Random(seed)
         self.splits = 0
 
-    def place(self, sim: Simulator, cands: list[Instance], r: SimRequest, now: float
-              ) -> Instance:
+    def place(self, sim: Simulator, cands: list[Instance], r: SimRequest, now: float) -> Instance:
         views = []
         for inst in cands:
             scale = inst._scale()
@@ -422,9 +466,15 @@ def build(system: str, s: Setup) -> Simulator:
         raise InvalidArgumentError(f"--instances must be >= 2, got {n}")
     cap = kv_capacity_tokens(s.model, gpu, s.tp)
     cache_tokens = s.cache_tokens if s.cache_tokens is not None else 2 * cap
-    base = ClusterConfig(s.model, gpu, s.tp, max_num_seqs=256, max_batched_tokens=s.chunk,
-                         cache_mode="local" if s.has_hashes else "none",
-                         cache_tokens_per_instance=cache_tokens)
+    base = ClusterConfig(
+        s.model,
+        gpu,
+        s.tp,
+        max_num_seqs=256,
+        max_batched_tokens=s.chunk,
+        cache_mode="local" if s.has_hashes else "none",
+        cache_tokens_per_instance=cache_tokens,
+    )
     n_p = s.pd_prefill if s.pd_prefill is not None else max(1, n // 2)
     n_p = min(max(1, n_p), n - 1)
     load_aware = make_policy("load_aware", seed=s.seed)
@@ -448,38 +498,66 @@ def build(system: str, s: Setup) -> Simulator:
         why = f"P={n_p} given"
         if s.pd_prefill is None and s.profile is not None:
             n_p, why = choose_prefill_count(
-                n, s.profile, lambda b, ctx: s.cost.decode_step_s(b, ctx), s.slo.step_budget_s,
-                cap, base.max_num_seqs)
+                n,
+                s.profile,
+                lambda b, ctx: s.cost.decode_step_s(b, ctx),
+                s.slo.step_budget_s,
+                cap,
+                base.max_num_seqs,
+            )
         elif s.pd_prefill is None and s.workload_hint is not None:
             n_p = initial_prefill_instances(s.cost, n, *s.workload_hint)
             why = f"P={n_p} from mean lengths (no profile)"
-        cfg = replace(base, n_prefill=n_p, n_decode=n - n_p,
-                      cache_mode="global" if s.has_hashes else "none")
+        cfg = replace(
+            base, n_prefill=n_p, n_decode=n - n_p, cache_mode="global" if s.has_hashes else "none"
+        )
         decode_policy = make_policy("load_aware", seed=s.seed + 1)
         bw = (cfg.link_gbps or gpu.nic_gbps * s.tp) * 1e9
         costs = measured_costs()
-        controller = BanaServeActuator(BanaServeController(
-            s.model.layers, s.model.weight_bytes_per_layer, s.model.kv_bytes_per_token_layer,
-            BanaServeConfig(bandwidth_Bps=bw, persist=5, cooldown_s=30.0, warmup_s=s.warmup_s,
-                            budget_s=5.0, layer_link=costs.layer_link,
-                            attention_link=costs.attention_link,
-                            flip_queue_s=0.25 * s.slo.ttft_s, flip_persist=10,
-                            flip_cost_s=costs.flip_cost_s,
-                            step_budget_s=s.slo.step_budget_s)), s.slo)
+        controller = BanaServeActuator(
+            BanaServeController(
+                s.model.layers,
+                s.model.weight_bytes_per_layer,
+                s.model.kv_bytes_per_token_layer,
+                BanaServeConfig(
+                    bandwidth_Bps=bw,
+                    persist=5,
+                    cooldown_s=30.0,
+                    warmup_s=s.warmup_s,
+                    budget_s=5.0,
+                    layer_link=costs.layer_link,
+                    attention_link=costs.attention_link,
+                    flip_queue_s=0.25 * s.slo.ttft_s,
+                    flip_persist=10,
+                    flip_cost_s=costs.flip_cost_s,
+                    step_budget_s=s.slo.step_budget_s,
+                ),
+            ),
+            s.slo,
+        )
         controller.events.append((0.0, f"start P:D {n_p}:{n - n_p} | {why}"))
     elif system == "dynaserve":
         cfg = replace(base, n_colocated=n, tbt_budget_s=s.slo.step_budget_s)
         splitter = DynaServePlacer(DynaServeSplitter(), seed=s.seed)
     else:  # semi-pd
         cfg = replace(base, n_split=n, split_prefill_share=0.5)
-        controller = SemiPDActuator(s.slo.ttft_s, s.slo.step_budget_s,
-                                    tail_tbt=s.slo.mode == "p99-tbt")
-    return Simulator(cfg, s.cost, policy=policy, decode_policy=decode_policy,
-                     controller=controller, splitter=splitter, tick_s=tick)
+        controller = SemiPDActuator(
+            s.slo.ttft_s, s.slo.step_budget_s, tail_tbt=s.slo.mode == "p99-tbt"
+        )
+    return Simulator(
+        cfg,
+        s.cost,
+        policy=policy,
+        decode_policy=decode_policy,
+        controller=controller,
+        splitter=splitter,
+        tick_s=tick,
+    )
 
 
-def initial_prefill_instances(cost: CostModel, n: int, mean_in: float, mean_out: float,
-                              batch: int = 64) -> int:
+def initial_prefill_instances(
+    cost: CostModel, n: int, mean_in: float, mean_out: float, batch: int = 64
+) -> int:
     """P instances in proportion to the predicted prefill and decode GPU time per request
     (decode at a typical batch); the controller corrects it online."""
     pre = cost.prefill_s(int(mean_in))
@@ -487,8 +565,9 @@ def initial_prefill_instances(cost: CostModel, n: int, mean_in: float, mean_out:
     return min(n - 1, max(1, round(n * pre / (pre + dec))))
 
 
-def profile_from_trace(trace: Sequence[TraceRequest], cost: CostModel, window_s: float = 60.0
-                       ) -> WorkloadProfile:
+def profile_from_trace(
+    trace: Sequence[TraceRequest], cost: CostModel, window_s: float = 60.0
+) -> WorkloadProfile:
     """The short online profile: what the first ``window_s`` of arrivals show (rate, lengths,
     the prefill time per request on this cost model). Only requests that arrived in the window
     are looked at, as a live system would."""
@@ -500,16 +579,23 @@ def profile_from_trace(trace: Sequence[TraceRequest], cost: CostModel, window_s:
         seen = list(trace[:2]) if len(trace) > 1 else list(trace)
     span = max(1e-9, seen[-1].arrival_s - t0) if len(seen) > 1 else window_s
     rate = (len(seen) - 1) / span if len(seen) > 1 else 1.0 / window_s
-    pre = float(np.mean([cost.prefill_s(min(r.input_len, 16384)) * max(1, r.input_len / 16384)
-                         for r in seen]))
+    pre = float(
+        np.mean(
+            [cost.prefill_s(min(r.input_len, 16384)) * max(1, r.input_len / 16384) for r in seen]
+        )
+    )
     out = float(np.mean([r.output_len for r in seen]))
     ctx = float(np.mean([r.input_len + r.output_len / 2 for r in seen]))
     return WorkloadProfile(rate, pre, out, ctx, window_s)
 
 
-def simulate(system: str, s: Setup, trace: Sequence[TraceRequest],
-             progress: Callable[[float], None] | None = None, summary: bool = True
-             ) -> tuple[dict, Simulator]:
+def simulate(
+    system: str,
+    s: Setup,
+    trace: Sequence[TraceRequest],
+    progress: Callable[[float], None] | None = None,
+    summary: bool = True,
+) -> tuple[dict, Simulator]:
     """Run one system; ``summary=False`` skips the latency summary (the caller computes its
     own) and returns an empty dict."""
     if system == "distserve" and s.pd_prefill is None:
@@ -528,8 +614,13 @@ def simulate(system: str, s: Setup, trace: Sequence[TraceRequest],
     if system == "banaserve" and s.profile is None and s.pd_prefill is None and trace:
         s = replace(s, profile=profile_from_trace(trace, s.cost))
     if s.workload_hint is None and trace:
-        s = replace(s, workload_hint=(float(np.mean([r.input_len for r in trace])),
-                                      float(np.mean([r.output_len for r in trace]))))
+        s = replace(
+            s,
+            workload_hint=(
+                float(np.mean([r.input_len for r in trace])),
+                float(np.mean([r.output_len for r in trace])),
+            ),
+        )
     sim = build(system, s)
     sim.progress = progress
     reqs = sim.run(trace)
@@ -556,11 +647,15 @@ def make_cost(model: ModelSpec, gpu_name: str, tp: int) -> CostModel:
     return load_fit_cost_model(model, get_gpu(gpu_name).table_name, tp)
 
 
-def load_workload(name: str, limit: int | None, rate: float | None, seed: int = 0
-                  ) -> list[TraceRequest]:
+def load_workload(
+    name: str, limit: int | None, rate: float | None, seed: int = 0
+) -> list[TraceRequest]:
     if name == "sharegpt":
-        path = (default_traces_dir() / "sharegpt_lengths"
-                / "sharegpt_8k_filtered_stats_llama2_tokenizer.csv")
+        path = (
+            default_traces_dir()
+            / "sharegpt_lengths"
+            / "sharegpt_8k_filtered_stats_llama2_tokenizer.csv"
+        )
         return load_lengths_poisson(path, rate or 4.0, limit or 2000, seed)
     trace = load_trace(name, limit)
     if rate is not None and len(trace) > 1:
@@ -570,21 +665,35 @@ def load_workload(name: str, limit: int | None, rate: float | None, seed: int = 
     return trace
 
 
-def run_system(args: argparse.Namespace, progress: Callable[[float], None] | None = None
-               ) -> dict:
+def run_system(args: argparse.Namespace, progress: Callable[[float], None] | None = None) -> dict:
     model = get_model(args.model)
     cost = make_cost(model, args.gpu, args.tp)
     slo = default_slo(model)
     if args.ttft_slo or args.tpot_slo:
         slo = Slo(args.ttft_slo or slo.ttft_s, args.tpot_slo or slo.tpot_s)
     trace = load_workload(args.trace, args.limit, args.rate)
-    setup = Setup(model, args.gpu, args.tp, args.instances, slo, cost,
-                  has_hashes=any(r.hash_ids for r in trace[:100]))
+    setup = Setup(
+        model,
+        args.gpu,
+        args.tp,
+        args.instances,
+        slo,
+        cost,
+        has_hashes=any(r.hash_ids for r in trace[:100]),
+    )
     t0 = time.monotonic()
     res, _ = simulate(args.system, setup, trace, progress)
     res["wall_s"] = time.monotonic() - t0
     return res
 
 
-__all__ = ["SYSTEMS", "Setup", "build", "default_slo", "load_workload", "make_cost",
-           "run_system", "simulate"]
+__all__ = [
+    "SYSTEMS",
+    "Setup",
+    "build",
+    "default_slo",
+    "load_workload",
+    "make_cost",
+    "run_system",
+    "simulate",
+]

@@ -104,8 +104,9 @@ def load_azure(path: str | Path, limit: int | None = None) -> list[TraceRequest]
         reader = csv.reader(f)
         header = next(reader, None)
         if header != ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]:
-            raise InvalidArgumentError(f"{p}:1: expected header TIMESTAMP,ContextTokens,"
-                                       f"GeneratedTokens, got {header}")
+            raise InvalidArgumentError(
+                f"{p}:1: expected header TIMESTAMP,ContextTokens,GeneratedTokens, got {header}"
+            )
         for lineno, row in enumerate(reader, start=2):
             if limit is not None and len(out) >= limit:
                 break
@@ -124,8 +125,9 @@ def load_azure(path: str | Path, limit: int | None = None) -> list[TraceRequest]
     return out
 
 
-def load_lengths_poisson(path: str | Path, rate: float, n: int, seed: int = 0
-                         ) -> list[TraceRequest]:
+def load_lengths_poisson(
+    path: str | Path, rate: float, n: int, seed: int = 0
+) -> list[TraceRequest]:
     """ShareGPT / arXiv length tables (Vidur format) with Poisson arrivals at ``rate`` req/s."""
     p = _open(path)
     if rate <= 0:
@@ -164,9 +166,14 @@ def load_llmservingsim_requests(path: str | Path) -> list[TraceRequest]:
             for key in ("arrival_time", "input_toks", "output_toks"):
                 if not isinstance(d, dict) or key not in d:
                     raise InvalidArgumentError(f"{where}: missing field {key!r}")
-            out.append(TraceRequest(len(out), float(d["arrival_time"]),
-                                    _pos_int(d["input_toks"], "input_toks", where),
-                                    _pos_int(d["output_toks"], "output_toks", where)))
+            out.append(
+                TraceRequest(
+                    len(out),
+                    float(d["arrival_time"]),
+                    _pos_int(d["input_toks"], "input_toks", where),
+                    _pos_int(d["output_toks"], "output_toks", where),
+                )
+            )
     if not out:
         raise InvalidArgumentError(f"{p}: no requests")
     t0 = min(r.arrival_s for r in out)
@@ -196,12 +203,16 @@ def scale_rate(reqs: Sequence[TraceRequest], factor: float) -> list[TraceRequest
     """The same requests with inter-arrival times divided by ``factor`` (rate x factor)."""
     if factor <= 0:
         raise InvalidArgumentError(f"rate factor must be > 0, got {factor}")
-    return [TraceRequest(r.rid, r.arrival_s / factor, r.input_len, r.output_len, r.hash_ids)
-            for r in reqs]
+    return [
+        TraceRequest(r.rid, r.arrival_s / factor, r.input_len, r.output_len, r.hash_ids)
+        for r in reqs
+    ]
 
 
 def _check_sorted(reqs: list[TraceRequest], p: Path) -> None:
     for i in range(1, len(reqs)):
         if reqs[i].arrival_s < reqs[i - 1].arrival_s:
-            raise InvalidArgumentError(f"{p}: request {i} arrives before request {i - 1} "
-                                       "(timestamps must be non-decreasing)")
+            raise InvalidArgumentError(
+                f"{p}: request {i} arrives before request {i - 1} "
+                "(timestamps must be non-decreasing)"
+            )

@@ -47,8 +47,10 @@ class WorkloadSpec:
 
 _LENGTHS = {
     "sharegpt": ("sharegpt_lengths", "sharegpt_8k_filtered_stats_llama2_tokenizer.csv"),
-    "arxiv": ("arxiv_summarization_lengths",
-              "arxiv_summarization_stats_llama2_tokenizer_filtered_v2.csv"),
+    "arxiv": (
+        "arxiv_summarization_lengths",
+        "arxiv_summarization_stats_llama2_tokenizer_filtered_v2.csv",
+    ),
 }
 
 
@@ -64,13 +66,15 @@ def _load(name: str, seed: int) -> tuple[TraceRequest, ...]:
         d, f = _LENGTHS[name]
         return tuple(load_lengths_poisson(default_traces_dir() / d / f, 1.0, 40_000, seed))
     if name not in STATIONARY:
-        raise InvalidArgumentError(f"unknown workload {name!r}; choose one of "
-                                   f"{', '.join(WORKLOADS)}")
+        raise InvalidArgumentError(
+            f"unknown workload {name!r}; choose one of {', '.join(WORKLOADS)}"
+        )
     return tuple(load_trace(name))
 
 
-def _window(src: Sequence[TraceRequest], start: int, rate: float, t0: float, t1: float
-            ) -> tuple[list[tuple[float, TraceRequest]], int]:
+def _window(
+    src: Sequence[TraceRequest], start: int, rate: float, t0: float, t1: float
+) -> tuple[list[tuple[float, TraceRequest]], int]:
     """Requests from ``src[start:]`` (wrapping) with their gaps rescaled to ``rate``, placed
     from ``t0`` until ``t1``; returns them and the next index."""
     n = len(src)
@@ -108,13 +112,15 @@ def build_workload(spec: WorkloadSpec, rate: float, seed: int = 0) -> list[Trace
         k, t = 0, 0.0
         while t < spec.duration_s:
             j = k % len(srcs)
-            part, cursors[j] = _window(srcs[j], cursors[j], rate, t,
-                                       min(spec.duration_s, t + spec.phase_s))
+            part, cursors[j] = _window(
+                srcs[j], cursors[j], rate, t, min(spec.duration_s, t + spec.phase_s)
+            )
             picked.extend(part)
             k += 1
             t += spec.phase_s
-    return [TraceRequest(i, t, r.input_len, r.output_len, r.hash_ids)
-            for i, (t, r) in enumerate(picked)]
+    return [
+        TraceRequest(i, t, r.input_len, r.output_len, r.hash_ids) for i, (t, r) in enumerate(picked)
+    ]
 
 
 def preload(names: Sequence[str], seeds: int) -> None:
@@ -127,5 +133,7 @@ def preload(names: Sequence[str], seeds: int) -> None:
 
 def mean_lengths(spec: WorkloadSpec) -> tuple[float, float]:
     reqs = build_workload(spec, 1.0)
-    return (float(np.mean([r.input_len for r in reqs])),
-            float(np.mean([r.output_len for r in reqs])))
+    return (
+        float(np.mean([r.input_len for r in reqs])),
+        float(np.mean([r.output_len for r in reqs])),
+    )

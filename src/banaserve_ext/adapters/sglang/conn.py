@@ -83,6 +83,9 @@ class ManagerCore:
     objects it uses (the host's ``pd`` namespace, or a fake host's in the unit tests)."""
 
     _sg: Any = None
+    #: SGLang's runtime role switch (``--enable-pd-role-switch``, ``POST /pd_role_switch``) tears
+    #: the manager down with :meth:`teardown` and builds one for the new role
+    supports_role_switch = True
     kv_status_msg_tag = wire.TAG_STATUS
     kv_status_msg_carries_reason = True
     reports_transfer_latency = True
@@ -612,10 +615,27 @@ class ManagerCore:
 
     # -- teardown ------------------------------------------------------------------------------
     def teardown(self) -> None:
+        """Stops this role's threads and releases its sockets and engine (SGLang's role switch
+        discards the manager and builds a new one; the KV pool itself stays)."""
         self._stopped = True
         if self.disaggregation_mode == self._sg.DisaggregationMode.PREFILL:
             self._queue.put(_STOP)
             self._watch_queue.put(_STOP)
+        shutdown = self.__dict__.get("_heartbeat_shutdown")  # SGLang sets it on decode only
+        if shutdown is not None:
+            shutdown.set()
+        # the control loops poll with a timeout under --enable-pd-role-switch; join them before
+        # closing the socket they read (ZMQ sockets are not thread-safe)
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout=3.0)
+        self._threads = []
+        with self._socket_lock:
+            for sock in self._socket_cache.values():
+                sock.close(linger=0)
+            self._socket_cache.clear()
+        self.server_socket.close(linger=0)
+        self._zmq_ctx.destroy(linger=0)
         self.engine.stop()
 
 

@@ -96,6 +96,13 @@ FEATURES: dict[str, Feature] = {
             kinds=("status",),
         ),  # fmt: skip
         Feature(
+            "signals",
+            "scheduler load signals (busy share, queues, KV use) for the live controller",
+            _A + "signals:activate",
+            requires=("admin",),
+            kinds=("signals",),
+        ),  # fmt: skip
+        Feature(
             "kv_migration",
             "attention-level KV migration",
             _A + "kv_migration:activate",

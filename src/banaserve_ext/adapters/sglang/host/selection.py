@@ -15,7 +15,7 @@ Features:
 * ``pd`` (+ ``layerwise`` on a prefill server unless ``BANASERVE_SGLANG_LAYERWISE=0``):
   ``--disaggregation-transfer-backend banaserve``;
 * ``hicache``: ``--hicache-storage-backend dynamic`` whose extra config names our module;
-* ``kv_migration``, ``layer_migration`` (each with ``admin``): the explicit opt-in
+* ``signals``, ``kv_migration``, ``layer_migration`` (each with ``admin``): the explicit opt-in
   ``BANASERVE_SGLANG_FEATURES`` (comma list; the CPU launcher also takes
   ``--banaserve-features``), because SGLang has no argument of its own to carry it;
 * ``cpu_launcher`` / ``hicache_cpu``: the process was started through our CPU launcher (and, for
@@ -32,7 +32,7 @@ from typing import Any
 from .... import _env
 
 #: features that can be opted into with BANASERVE_SGLANG_FEATURES / --banaserve-features
-OPT_IN = ("admin", "kv_migration", "layer_migration")
+OPT_IN = ("admin", "signals", "kv_migration", "layer_migration")
 HICACHE_MODULE = "banaserve_ext.adapters.sglang.hicache"
 
 #: the ServerArgs fields selection reads, with SGLang's default

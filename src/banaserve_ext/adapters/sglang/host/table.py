@@ -123,6 +123,14 @@ INTERNALS: dict[str, dict[str, Internal]] = {
             use="ours; SGLang's sender calls it",
         ),  # fmt: skip
         "teardown": O(MGR + ".teardown", use="overridden"),
+        "supports_role_switch": O(
+            _S + "disaggregation.base.conn.BaseKVManager.supports_role_switch",
+            use="overridden: True (SGLang's runtime P<->D role switch)",
+        ),  # fmt: skip
+        "mgr._heartbeat_shutdown": M(MGR, "_heartbeat_shutdown", "set at teardown (decode side)"),
+        "mgr._socket_cache": M(MGR, "_socket_cache", "closed at teardown"),
+        "mgr._socket_lock": M(MGR, "_socket_lock", "held at teardown"),
+        "mgr._zmq_ctx": M(MGR, "_zmq_ctx", "destroyed at teardown"),
         "_make_worker_recv": O(MGR + "._make_worker_recv", use="called"),
         "handle_abort_ack_message": O(MGR + ".handle_abort_ack_message", use="called"),
         "parse_kv_status_message": O(MGR + ".parse_kv_status_message", use="called"),
@@ -227,6 +235,31 @@ INTERNALS: dict[str, dict[str, Internal]] = {
         "req.output_ids": M(REQ, "output_ids"),
         "req.kv.req_pool_idx": M(KVINFO, "req_pool_idx"),
         "req.kv.kv_committed_len": M(KVINFO, "kv_committed_len"),
+    },
+    # -- scheduler load signals for the live controller (signals.py) -----------------------------
+    "signals": {
+        "Scheduler.run_batch": O(SCHED + ".run_batch", "batch", hook=True),
+        "Scheduler.process_batch_result": O(
+            SCHED + ".process_batch_result", "batch", "result", hook=True
+        ),  # fmt: skip
+        "RadixAttention.forward": O(
+            _S + "layers.radix_attention.RadixAttention.forward", "forward_batch", hook=True
+        ),  # fmt: skip
+        "batch.forward_mode": M(BATCH, "forward_mode"),
+        "batch.reqs": M(BATCH, "reqs"),
+        "batch.extend_num_tokens": M(BATCH, "extend_num_tokens"),
+        "sched.waiting_queue": M(SCHED, "waiting_queue"),
+        "sched.running_batch": M(SCHED, "running_batch"),
+        "sched.token_to_kv_pool_allocator": M(SCHED, "token_to_kv_pool_allocator"),
+        "alloc.available_size": O(ALLOC + ".available_size"),
+        "sched.max_total_num_tokens": M(SCHED, "max_total_num_tokens"),
+        "sched.tree_cache": M(SCHED, "tree_cache"),
+        "sched.is_fully_idle": O(SCHED + ".is_fully_idle", use="called"),
+        "sched.disaggregation_mode": M(SCHED, "disaggregation_mode"),
+        "sched.disagg_prefill_bootstrap_queue": M(SCHED, "disagg_prefill_bootstrap_queue"),
+        "sched.disagg_prefill_inflight_queue": M(SCHED, "disagg_prefill_inflight_queue"),
+        "sched.disagg_decode_prealloc_queue": M(SCHED, "disagg_decode_prealloc_queue"),
+        "sched.disagg_decode_transfer_queue": M(SCHED, "disagg_decode_transfer_queue"),
     },
     # -- attention-level KV migration (kv_migration.py) -------------------------------------------
     "kv_migration": {
@@ -427,12 +460,17 @@ INTERNALS: dict[str, dict[str, Internal]] = {
         "prepare_server_args": O(_S + "server_args.prepare_server_args", "argv", use="called"),
         "kill_process_tree": O(_S + "utils.kill_process_tree", use="called"),
         "http_server": Internal(
-            _S + "entrypoints.http_server", MODULE, where="launcher",
+            _S + "entrypoints.http_server",
+            MODULE,
+            where="launcher",
             use="module global _freeze_gc_after_server_warmup replaced",
         ),  # fmt: skip
         "http_server._freeze_gc_after_server_warmup": Internal(
-            _S + "entrypoints.http_server._freeze_gc_after_server_warmup", OBJECT,
-            params=("server_args",), where="launcher", use="wrapped: waits until the port listens",
+            _S + "entrypoints.http_server._freeze_gc_after_server_warmup",
+            OBJECT,
+            params=("server_args",),
+            where="launcher",
+            use="wrapped: waits until the port listens",
         ),  # fmt: skip
         "MooncakeKVSender.supports_host_tensor_indices": Internal(
             _S + "disaggregation.mooncake.conn.MooncakeKVSender.supports_host_tensor_indices",
