@@ -61,6 +61,24 @@ class KVArgs:
     page_size: int = 1
 
 
+class _Inbox(queue.Queue):
+    """The fake control socket: frames put here are received; ``close`` as a ZMQ socket's."""
+
+    closed = False
+
+    def close(self, linger: int | None = None) -> None:
+        self.closed = True
+
+
+class _Context:
+    """The fake ZMQ context SGLang's manager owns (destroyed at teardown)."""
+
+    destroyed = False
+
+    def destroy(self, linger: int | None = None) -> None:
+        self.destroyed = True
+
+
 class CommonKVManager:
     """What our manager inherits from SGLang, faked: status per room, failures, concluded
     transfers (recorded for the test), the control socket as an inbox queue."""
@@ -75,7 +93,10 @@ class CommonKVManager:
         self.local_ip = "127.0.0.1"
         CommonKVManager._next_port += 1
         self.rank_port = CommonKVManager._next_port
-        self.server_socket = queue.Queue()  # the "socket": frames put here are received
+        self.server_socket = _Inbox()  # the "socket": frames put here are received
+        self._socket_lock = threading.Lock()  # SGLang's cache of sockets to peers, and its lock
+        self._socket_cache: dict[str, Any] = {}
+        self._zmq_ctx = _Context()
         self.attn_tp_size = int(getattr(server_args, "attn_tp_size", 1))
         self.transfer_infos: dict[int, dict[str, Any]] = {}
         self.request_status: dict[int, KVPoll] = {}

@@ -198,3 +198,19 @@ def test_layer_order_must_cover_every_buffer(pair) -> None:
         prefill.mgr.enable_layerwise([0, 1, 2], buffers_per_layer=2)
     prefill.mgr.enable_layerwise([0, 2, 1, 3], buffers_per_layer=2)
     assert prefill.mgr._layer_order == [0, 2, 1, 3]
+
+
+def test_teardown_for_a_role_switch_stops_threads_and_releases_sockets(
+    classes: dict[str, type],
+) -> None:
+    # SGLang's runtime role switch discards the manager (teardown) and builds one for the new
+    # role; our manager opts in, so teardown must leave no thread, socket or engine behind
+    assert classes["manager"].supports_role_switch is True
+    sg = pd_namespace()
+    side = Side(classes, sg.DisaggregationMode.PREFILL, 3)
+    threads = list(side.mgr._threads)
+    assert threads and all(t.is_alive() for t in threads)
+    side.mgr.teardown()
+    assert not any(t.is_alive() for t in threads)
+    assert side.mgr.server_socket.closed and side.mgr._zmq_ctx.destroyed
+    assert side.mgr._threads == []
