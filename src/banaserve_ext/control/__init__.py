@@ -15,7 +15,7 @@ objects):
   :class:`FlipRole` (drain ``idx`` out of the router, switch it to ``new_role``; ``cost_s`` is
   the predicted switch time), :class:`MigrateLayers`, :class:`MigrateAttention`,
   :class:`Revert`. Every action has a ``reason`` string for the action log;
-* the role-flip cost and the migration link costs come from ``bench/sim/costs.json``
+* the role-flip cost and the migration link costs come from ``banaserve_ext/data/costs.json``
   (:func:`measured_costs`), the file the live measurement updates;
 * the starting P:D split comes from a short online profile, :func:`choose_prefill_count`.
 

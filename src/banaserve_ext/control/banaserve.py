@@ -194,7 +194,7 @@ class BanaServeConfig:
     flip_queue_s: float | None = None
     flip_persist: int = 10
     #: role-switch time after the drain (s); None = the measured value in
-    #: ``bench/sim/costs.json`` (see :func:`banaserve_ext.control.costs.measured_costs`)
+    #: ``banaserve_ext/data/costs.json`` (see :func:`banaserve_ext.control.costs.measured_costs`)
     flip_cost_s: float | None = None
     #: a flip is worth it only if the queue it relieves is worth this many flip costs
     flip_cost_factor: float = 1.0

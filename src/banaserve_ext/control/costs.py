@@ -1,12 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
 """Measured costs the controllers charge: the role-flip time and the fitted migration links.
 
-They live in one small JSON file, ``bench/sim/costs.json`` in a checkout, so that a live
-measurement (the live controller's flip: drain + SGLang role switch; the migration benchmarks'
-:meth:`LinkCost.fit`) replaces a number in one place and both the simulator and the live
-controller pick it up. Every entry carries a ``source`` note; a value nobody has measured yet
-says so. Outside a checkout (an installed wheel) the built-in copy below is used, with the same
-notes.
+They live in one small JSON file shipped with the package, ``banaserve_ext/data/costs.json``,
+so that a live measurement (the live controller's flip: SGLang's role switch after the drain; the
+migration benchmarks' :meth:`LinkCost.fit`) replaces a number in one place and both the simulator
+and the live controller pick it up. Every entry carries a ``source`` note; a value nobody has
+measured yet says "not yet measured".
 """
 
 from __future__ import annotations
@@ -18,22 +17,6 @@ from pathlib import Path
 
 from ..errors import InvalidArgumentError
 from .banaserve import LinkCost
-
-#: the same content as bench/sim/costs.json at release time
-_BUILTIN = {
-    "flip_cost_s": {"value": 10.0, "source": "PLACEHOLDER, not yet measured live"},
-    "layer_link": {
-        "bandwidth_Bps": 2.2e9,
-        "fixed_s": 0.0036,
-        "source": "LinkCost.fit, banaserve bench layer-migration (dev box)",
-    },
-    "attention_link": {
-        "bandwidth_Bps": 4.18e9,
-        "fixed_s": 0.00043,
-        "source": "LinkCost.fit, bench_kv_migration.py over tcp (dev box)",
-    },
-}
-
 
 @dataclass(frozen=True)
 class MeasuredCosts:
@@ -50,7 +33,7 @@ class MeasuredCosts:
 
 
 def default_costs_path() -> Path:
-    return Path(__file__).resolve().parents[3] / "bench" / "sim" / "costs.json"
+    return Path(__file__).resolve().parents[1] / "data" / "costs.json"
 
 
 def parse_costs(data: dict, where: str) -> MeasuredCosts:
@@ -76,8 +59,8 @@ def parse_costs(data: dict, where: str) -> MeasuredCosts:
 
 
 def measured_costs(path: str | None = None) -> MeasuredCosts:
-    """The costs file at ``path`` (default: ``bench/sim/costs.json`` of this checkout, else the
-    built-in copy; the default is read once per process)."""
+    """The costs file at ``path`` (default: the package's ``data/costs.json``, read once per
+    process)."""
     if path is None:
         return _default_costs()
     return _read(Path(path))
@@ -85,10 +68,7 @@ def measured_costs(path: str | None = None) -> MeasuredCosts:
 
 @lru_cache(maxsize=1)
 def _default_costs() -> MeasuredCosts:
-    p = default_costs_path()
-    if not p.is_file():
-        return parse_costs(_BUILTIN, "built-in")
-    return _read(p)
+    return _read(default_costs_path())
 
 
 def _read(p: Path) -> MeasuredCosts:
