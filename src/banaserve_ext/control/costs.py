@@ -18,6 +18,7 @@ from pathlib import Path
 from ..errors import InvalidArgumentError
 from .banaserve import LinkCost
 
+
 @dataclass(frozen=True)
 class MeasuredCosts:
     flip_cost_s: float
