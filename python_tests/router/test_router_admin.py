@@ -259,3 +259,36 @@ def test_a_stream_in_flight_on_a_removed_worker_runs_to_the_end() -> None:
             assert (await c.get(f"/workers/{entry['id']}"))[0] == 404
 
     run(main())
+
+
+def test_live_controllers_router_client_drains_and_re_adds() -> None:
+    """The live controller's client of this router (banaserve_ext.live.clients.RouterClient):
+    202 answers are successes, and a draining worker no longer counts as the instance's role."""
+    from banaserve_ext.live.clients import RouterClient
+
+    async def main() -> None:
+        async with pd_setup(fake=FakeConfig(kv_wait_s=30.0)) as s:
+            rc = RouterClient(f"http://127.0.0.1:{s.router.bound_port}")
+            c2 = Client(s.router.bound_port)
+            victim = s.prefill[0]
+            for sp in s.prefill:  # hold one request on the victim
+                s.fleet.worker(sp.port).gate = asyncio.Event()
+            held = asyncio.ensure_future(c2.post("/generate", {"text": "h"}))
+            fakes = {sp.port: s.fleet.worker(sp.port) for sp in s.prefill}
+            assert await eventually(lambda: sum(f.inflight for f in fakes.values()) == 1)
+            victim = next(sp for sp in s.prefill if fakes[sp.port].inflight == 1)
+            for sp in s.prefill:
+                if sp is not victim:
+                    fakes[sp.port].gate.set()
+            await asyncio.to_thread(rc.remove, victim.url, "prefill")  # 202: still draining
+            listed = await asyncio.to_thread(rc.workers)
+            assert victim.url not in {w["url"] for w in listed}
+            out = await asyncio.to_thread(rc.add, victim.url, "decode")  # 202: routable
+            assert out["worker"]["worker_type"] == "decode"
+            listed = await asyncio.to_thread(rc.workers)
+            assert {w["worker_type"] for w in listed if w["url"] == victim.url} == {"decode"}
+            fakes[victim.port].gate.set()
+            assert (await held)[0] == 200
+            c2.close()
+
+    run(main())

@@ -1,10 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
 """HTTP clients of one SGLang instance (signals, role switch) and of the PD router's worker API.
 
-Router endpoints used (``banaserve_ext.router``; ``sglang_router``/smg accept the same
-``/workers`` forms): ``GET /workers`` (list: ``url``, ``worker_type``, ``bootstrap_port``,
-``healthy``, ``active_requests``), ``POST /workers`` with ``{"url", "worker_type",
-"bootstrap_port"}``, ``DELETE /workers?url=U&worker_type=R``.
+Router endpoints used (``banaserve_ext.router``, in smg 1.13's shapes; see docs/router.md):
+``GET /workers`` (list: ``url``, ``worker_type``, ``status``, ``active_requests``), ``POST
+/workers`` with ``{"url", "worker_type", "bootstrap_port"}`` (202: registered and routable),
+``DELETE /workers?url=U&worker_type=R`` (the worker leaves rotation at once; 202 while its
+in-flight requests finish, during which it is listed with ``status: draining``).
 """
 
 from __future__ import annotations
@@ -20,8 +21,13 @@ from ..launch.servers import http_json
 SIGNALS_ROUTE = "/banaserve/migrate"
 
 
+#: a worker entry in this state is leaving the router (its in-flight requests finish): it no
+#: longer takes work, so the controller does not count it as the instance's router role
+DRAINING = "draining"
+
+
 def _check(status: int, body: object, what: str) -> dict:
-    if status != 200 or not isinstance(body, dict):
+    if not 200 <= status < 300 or not isinstance(body, dict):
         raise BanaserveError(f"{what}: HTTP {status}: {body}")
     return body
 
@@ -86,7 +92,8 @@ class RouterClient:
 
     def workers(self) -> list[dict]:
         status, body = http_json(f"{self.url}/workers", timeout_s=self.timeout_s)
-        return list(_check(status, body, "router /workers").get("workers", []))
+        listed = _check(status, body, "router /workers").get("workers", [])
+        return [w for w in listed if w.get("status") != DRAINING]
 
     def add(self, url: str, role: str, bootstrap_port: int | None = None) -> dict:
         body: dict = {"url": url, "worker_type": role}
