@@ -215,9 +215,11 @@ def test_handoff_output_equals_single_server(pair: dict, stream: bool) -> None:
         assert segs[1]["reused_tokens"] >= ho["l3_pages_wanted"] - 1, ho
         if stream:
             _check_stream(events, ref)
-            # tokens of segment 1 were streamed before segment 2's
+            # tokens of segment 1 reached the client before segment 2's (SGLang may put several
+            # tokens in one stream event under load, so events are not counted per token)
             k = max(0, s - len(ids))
-            assert len(events) >= TOTAL - k
+            if k:
+                assert any(len(e["output_ids"]) <= k for e in events), where
         print(where, "n", len(ids), "s", s, "reused", segs[1]["reused_tokens"],
               "l3 wait", ho["l3_wait_s"])  # fmt: skip
 
@@ -276,7 +278,9 @@ def test_live_migration_of_a_running_stream_keeps_the_output(pair: dict) -> None
     th = threading.Thread(target=client)
     th.start()
     deadline = time.monotonic() + 120
-    while len(events) < 2 + 5:  # segment 1's 2 tokens, then some of B's
+    # segment 1's 2 tokens, then some of B's (counted in tokens: SGLang may put several tokens
+    # in one stream event under load)
+    while not events or len(events[-1]["output_ids"]) < 2 + 5:
         assert time.monotonic() < deadline and th.is_alive(), events[-1:]
         time.sleep(0.02)
     status, ans = http_json(f"{url}/handoff/migrate?url={pair['b'].url}", {}, timeout_s=30)
