@@ -65,6 +65,23 @@ class Setup:
 
 
 @contextlib.asynccontextmanager
+async def _serve(fleet: FakeFleet, cfg: RouterConfig) -> AsyncIterator[Setup]:
+    """A started router over a started fleet, with a client; stops all three after."""
+    router = Router(cfg)
+    try:
+        await router.start()
+        assert router.bound_port is not None
+        client = Client(router.bound_port)
+        try:
+            yield Setup(fleet, router, client)
+        finally:
+            client.close()
+            await router.stop(grace_s=1.0)
+    finally:
+        await fleet.stop()
+
+
+@contextlib.asynccontextmanager
 async def pd_setup(
     n_prefill: int = 2,
     n_decode: int = 2,
@@ -84,16 +101,8 @@ async def pd_setup(
         decode=[WorkerSpec(s.url, "decode") for s in specs if s.role == "decode"],
         **opts,
     )
-    router = Router(cfg)
-    await router.start()
-    assert router.bound_port is not None
-    client = Client(router.bound_port)
-    try:
-        yield Setup(fleet, router, client)
-    finally:
-        client.close()
-        await router.stop(grace_s=1.0)
-        await fleet.stop()
+    async with _serve(fleet, cfg) as setup:
+        yield setup
 
 
 @contextlib.asynccontextmanager
@@ -109,16 +118,8 @@ async def single_setup(
     cfg = RouterConfig(
         workers=[WorkerSpec(s.url, "colocated") for s in specs], pd_disaggregation=False, **opts
     )
-    router = Router(cfg)
-    await router.start()
-    assert router.bound_port is not None
-    client = Client(router.bound_port)
-    try:
-        yield Setup(fleet, router, client)
-    finally:
-        client.close()
-        await router.stop(grace_s=1.0)
-        await fleet.stop()
+    async with _serve(fleet, cfg) as setup:
+        yield setup
 
 
 async def eventually(cond: Any, timeout: float = 5.0) -> bool:
