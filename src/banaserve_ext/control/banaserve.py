@@ -128,6 +128,10 @@ class InstanceView:
     step_s: float = 0.0
     #: requests preempted (KV exhausted) during the last window
     preempted: int = 0
+    #: migrations this instance can hand away / take in ("layers", "attention"); a live
+    #: deployment narrows them (no layer server beside it, radix cache on, ...)
+    can_send: tuple[str, ...] = ("layers", "attention")
+    can_receive: tuple[str, ...] = ("layers", "attention")
 
 
 @dataclass(frozen=True)
@@ -277,7 +281,8 @@ class BanaServeController:
         hi = max(live, key=lambda v: v.util)
         # layers move within a tier (a prefill hot spot to the idlest prefill instance); a hot
         # decode instance lends attention to the idlest instance of any role
-        peers = [v for v in live if v.idx != hi.idx and (v.role == hi.role or hi.role == "decode")]
+        peers = [v for v in live if v.idx != hi.idx and (v.role == hi.role or hi.role == "decode")
+                 and set(hi.can_send) & set(v.can_receive)]  # fmt: skip
         if not peers:
             self._imb_ticks = 0
             return []
@@ -308,6 +313,8 @@ class BanaServeController:
         # layer migration pipelines prefill chunks across two instances; a decode step cannot
         # pipeline with itself, so hot decode instances get attention migration instead
         max_k = max(0, int(held * c.max_layer_frac)) if hi.role != "decode" else 0
+        if "layers" not in hi.can_send or "layers" not in lo.can_receive:
+            max_k = 0
         for k in range(1, max_k + 1):
             lat = self.layer_latency(k, hi.kv_tokens)
             if lat > c.budget_s:
@@ -322,7 +329,8 @@ class BanaServeController:
             cand = (peak, lat, MigrateLayers(hi.idx, lo.idx, k, lat, why))
             if best is None or cand[:2] < best[:2]:
                 best = cand
-        if hi.role == "decode" and hi.attn_share > 0:
+        attn_ok = "attention" in hi.can_send and "attention" in lo.can_receive
+        if hi.role == "decode" and hi.attn_share > 0 and attn_ok:
             for phi in c.attn_fractions:
                 lat = self.attention_latency(phi, hi.kv_tokens)
                 if lat > c.budget_s:

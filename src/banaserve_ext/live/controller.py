@@ -26,8 +26,10 @@ Besides the controller's decisions, :mod:`.kv_pressure` moves part of a decode i
 an attention peer when its KV use crosses ``kv_pressure.high``, and back below ``low``.
 
 Layer- and attention-level migrations decided by :class:`BanaServeController` (on busy-share
-imbalance) are logged with outcome ``not_actuated`` and dropped from the controller's active
-list: their live actuators are not wired yet (see docs/live.md).
+imbalance) and their reverts are carried out by :mod:`.actuators` to the layer server / attention
+peer beside the receiving instance (:class:`~.actuators.Targets`); one that fails is dropped from
+the controller's active list. The link costs of its cost model come from ``link_costs`` or a
+short calibration at start (:mod:`.calibrate`).
 """
 
 from __future__ import annotations
@@ -50,7 +52,9 @@ from ..control import (
     MigrateLayers,
     Revert,
 )
+from ..control.banaserve import _Active
 from ..errors import BanaserveError, InvalidArgumentError
+from .actuators import Actuators, Targets
 from .clients import InstanceClient, InstanceSpec, RouterClient
 from .kv_pressure import KvPressure, KvPressureConfig
 
@@ -79,6 +83,12 @@ class LiveConfig:
     total_layers: int = 2
     weight_bytes_per_layer: int = 0
     kv_bytes_per_token_layer: int = 0
+    #: where each instance receives migrations (layer server, attention peer)
+    targets: Targets = field(default_factory=Targets)
+    #: link costs from a file (:func:`.calibrate.load_link_costs`); else, with ``calibrate``,
+    #: measured at start against the targets
+    link_costs: Path | None = None
+    calibrate: bool = False
 
     def validate(self) -> None:
         if not self.instances:
@@ -102,6 +112,13 @@ class LiveConfig:
             )
         self.control.validate()
         self.kv_pressure.validate()
+        self.targets.validate(set(urls))
+        both = set(self.kv_pressure.peers) & {a for _, a in self.targets.attn_peers}
+        if both:
+            raise InvalidArgumentError(
+                f"attention peers {sorted(both)} are both in the KV-pressure pool and an "
+                "instance's migration target: give each role its own peers"
+            )
 
 
 @dataclass
@@ -116,6 +133,8 @@ class InstanceState:
     router_inflight: int = 0
     util: float = 0.0
     attn_share: float = 0.0
+    #: why the instance cannot serve (its migrated layers were lost); out of the router
+    unusable: str | None = None
 
     @property
     def url(self) -> str:
@@ -134,7 +153,7 @@ class InstanceState:
             "attn_share": round(self.attn_share, 3),
             "kv_used": s.get("kv_used"), "kv_frac": round(int(s.get("kv_used", 0) or 0) / total, 3),
             "waiting": s.get("waiting"), "running": s.get("running"),
-            "router_inflight": self.router_inflight,
+            "router_inflight": self.router_inflight, "unusable": self.unusable,
         }  # fmt: skip
 
 
@@ -161,6 +180,8 @@ class LiveController:
             config=config.control,
         )
         self.kv = KvPressure(config.kv_pressure, self._record)
+        self.actuators = Actuators(config.targets, config.total_layers, self._record)
+        self.link_report: dict = {}
         self.recent: deque[dict] = deque(maxlen=50)
         self.counts: dict[tuple[str, str], int] = {}
         self.ticks = 0
@@ -181,8 +202,30 @@ class LiveController:
         if self.config.decisions_path is not None:
             self.config.decisions_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = open(self.config.decisions_path, "a")  # noqa: SIM115 - closed in close()
+        self._link_costs()
         self._t0 = self.clock()
         return self
+
+    def _link_costs(self) -> None:
+        from .calibrate import calibrate, load_link_costs
+
+        c, t = self.config, self.config.targets
+        if c.link_costs is not None:
+            links, source = load_link_costs(c.link_costs), str(c.link_costs)
+            report: dict = {"file": source}
+        elif c.calibrate and (t.layer_servers or t.attn_peers):
+            first = lambda pairs: pairs[0][1] if pairs else None  # noqa: E731
+            links, report = calibrate(first(t.layer_servers), first(t.attn_peers))
+            source = "calibration"
+        else:
+            return
+        for name, link in links.items():
+            setattr(c.control, name, link)
+        self.link_report = {"source": source} | {
+            n: {"fixed_s": v.fixed_s, "bandwidth_Bps": v.bandwidth_Bps} for n, v in links.items()
+        }
+        self._record("LinkCosts", report, "ok" if links else "defaults",
+                     detail=None if links else "nothing measured: default link costs")  # fmt: skip
 
     def close(self) -> None:
         if self._log is not None:
@@ -199,6 +242,7 @@ class LiveController:
             return [self._record("observe", {}, "router_unavailable", detail=str(exc))]
         self._read(workers)
         records = self._repair()
+        records += self._watch()
         views = self.views()
         now = self.clock() - self._t0
         for act in self.policy.plan(views, now):
@@ -245,7 +289,7 @@ class LiveController:
                 else:
                     outcome = "not_in_router"
                 out.append(self._record("remove_dead", {"url": inst.url}, outcome))
-            if inst.dead or inst.failures or inst.current is None:
+            if inst.dead or inst.failures or inst.current is None or inst.unusable:
                 continue
             mode = inst.mode
             if mode not in ROLES or inst.router_role == mode:
@@ -270,14 +314,15 @@ class LiveController:
         views = []
         for inst in self.instances:
             s = inst.current
-            if inst.dead or s is None or inst.mode not in ROLES:
+            if inst.dead or s is None or inst.mode not in ROLES or inst.unusable:
                 continue
             total = max(1, int(s.get("kv_total", 0) or 0))
+            send, receive = self.actuators.capabilities(inst.url, str(inst.mode))
             views.append(InstanceView(
                 idx=inst.idx, role=str(inst.mode), util=inst.util,
                 kv_frac=int(s.get("kv_used", 0)) / total, kv_tokens=int(s.get("kv_used", 0)),
                 layers_held=self.config.total_layers, attn_share=inst.attn_share,
-                accepting=inst.router_role == inst.mode,
+                accepting=inst.router_role == inst.mode, can_send=send, can_receive=receive,
             ))  # fmt: skip
         return views
 
@@ -287,14 +332,25 @@ class LiveController:
         if isinstance(act, FlipRole):
             return self.flip(self.instances[act.idx], act.new_role, inputs)
         if isinstance(act, (MigrateLayers, MigrateAttention)):
-            # no live actuator yet: forget it so the controller does not wait for its revert
-            self.policy.active = [a for a in self.policy.active if a.action is not act]
-            return self._record(
-                type(act).__name__, inputs, "not_actuated", predicted_s=act.latency_s,
-                detail="the live actuator for this migration is not wired (docs/live.md)",
-            )  # fmt: skip
+            src, dst = self.instances[act.src].url, self.instances[act.dst].url
+            run = (self.actuators.migrate_layers if isinstance(act, MigrateLayers)
+                   else self.actuators.migrate_attention)  # fmt: skip
+            rec = run(act, src, dst, inputs)
+            if rec["outcome"] not in ("ok", "partial"):
+                # not in place: the controller must not wait for its revert
+                self.policy.active = [a for a in self.policy.active if a.action is not act]
+            return rec
         if isinstance(act, Revert):
-            return self._record("Revert", inputs, "not_actuated")
+            undo = self.actuators.placed.get((act.src, act.dst))
+            rec, undone = self.actuators.revert(act, inputs)
+            if not undone and undo is not None:
+                # still in place: keep it in the active list (the controller reverts it again)
+                orig = next((a for t, a in reversed(self.policy.decisions)
+                             if isinstance(a, (MigrateLayers, MigrateAttention))
+                             and (a.src, a.dst) == (act.src, act.dst)), None)  # fmt: skip
+                if orig is not None:
+                    self.policy.active.append(_Active(orig, self.clock() - self._t0))
+            return rec
         return self._record(type(act).__name__, inputs, "unknown_action")
 
     def flip(self, inst: InstanceState, new_role: str, inputs: dict | None = None) -> dict:
@@ -386,6 +442,26 @@ class LiveController:
             costs=costs | {"total_s": total},
         )
 
+    def _watch(self) -> list[dict]:
+        """A donor whose migrated layers were lost cannot serve (every request there would fail
+        with ``LayerServerLost``): out of the router and the views until restarted."""
+        out = []
+        for (s, d), why in self.actuators.watch():
+            self.policy.active = [a for a in self.policy.active
+                                  if (a.action.src, a.action.dst) != (s, d)]  # fmt: skip
+            inst = self.instances[s]
+            inst.unusable = why
+            outcome = "taken_out"
+            if inst.router_role is not None:
+                try:
+                    self.router.remove(inst.url, inst.router_role)
+                    inst.router_role = None
+                except BanaserveError as exc:
+                    outcome = f"remove_failed: {exc}"
+            out.append(self._record("LayersLost", {"src": inst.url, "dst": self.instances[d].url},
+                                    outcome, detail=why))  # fmt: skip
+        return out
+
     def _mode_now(self, inst: InstanceState) -> str | None:
         try:
             return str(inst.client.signals().get("mode"))
@@ -453,4 +529,7 @@ class LiveController:
                                                "measured_cost_s", "detail")}
                        for r in list(self.recent)[-10:]],
             "flip_seconds": self.flip_seconds[-20:],
+            "link_costs": self.link_report,
+            "migrations": [{"src": s, "dst": d} | p
+                           for (s, d), p in self.actuators.placed.items()],
         }  # fmt: skip

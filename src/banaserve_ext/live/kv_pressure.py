@@ -70,12 +70,6 @@ class KvPressure:
             return self._back(url, frac)
         return []
 
-    def _splits(self, url: str) -> tuple[set[str], dict]:
-        status, out = _call(url, {"kind": "kv_splits"}, timeout_s=10.0)
-        if status != 200:
-            raise BanaserveError(f"{url} kv_splits: {status} {out}")
-        return {s["rid"] for s in out.get("splits", [])}, out.get("peers", {})
-
     def _peer(self, url: str) -> str | None:
         """The next peer (round robin) that answers; ``None`` when none does."""
         from ..migration.attn_peer import AttnPeerClient
@@ -99,47 +93,89 @@ class KvPressure:
     def _migrate(self, url: str, frac: float) -> list[dict]:
         inputs = {"url": url, "kv_frac": frac, "high": self.config.high}
         try:
-            split, _ = self._splits(url)
-            status, st = _call(url, {"kind": "status"}, timeout_s=10.0)
-            if status != 200:
-                raise BanaserveError(f"status: {status} {st}")
+            moves = move_running(url, lambda: self._peer(url), self.config.fraction,
+                                 self.config.max_per_window)  # fmt: skip
         except BanaserveError as exc:
             return [self.record("MigrateKV", inputs, "failed", detail=str(exc))]
-        running = sorted((r for r in st.get("running", []) if r["rid"] not in split),
-                         key=lambda r: -int(r["kv_committed_len"]))  # fmt: skip
-        out = []
-        for req in running[: self.config.max_per_window]:
-            peer = self._peer(url)
-            if peer is None:
-                out.append(self.record("MigrateKV", inputs, "no_peer_with_room"))
-                break
-            body = {"kind": "kv", "rid": req["rid"], "peer": peer,
-                    "fraction": self.config.fraction}  # fmt: skip
-            status, ans = _call(url, body)
-            ok = status == 200
-            out.append(self.record(
-                "MigrateKV", inputs | {"rid": req["rid"], "peer": peer,
-                                       "kv_committed_len": req["kv_committed_len"]},
-                "ok" if ok else "failed",
-                measured_s=float(ans.get("duration_ms", 0.0)) / 1e3 if ok else None,
-                detail=None if ok else f"HTTP {status}: {ans.get('error', ans)}",
-            ))  # fmt: skip
-        return out
+        return [self.record("MigrateKV", inputs | m["inputs"], m["outcome"],
+                            measured_s=m["measured_s"], detail=m["detail"])
+                for m in moves]  # fmt: skip
 
     def _back(self, url: str, frac: float) -> list[dict]:
+        # only the splits this rule made (to its peers): the controller's attention-level
+        # migrations come back when it decides so (:mod:`.actuators`)
         try:
-            split, _ = self._splits(url)
+            moves = bring_back(url, set(self.config.peers))
         except BanaserveError:
             return []
-        out = []
-        for rid in sorted(split):
-            status, ans = _call(url, {"kind": "kv_back", "rid": rid})
-            ok = status == 200
-            out.append(self.record(
-                "MigrateKVBack", {"url": url, "kv_frac": frac, "low": self.config.low,
-                                  "rid": rid},
-                "ok" if ok else ("request_finished" if status == 404 else "failed"),
-                measured_s=float(ans.get("duration_ms", 0.0)) / 1e3 if ok else None,
-                detail=None if ok else f"HTTP {status}: {ans.get('error', ans)}",
-            ))  # fmt: skip
-        return out
+        return [self.record("MigrateKVBack", {"url": url, "kv_frac": frac, "low": self.config.low,
+                                              "rid": m["rid"]},
+                            m["outcome"], measured_s=m["measured_s"], detail=m["detail"])
+                for m in moves]  # fmt: skip
+
+
+def kv_splits(url: str, call: Callable[..., tuple[int, dict]] | None = None) -> dict:
+    """The instance's ``kv_splits`` answer (its splits, their peers, ``blocked``)."""
+    status, out = (call or _call)(url, {"kind": "kv_splits"}, timeout_s=10.0)
+    if status != 200:
+        raise BanaserveError(f"{url} kv_splits: {status} {out}")
+    return out
+
+
+def _result(status: int, ans: dict, gone: str = "failed") -> dict:
+    ok = status == 200
+    return {
+        "outcome": "ok" if ok else (gone if status == 404 else "failed"),
+        "measured_s": float(ans.get("duration_ms", 0.0)) / 1e3 if ok else None,
+        "detail": None if ok else f"HTTP {status}: {ans.get('error', ans)}",
+        "bytes": int(ans.get("bytes", 0) or 0) if ok else 0,
+    }
+
+
+def move_running(url: str, pick_peer: Callable[[], str | None], fraction: float, limit: int,
+                 call: Callable[..., tuple[int, dict]] | None = None) -> list[dict]:  # fmt: skip
+    """Moves the oldest ``fraction`` of the KV of ``url``'s running requests that are not split
+    yet (largest first, at most ``limit``), each to ``pick_peer()``; one result per request
+    (``rid``, ``peer``, ``outcome``, ``measured_s``, ``detail``, ``bytes``, ``inputs``)."""
+    call = call or _call
+    split = {s["rid"] for s in kv_splits(url, call).get("splits", [])}
+    status, st = call(url, {"kind": "status"}, timeout_s=10.0)
+    if status != 200:
+        raise BanaserveError(f"{url} status: {status} {st}")
+    running = sorted((r for r in st.get("running", []) if r["rid"] not in split),
+                     key=lambda r: -int(r["kv_committed_len"]))  # fmt: skip
+    out = []
+    for req in running[:limit]:
+        peer = pick_peer()
+        if peer is None:
+            out.append(
+                {
+                    "rid": req["rid"],
+                    "peer": None,
+                    "outcome": "no_peer_with_room",
+                    "measured_s": None,
+                    "detail": None,
+                    "bytes": 0,
+                    "inputs": {},
+                }
+            )
+            break
+        status, ans = call(url, {"kind": "kv", "rid": req["rid"], "peer": peer,
+                                  "fraction": fraction})  # fmt: skip
+        inputs = {"rid": req["rid"], "peer": peer, "kv_committed_len": req["kv_committed_len"]}
+        out.append({"rid": req["rid"], "peer": peer, "inputs": inputs} | _result(status, ans))
+    return out
+
+
+def bring_back(url: str, peers: set[str] | None = None,
+               call: Callable[..., tuple[int, dict]] | None = None) -> list[dict]:  # fmt: skip
+    """Brings every split of ``url`` (to one of ``peers``; all when ``None``) back; one result
+    per request (``rid``, ``outcome`` — ``request_finished`` when it ended meanwhile —,
+    ``measured_s``, ``detail``, ``bytes``)."""
+    call = call or _call
+    splits = kv_splits(url, call).get("splits", [])
+    out = []
+    for rid in sorted({s["rid"] for s in splits if peers is None or s["peer"] in peers}):
+        status, ans = call(url, {"kind": "kv_back", "rid": rid})
+        out.append({"rid": rid} | _result(status, ans, gone="request_finished"))
+    return out

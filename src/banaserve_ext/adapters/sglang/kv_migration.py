@@ -457,7 +457,13 @@ class KvMigration:
                 peers[addr] = link.client.call({"op": "stats"}) if link.client.connected else None
             except Exception as exc:  # noqa: BLE001 - reported, not raised
                 peers[addr] = {"error": str(exc)}
+        try:
+            self._check_deployment(scheduler)
+            blocked = None
+        except NotSupportedError as exc:
+            blocked = str(exc)  # this server cannot hand KV away (the controller plans so)
         return {
+            "blocked": blocked,
             "splits": [
                 {"rid": s.rid, "start": s.start, "end": s.end, "peer": s.peer.address,
                  "bytes": s.nbytes, "failed": s.failed}

@@ -201,11 +201,22 @@ class LayerMigration:
         self.split: _Split | None = None
         self.model: Any = None  # the LlamaModel the split belongs to
 
+    @staticmethod
+    def blocked(scheduler: Any) -> str | None:
+        """Why this server cannot hand layers away, or ``None``: HiCache copies every layer's
+        KV between device and host pool, and a migrated layer's buffers are gone here."""
+        if getattr(scheduler.server_args, "enable_hierarchical_cache", False):
+            return "layer migration does not support --enable-hierarchical-cache (HiCache)"
+        return None
+
     def migrate_layers(self, scheduler: Any, body: dict) -> dict:
         import torch
 
         req = msgspec.convert(body, LayersRequest)
         runner, inner = _inner_model(self.sg, scheduler)
+        why = self.blocked(scheduler)
+        if why:
+            raise NotSupportedError(why)
         if self.split is not None:
             raise InvalidArgumentError("layers are already migrated; migrate them back first")
         if inner.start_layer != 0 or inner.end_layer != len(inner.layers):
@@ -331,9 +342,9 @@ class LayerMigration:
         _inner_model(self.sg, scheduler)
         split = self.split
         if split is None:
-            return {"split": False}
+            return {"split": False, "blocked": self.blocked(scheduler)}
         return {
-            "split": True, "first": split.first, "layers": split.layers, "steps": split.steps,
+            "split": True, "blocked": None, "first": split.first, "layers": split.layers, "steps": split.steps,
             "mean_step_ms": 1e3 * split.step_s / max(split.steps, 1),
             "verified_steps": split.verified_steps, "mismatched_steps": split.mismatched_steps,
             "failed": split.failed, "aborted_requests": split.aborted_requests,
