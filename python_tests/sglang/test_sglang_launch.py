@@ -66,6 +66,28 @@ def test_default_deployment_is_banaserve(tmp_path: Path) -> None:
     assert len(d.peers) == 1 and ccmd[ccmd.index("--attn-peer") + 1] == d.peers[0].address
 
 
+def test_migration_targets_beside_the_servers(tmp_path: Path) -> None:
+    d = deploy.plan_deployment(_args("--prefill", "2", "--no-store", "--layer-migration"),
+                               _model(tmp_path))  # fmt: skip
+    assert [ls.owner_url for ls in d.layer_servers] == [s.url for s in d.prefill]
+    pcmd, dcmd = d.prefill[0].command("py"), d.decode[0].command("py")
+    assert "layer_migration" in pcmd[pcmd.index("--banaserve-features") + 1].split(",")
+    assert "layer_migration" not in dcmd[dcmd.index("--banaserve-features") + 1].split(",")
+    assert d.controller is not None
+    ccmd = d.controller.command("py")
+    layer = [ccmd[i + 1] for i, a in enumerate(ccmd) if a == "--layer-server"]
+    attn = [ccmd[i + 1] for i, a in enumerate(ccmd) if a == "--attn-target"]
+    assert layer == [f"{ls.owner_url}={ls.address}" for ls in d.layer_servers]
+    assert attn == [f"{u}={p.address}" for u, p in d.attn_targets]
+    assert [u for u, _ in d.attn_targets] == [s.url for s in d.prefill + d.decode]
+    assert "--calibrate" in ccmd
+    # the KV-pressure pool and the targets are different processes
+    assert not {p.address for p in d.peers} & {p.address for _, p in d.attn_targets}
+    d = deploy.plan_deployment(_args("--no-attn-targets"), _model(tmp_path))
+    assert not d.attn_targets and not d.layer_servers
+    assert d.controller is not None and "--calibrate" not in d.controller.command("py")
+
+
 def test_baseline_is_the_stock_deployment(tmp_path: Path) -> None:
     d = deploy.plan_deployment(_args("--baseline", "sglang"), _model(tmp_path))
     assert d.router.module == "sglang_router" and d.router.policy == "cache_aware"
@@ -86,6 +108,11 @@ def test_impossible_configs_are_refused(tmp_path: Path) -> None:
         deploy.plan_deployment(_args("--dtype", "int3"), _model(tmp_path))
     with pytest.raises(InvalidArgumentError, match="config.json"):
         deploy.plan_deployment(_args(), str(tmp_path / "nowhere"))
+    with pytest.raises(InvalidArgumentError, match="needs --no-store"):
+        deploy.plan_deployment(_args("--layer-migration"), _model(tmp_path))
+    with pytest.raises(InvalidArgumentError, match="not with"):
+        deploy.plan_deployment(_args("--layer-migration", "--no-store", "--no-controller"),
+                               _model(tmp_path))  # fmt: skip
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -226,3 +226,25 @@ def test_targets_and_link_costs_are_checked(tmp_path) -> None:
     f.write_text(json.dumps({"layer_link": {"fixed_s": 0.0, "bandwidth_Bps": 0}}))
     with pytest.raises(InvalidArgumentError, match="bandwidth"):
         load_link_costs(f)
+
+
+def test_cli_takes_targets_and_link_costs(tmp_path) -> None:
+    import argparse
+
+    from banaserve_ext.live import cli
+
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    f = tmp_path / "links.json"
+    f.write_text(json.dumps({"attention_link": {"fixed_s": 0.001, "bandwidth_Bps": 1e9}}))
+    args = p.parse_args(["--router", "http://r:1", "--instance", f"{P0},5", "--instance",
+                         f"{P1},6", "--layer-server", f"{P1}=127.0.0.1:7001", "--attn-target",
+                         f"{P0}=127.0.0.1:7100", "--link-costs", str(f)])  # fmt: skip
+    cfg = cli.config_from_args(args)
+    cfg.validate()
+    assert cfg.targets.layer_server(P1) == "127.0.0.1:7001" and cfg.targets.attn_peer(P0)
+    assert cfg.link_costs == f and not cfg.calibrate
+    args = p.parse_args(["--router", "http://r:1", "--instance", f"{P0},5", "--attn-peer",
+                         "127.0.0.1:7100", "--attn-target", f"{P0}=127.0.0.1:7100"])  # fmt: skip
+    with pytest.raises(InvalidArgumentError, match="give each role its own"):
+        cli.config_from_args(args).validate()

@@ -67,6 +67,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=1,
         help="attention peers for KV migration under KV pressure (default 1)",
     )
+    p.add_argument(
+        "--no-attn-targets",
+        action="store_true",
+        help="no attention peer beside each server (the controller's attention migrations)",
+    )
+    p.add_argument(
+        "--layer-migration",
+        action="store_true",
+        help="a layer server beside each prefill server, which opts into layer_migration "
+        "(the controller's layer migrations; needs --no-store)",
+    )
     p.add_argument("--store-size", default="256MiB", help="KV store capacity (default 256MiB)")
     p.add_argument(
         "--controller-arg",
@@ -205,7 +216,7 @@ def main(args: argparse.Namespace) -> int:
             ),
         )
         rproc.wait_ready(60.0)
-        for peer in dep.peers:
+        for peer in dep.peers + [p for _, p in dep.attn_targets]:
             _start(
                 procs,
                 PeerProcess(
@@ -215,6 +226,11 @@ def main(args: argparse.Namespace) -> int:
                     log_dir / f"attn-peer-{peer.port}.log",
                 ),
             ).wait_ready(60.0)
+        for ls in dep.layer_servers:
+            lp = PeerProcess(f"layer-server-{ls.port}", ls.command(), "",
+                             log_dir / f"layer-server-{ls.port}.log")  # fmt: skip
+            lp.marker = "layer server on "
+            _start(procs, lp).wait_ready(60.0)
         if dep.controller is not None:
             _wait_router(router.url)  # the controller checks the router's workers at start
             c = dep.controller
@@ -266,7 +282,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 class PeerProcess(ServerProcess):
-    """An attention peer: not HTTP; ready once it printed ``READY host:port``."""
+    """An attention peer (or layer server): not HTTP; ready once it printed ``marker``."""
+
+    marker = "READY "
 
     def wait_ready(self, timeout_s: float = 60.0, poll_s: float = 0.2) -> None:
         deadline = time.monotonic() + timeout_s
@@ -274,7 +292,7 @@ class PeerProcess(ServerProcess):
             if not self.alive():
                 raise UnavailableError(f"{self.name} exited; log {self.log_path}:\n"
                                        f"{self.log_tail()}")  # fmt: skip
-            if "READY " in self.log_tail():
+            if self.marker in self.log_tail():
                 return
             time.sleep(poll_s)
         raise UnavailableError(f"{self.name} not ready after {timeout_s:.0f}s")
@@ -288,6 +306,10 @@ def _describe(dep: Deployment) -> str:
     parts.append("controller " + ("on" if dep.controller else "off"))
     if dep.peers:
         parts.append(f"{len(dep.peers)} attention peer(s)")
+    if dep.attn_targets:
+        parts.append(f"{len(dep.attn_targets)} attention target(s)")
+    if dep.layer_servers:
+        parts.append(f"{len(dep.layer_servers)} layer server(s)")
     return ", ".join(parts)
 
 

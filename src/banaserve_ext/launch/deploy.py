@@ -9,7 +9,12 @@
   ``--disaggregation-bootstrap-port``: with role switch every instance runs a bootstrap server);
 * the ``banaserve`` transfer backend, this project's router with ``load_aware``;
 * the live controller (``banaserve control``) over all of them, with ``--attn-peers`` attention
-  peers (1 by default) for attention-level KV migration under KV pressure.
+  peers (1 by default) for attention-level KV migration under KV pressure, one attention peer
+  beside each server as the target of the controller's attention migrations (not with
+  ``--no-attn-targets``), and with ``--layer-migration`` a layer server beside each prefill
+  server (layer migration moves within the prefill tier; it needs ``--no-store``: HiCache copies
+  every layer's KV, and a migrated layer's KV is gone from the donor). The controller calibrates
+  its link costs against these targets at start.
 
 ``sglang`` (``--baseline sglang``): the stock deployment for side-by-side runs: ``sglang_router``
 with ``cache_aware``, no store, no role switch, no controller, Mooncake transfer when the
@@ -93,6 +98,24 @@ class PeerPlan:
 
 
 @dataclass(frozen=True)
+class LayerServerPlan:
+    """A layer server (``python -m banaserve_ext.migration.layer_server``) beside one prefill
+    server: where a hot prefill server's last layers go."""
+
+    port: int
+    owner_url: str
+    host: str = LOOPBACK
+
+    def command(self, python: str = sys.executable) -> list[str]:
+        return [python, "-m", "banaserve_ext.migration.layer_server", "--host", self.host,
+                "--port", str(self.port)]  # fmt: skip
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
 class ControllerPlan:
     port: int
     router_url: str
@@ -127,6 +150,9 @@ class Deployment:
     controller: ControllerPlan | None = None
     peers: list[PeerPlan] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: the controller's migration targets: (instance URL, plan) pairs
+    attn_targets: list[tuple[str, PeerPlan]] = field(default_factory=list)
+    layer_servers: list[LayerServerPlan] = field(default_factory=list)
 
 
 def hicache_page_bytes(model_config: dict, dtype: str, page_size: int = 1) -> int:
@@ -165,6 +191,16 @@ def plan_deployment(args, model: str) -> Deployment:  # noqa: ANN001 - argparse 
             "the BanaServe deployment needs the banaserve transfer backend (role switch, "
             f"layer-wise send); got {backend!r} (use --baseline sglang for other backends)"
         )
+    layer_mig = bool(getattr(args, "layer_migration", False))
+    if layer_mig and (not ours or args.no_controller):
+        raise InvalidArgumentError("--layer-migration is a BanaServe controller action: not with "
+                                   "--baseline sglang or --no-controller")  # fmt: skip
+    if layer_mig and not args.no_store:
+        raise InvalidArgumentError(
+            "--layer-migration needs --no-store: the store puts HiCache on every prefill server, "
+            "and HiCache copies every layer's KV, which a migrated layer no longer has here "
+            "(layer migration moves within the prefill tier, so no server could send)"
+        )
     host = args.host
     model_cfg_path = Path(model) / "config.json"
     model_cfg = json.loads(model_cfg_path.read_text()) if model_cfg_path.is_file() else None
@@ -181,10 +217,11 @@ def plan_deployment(args, model: str) -> Deployment:  # noqa: ANN001 - argparse 
         max_total_tokens=args.max_total_tokens, chunked_prefill_size=args.chunked_prefill_size,
         dtype=args.dtype, features=LIVE_FEATURES if ours else (),
     )  # fmt: skip
+    pkw = dict(common, features=LIVE_FEATURES + ("layer_migration",)) if layer_mig else common
     prefill = [
         SGLangServerConfig(port=free_port(host), role="prefill", bootstrap_port=free_port(host),
                            extra_args=role_switch + (pool.hicache_args() if pool else ())
-                           + tuple(args.server_arg), **common)  # type: ignore[arg-type]
+                           + tuple(args.server_arg), **pkw)  # type: ignore[arg-type]
         for _ in range(args.prefill)
     ]  # fmt: skip
     # a PD decode server runs without radix cache anyway (SGLang resolves it so), but
@@ -207,9 +244,21 @@ def plan_deployment(args, model: str) -> Deployment:  # noqa: ANN001 - argparse 
     )  # fmt: skip
     controller = None
     peers: list[PeerPlan] = []
+    targets: list[tuple[str, PeerPlan]] = []
+    layer_servers: list[LayerServerPlan] = []
     if ours and not args.no_controller:
         peers = [PeerPlan(free_port(host), host) for _ in range(args.attn_peers)]
         peer_args = tuple(a for p in peers for a in ("--attn-peer", p.address))
+        if not getattr(args, "no_attn_targets", False):
+            targets = [(s.url, PeerPlan(free_port(host), host)) for s in prefill + decode]
+        layer_servers = [LayerServerPlan(free_port(host), s.url, host) for s in prefill
+                         if layer_mig]  # fmt: skip
+        peer_args += tuple(a for u, p in targets for a in ("--attn-target", f"{u}={p.address}"))
+        peer_args += tuple(
+            a for ls in layer_servers for a in ("--layer-server", f"{ls.owner_url}={ls.address}")
+        )
+        if targets or layer_servers:
+            peer_args += ("--calibrate",)
         controller = ControllerPlan(
             port=free_port(host), router_url=router.url,
             instances=tuple(f"{s.url},{s.bootstrap_port}" for s in prefill + decode),
@@ -217,4 +266,5 @@ def plan_deployment(args, model: str) -> Deployment:  # noqa: ANN001 - argparse 
             extra=peer_args + tuple(args.controller_arg),
             host=host, model_config=str(model_cfg_path) if model_cfg else None,
         )  # fmt: skip
-    return Deployment(kind, prefill, decode, router, pool, controller, peers, notes)
+    return Deployment(kind, prefill, decode, router, pool, controller, peers, notes, targets,
+                      layer_servers)  # fmt: skip

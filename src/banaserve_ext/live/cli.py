@@ -26,6 +26,7 @@ from typing import Any
 
 from ..control import BanaServeConfig
 from ..errors import BanaserveError
+from .actuators import Targets, parse_target
 from .clients import InstanceSpec
 from .controller import LiveConfig, LiveController
 from .kv_pressure import KvPressureConfig
@@ -75,6 +76,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=kd.fraction,
         help="share of a request's KV moved (oldest tokens)",
     )
+    m = p.add_argument_group("migrations decided by the controller (live/actuators.py)")
+    m.add_argument(
+        "--layer-server",
+        action="append",
+        default=[],
+        metavar="URL=HOST:PORT",
+        help="the layer server beside instance URL (receives layer migrations)",
+    )
+    m.add_argument(
+        "--attn-target",
+        action="append",
+        default=[],
+        metavar="URL=HOST:PORT",
+        help="the attention peer beside instance URL (receives attention "
+        "migrations; not one of --attn-peer)",
+    )
+    m.add_argument(
+        "--link-costs",
+        type=Path,
+        default=None,
+        help='JSON {"attention_link"|"layer_link": {"fixed_s", "bandwidth_Bps"}}',
+    )
+    m.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="without --link-costs: measure them at start against the targets",
+    )
     g = p.add_argument_group("controller thresholds (BanaServeConfig)")
     d = BanaServeConfig()
     for name in ("flip_high", "flip_low", "high", "low", "cooldown_s", "budget_s", "warmup_s"):
@@ -98,6 +126,9 @@ def config_from_args(args: argparse.Namespace) -> LiveConfig:
         weight_bytes_per_layer=wbytes, kv_bytes_per_token_layer=kvbytes,
         kv_pressure=KvPressureConfig(peers=tuple(args.attn_peer), high=args.kv_high,
                                      low=args.kv_low, fraction=args.kv_fraction),
+        targets=Targets(layer_servers=tuple(parse_target(t) for t in args.layer_server),
+                        attn_peers=tuple(parse_target(t) for t in args.attn_target)),
+        link_costs=args.link_costs, calibrate=args.calibrate,
     )  # fmt: skip
 
 
@@ -169,6 +200,8 @@ def main(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         ctl = LiveController(config_from_args(args)).start()
+        if ctl.link_report:
+            print(f"banaserve control: link costs {json.dumps(ctl.link_report)}", flush=True)
     except BanaserveError as exc:
         print(f"banaserve control: {exc}", file=sys.stderr)
         return 2

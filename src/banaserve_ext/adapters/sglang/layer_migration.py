@@ -344,7 +344,8 @@ class LayerMigration:
         if split is None:
             return {"split": False, "blocked": self.blocked(scheduler)}
         return {
-            "split": True, "blocked": None, "first": split.first, "layers": split.layers, "steps": split.steps,
+            "split": True, "blocked": None, "first": split.first, "layers": split.layers,
+            "steps": split.steps,
             "mean_step_ms": 1e3 * split.step_s / max(split.steps, 1),
             "verified_steps": split.verified_steps, "mismatched_steps": split.mismatched_steps,
             "failed": split.failed, "aborted_requests": split.aborted_requests,
