@@ -33,6 +33,7 @@ class FakeServer:
         self.splits: list[dict] = []
         self.calls: list[dict] = []
         self.fail_layers = False
+        self.back_fails = False
 
     def step(self, util: float) -> None:
         self.t += 1.0
@@ -49,6 +50,8 @@ class FakeServer:
             self.split = body
             return 200, {"moved": {"total_s": 0.02, "transfer_s": 0.01}, "duration_ms": 25.0}
         if kind == "layers_back":
+            if self.back_fails:
+                return 503, {"error": "cannot migrate back: layer server lost"}
             if self.split is None:
                 return 400, {"error": "no layers are migrated"}
             self.split = None
@@ -135,7 +138,8 @@ def test_layer_migration_goes_to_the_receivers_layer_server_and_comes_back() -> 
     assert len(mig) == 1 and mig[0]["outcome"] == "ok", recs
     # P0 is the hot one: it hands its last layers to P1's layer server
     assert servers[P0].split == {"kind": "layers", "first": 4 - mig[0]["inputs"]["action"]
-                                 ["layers"], "host": "127.0.0.1", "port": 7001}  # fmt: skip
+                                 ["layers"], "host": "127.0.0.1", "port": 7001,
+                                 "keep_local": True}  # fmt: skip
     assert mig[0]["predicted_cost_s"] == mig[0]["inputs"]["action"]["latency_s"]
     assert mig[0]["measured_cost_s"] == 0.02
     assert [a.action for a in ctl.policy.active] == [MigrateLayers(**{
@@ -160,13 +164,28 @@ def test_a_failed_layer_migration_leaves_nothing_active() -> None:
     assert not ctl.policy.active and not ctl.actuators.placed
 
 
-def test_lost_layer_server_takes_the_donor_out_of_rotation() -> None:
+def test_lost_layer_server_rolls_the_donor_back_onto_its_own_layers() -> None:
+    targets = Targets(layer_servers=((P1, "127.0.0.1:7001"),))
+    alive = {"127.0.0.1:7001"}
+    ctl, servers = _controller(targets, alive=alive)
+    _run(ctl, servers, {P0: 0.95, P1: 0.05, D0: 0.1}, 3)
+    assert ctl.actuators.placed and servers[P0].split is not None
+    alive.clear()  # the layer server dies
+    recs = _run(ctl, servers, {P0: 0.5, P1: 0.05, D0: 0.1}, 1)
+    lost = [r for r in recs if r["action"] == "LayersLost"]
+    assert lost and lost[0]["outcome"] == "rolled_back" and "gone" in lost[0]["detail"]
+    assert servers[P0].split is None and not ctl.policy.active and not ctl.actuators.placed
+    assert P0 not in ctl.router.removed and not ctl.instances[0].unusable  # type: ignore[attr-defined]
+
+
+def test_lost_layers_that_cannot_come_back_take_the_donor_out_of_rotation() -> None:
     targets = Targets(layer_servers=((P1, "127.0.0.1:7001"),))
     alive = {"127.0.0.1:7001"}
     ctl, servers = _controller(targets, alive=alive)
     _run(ctl, servers, {P0: 0.95, P1: 0.05, D0: 0.1}, 3)
     assert ctl.actuators.placed
-    alive.clear()  # the layer server dies
+    alive.clear()
+    servers[P0].back_fails = True
     recs = _run(ctl, servers, {P0: 0.5, P1: 0.05, D0: 0.1}, 1)
     lost = [r for r in recs if r["action"] == "LayersLost"]
     assert lost and lost[0]["outcome"] == "taken_out" and "gone" in lost[0]["detail"]

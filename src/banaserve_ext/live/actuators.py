@@ -18,12 +18,15 @@ Each action gives one decision record (predicted cost: the controller's ``latenc
 what the server reports, ``duration_ms`` / the ship's ``total_s``; outcome). A failed action is
 reported so; the caller drops it from the controller's active list. What a failure leaves:
 
-* ``layers`` refused or failed before the hand-over: nothing moved (the server frees its layers
-  only after the layer server has them);
-* a layer server lost *after* the hand-over: the donor's split requests finish with HTTP 503
-  ``LayerServerLost`` (the adapter, never a hang), and the weights of the migrated layers are
-  gone from the donor, so :meth:`Actuators.watch` reports it ``unusable``: the controller takes
-  it out of the router (every later request there would fail the same way) until it is
+* ``layers`` refused or failed before the hand-over: nothing moved;
+* the migration runs with ``keep_local`` (the donor keeps its weights and KV and writes each
+  step's new K/V rows the layer server returns: a PD server's transfer backend reads every
+  layer's KV at the addresses it registered, so its KV must stay complete; this moves compute,
+  not memory). A layer server lost later: the donor runs that step and every later one on its
+  own layers (no request fails); :meth:`Actuators.watch` sees it (the port is closed, or
+  ``layers_status`` says ``failed``) and drops the split (``layers_back``); only a split that
+  cannot be dropped (a server migrated by hand without ``keep_local``, whose requests fail with
+  HTTP 503 ``LayerServerLost``) makes the donor ``unusable``: out of the router until
   restarted;
 * ``kv``: a request whose move failed keeps its KV where it was; an attention peer lost later
   aborts its split requests with ``AttentionPeerError`` (the adapter); a ``kv`` action that
@@ -159,7 +162,10 @@ class Actuators:
                                detail=f"{dst_url} has no layer server")  # fmt: skip
         host, port = target.rsplit(":", 1)
         first = self.total_layers - act.layers
-        body = {"kind": "layers", "first": first, "host": host, "port": int(port)}
+        # keep_local: the donor keeps its weights and KV (and gets each step's new K/V rows
+        # back), so a PD server's transfers stay valid and a lost layer server costs nothing
+        body = {"kind": "layers", "first": first, "host": host, "port": int(port),
+                "keep_local": True}  # fmt: skip
         status, ans = self._ask(src_url, body, timeout_s=120.0)
         if status != 200:
             # the server frees its layers only after the layer server holds them: a refusal
@@ -178,7 +184,7 @@ class Actuators:
             measured_s=moved.get("total_s"),
             costs={k: moved.get(k) for k in ("prepare_s", "transfer_s", "install_s",
                                              "weight_bytes", "kv_bytes")} | {
-                "http_s": ans.get("duration_ms", 0) / 1e3 if ans.get("duration_ms") else None},
+                "handler_s": ans.get("duration_ms", 0) / 1e3 if ans.get("duration_ms") else None},
         )  # fmt: skip
 
     def migrate_attention(self, act: Any, src_url: str, dst_url: str, inputs: dict) -> dict:
@@ -246,9 +252,10 @@ class Actuators:
         return rec, True
 
     # -- health of what is in place ----------------------------------------------------------
-    def watch(self) -> list[tuple[tuple[int, int], str]]:
-        """Layer migrations whose layer server is gone or failed: ``((src, dst), why)`` each,
-        forgotten here (the donor cannot get its layers back; see the module doc)."""
+    def watch(self) -> list[tuple[tuple[int, int], str, bool]]:
+        """Layer migrations whose layer server is gone or failed: ``((src, dst), why,
+        rolled_back)`` each, forgotten here; ``rolled_back``: the donor runs on its own layers
+        again (else it cannot serve; see the module doc)."""
         lost = []
         for key, placed in list(self.placed.items()):
             if placed["kind"] != "layers":
@@ -265,5 +272,8 @@ class Actuators:
                     continue
             if why:
                 del self.placed[key]
-                lost.append((key, why))
+                status, ans = self._ask(placed["src_url"], {"kind": "layers_back"}, 60.0)
+                if status != 200:
+                    why += f"; the split could not be dropped: HTTP {status} {ans.get('error')}"
+                lost.append((key, why, status == 200))
         return lost

@@ -443,16 +443,17 @@ class LiveController:
         )
 
     def _watch(self) -> list[dict]:
-        """A donor whose migrated layers were lost cannot serve (every request there would fail
-        with ``LayerServerLost``): out of the router and the views until restarted."""
+        """A lost layer server: the donor is back on its own layers (``keep_local``); one that
+        cannot be (its layers are gone) is out of the router and the views until restarted."""
         out = []
-        for (s, d), why in self.actuators.watch():
+        for (s, d), why, rolled_back in self.actuators.watch():
             self.policy.active = [a for a in self.policy.active
                                   if (a.action.src, a.action.dst) != (s, d)]  # fmt: skip
             inst = self.instances[s]
-            inst.unusable = why
-            outcome = "taken_out"
-            if inst.router_role is not None:
+            outcome = "rolled_back" if rolled_back else "taken_out"
+            if not rolled_back:
+                inst.unusable = why
+            if not rolled_back and inst.router_role is not None:
                 try:
                     self.router.remove(inst.url, inst.router_role)
                     inst.router_role = None

@@ -247,7 +247,12 @@ class LayerServer:
         t0 = time.perf_counter()
         h, r = self._executor.run(step, t["hidden"], t["residual"])
         self.steps += 1
-        return {"compute_s": time.perf_counter() - t0}, [("hidden", h), ("residual", r)]
+        out = [("hidden", h), ("residual", r)]
+        if header.get("return_kv"):  # the owner keeps its own KV complete (``keep_local``)
+            for layer, views in sorted(self._tensors.items()):
+                out += [(f"k{layer}", views["k_buffer"][step.out_cache_loc]),
+                        (f"v{layer}", views["v_buffer"][step.out_cache_loc])]  # fmt: skip
+        return {"compute_s": time.perf_counter() - t0}, out
 
 
 class LayerServerClient:
@@ -428,10 +433,21 @@ def remote_step(client: LayerServerClient, mode: str, tensors: dict[str, Any],
                 timeout_s: float | None = None) -> tuple[Any, Any]:  # fmt: skip
     """One split step: ``tensors`` holds hidden, residual, positions, out_cache_loc, seq_lens,
     extend_prefix_lens (extend) and token_rows; returns (hidden, residual) after the block."""
+    h, r, _ = remote_step_kv(client, mode, tensors, timeout_s, return_kv=False)
+    return h, r
+
+
+def remote_step_kv(client: LayerServerClient, mode: str, tensors: dict[str, Any],
+                   timeout_s: float | None = None, return_kv: bool = True
+                   ) -> tuple[Any, Any, dict[str, Any]]:  # fmt: skip
+    """:func:`remote_step` that also returns the step's new K/V rows of every remote layer
+    (``k{layer}``/``v{layer}``: ``[T, kv_heads, head_dim]``, rows ``out_cache_loc``)."""
     bufs = [(k, v) for k, v in tensors.items() if v is not None]
-    reply, arrays = client.call({"op": "step", "mode": mode}, bufs, timeout_s)
+    head = {"op": "step", "mode": mode} | ({"return_kv": True} if return_kv else {})
+    reply, arrays = client.call(head, bufs, timeout_s)
     client.last_compute_s = float(reply.get("compute_s", 0.0))
-    return to_tensor(reply, arrays, "hidden"), to_tensor(reply, arrays, "residual")
+    kv = {n: to_tensor(reply, arrays, n) for n in arrays if n not in ("hidden", "residual")}
+    return to_tensor(reply, arrays, "hidden"), to_tensor(reply, arrays, "residual"), kv
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,10 @@ the final norm and the logits stay here. ``"verify": true`` keeps the local copy
 every split step bit for bit against the local layers (reported by kind ``layers_status``).
 ``{"kind": "layers_back"}`` reads weights and KV back into fresh local tensors and restores
 the original forward.
+``"keep_local": true`` frees nothing: the server also returns each step's new K/V rows of its
+layers, written here, so this server's KV stays complete (required on a PD server, whose transfer
+backend uses the KV buffers' registered addresses); a lost layer server then falls back to the
+local layers (no request fails) and ``layers_back`` only drops the split.
 
 Hooks (registered through the host layer when the server opted into ``layer_migration``; every
 SGLang internal used is listed under that feature in ``host/table.py``; the split lives on one
@@ -61,6 +65,12 @@ class LayersRequest(msgspec.Struct, forbid_unknown_fields=True):
     port: int = 0
     verify: bool = False
     timeout_s: float = 30.0
+    #: compute offload: the weights and KV stay here too (nothing freed), the layer server
+    #: returns each step's new K/V rows, which are written here, so this server's KV stays
+    #: complete (a PD server's transfer backend reads/writes every layer's KV at the addresses
+    #: it registered at start); a lost layer server falls back to the local layers, no request
+    #: fails; ``layers_back`` just drops the split
+    keep_local: bool = False
 
 
 class LayerServerLost(UnavailableError):
@@ -78,6 +88,9 @@ class _Split:
     timeout_s: float
     req_to_token: Any
     failed: str | None = None
+    keep_local: bool = False
+    pool: Any = None
+    fallback_steps: int = 0
     steps: int = 0
     step_s: float = 0.0
     verified_steps: int = 0
@@ -173,13 +186,22 @@ def _split_forward(sg: Any, split: _Split, model: Any, input_ids: Any, positions
     }  # fmt: skip
     t0 = time.perf_counter()
     try:
-        h2, r2 = layer_server.remote_step(split.client, mode, tensors, split.timeout_s)
+        h2, r2, kv = layer_server.remote_step_kv(split.client, mode, tensors, split.timeout_s,
+                                                 return_kv=split.keep_local)  # fmt: skip
     except UnavailableError as exc:
         split.failed = str(exc)
+        if split.keep_local:
+            logger.error("layer migration: %s; back to the local layers", exc)
+            return _local_rest(sg, split, model, positions, fb, h, r)
         logger.error("layer migration: %s; failing the affected requests", exc)
         return torch.zeros_like(h)
     split.step_s += time.perf_counter() - t0
     split.steps += 1
+    if split.keep_local:
+        loc = fb.out_cache_loc
+        for i in split.layers:
+            split.pool.k_buffer[i][loc] = kv[f"k{i}"]
+            split.pool.v_buffer[i][loc] = kv[f"v{i}"]
     if split.verify:
         local = model.layers[split.first].attn_boundary.from_pp(
             sg.PPProxyTensors({"hidden_states": h, "residual": r}), fb
@@ -191,6 +213,26 @@ def _split_forward(sg: Any, split: _Split, model: Any, input_ids: Any, positions
         split.verified_steps += 1
         split.mismatched_steps += 0 if same else 1
     return sg["residual.access.final_norm_pair"](h2, r2, model.norm)
+
+
+def _pd_mode(scheduler: Any) -> str:
+    """The scheduler's current disaggregation role (it changes with SGLang's role switch)."""
+    mode = getattr(scheduler, "disaggregation_mode", None)
+    return str(getattr(mode, "value", mode or "null"))
+
+
+def _local_rest(sg: Any, split: _Split, model: Any, positions: Any, fb: Any, h: Any,
+                r: Any) -> Any:  # fmt: skip
+    """The layers ``split.first..`` run here (``keep_local``: weights and KV are complete)."""
+    local = model.layers[split.first].attn_boundary.from_pp(
+        sg.PPProxyTensors({"hidden_states": h, "residual": r}), fb
+    )
+    for i in range(split.first, model.end_layer):
+        local = model.layers[i](positions, local, fb)
+    out = sg["residual.batch.to_pp"](local, fb)
+    split.fallback_steps += 1
+    return sg["residual.access.final_norm_pair"](out["hidden_states"], out["residual"],
+                                                 model.norm)  # fmt: skip
 
 
 class LayerMigration:
@@ -207,6 +249,9 @@ class LayerMigration:
         KV between device and host pool, and a migrated layer's buffers are gone here."""
         if getattr(scheduler.server_args, "enable_hierarchical_cache", False):
             return "layer migration does not support --enable-hierarchical-cache (HiCache)"
+        if _pd_mode(scheduler) == "decode":
+            return ("a PD decode server receives new requests' KV into its own buffers, which "
+                    "the layer server would not see")  # fmt: skip
         return None
 
     def migrate_layers(self, scheduler: Any, body: dict) -> dict:
@@ -217,6 +262,11 @@ class LayerMigration:
         why = self.blocked(scheduler)
         if why:
             raise NotSupportedError(why)
+        if _pd_mode(scheduler) != "null" and not req.keep_local:
+            raise NotSupportedError(
+                "a PD server's transfer backend reads/writes every layer's KV at the addresses it "
+                'registered at start: migrate with "keep_local": true (nothing freed here)'
+            )
         if self.split is not None:
             raise InvalidArgumentError("layers are already migrated; migrate them back first")
         if inner.start_layer != 0 or inner.end_layer != len(inner.layers):
@@ -246,7 +296,7 @@ class LayerMigration:
             raise
         del ship
         freed: dict[str, Any] = {"weight_bytes": 0, "kv_bytes": 0, "not_freed": []}
-        if not req.verify:
+        if not req.verify and not req.keep_local:
             t0 = time.perf_counter()
             wrefs: list[tuple[weakref.ref, int]] = []
             krefs: list[tuple[weakref.ref, int]] = []
@@ -282,9 +332,11 @@ class LayerMigration:
             client=client, first=req.first, layers=layers, remote_addrs=addrs,
             shapes=shapes, verify=req.verify, timeout_s=req.timeout_s,
             req_to_token=runner.req_to_token_pool.req_to_token, report=rep,
+            keep_local=req.keep_local, pool=pool,
         )  # fmt: skip
         self.split, self.model = split, inner
-        return {"moved": rep, "freed": freed, "kv_slots": int(used.size), "verify": req.verify}
+        return {"moved": rep, "freed": freed, "kv_slots": int(used.size), "verify": req.verify,
+                "keep_local": req.keep_local}  # fmt: skip
 
     def migrate_back(self, scheduler: Any, body: dict) -> dict:
         import torch
@@ -293,6 +345,19 @@ class LayerMigration:
         split = self.split
         if split is None:
             raise InvalidArgumentError("no layers are migrated")
+        if split.keep_local:  # everything is here: drop the split, free the server's arena
+            t0 = time.perf_counter()
+            if not split.failed:
+                try:
+                    split.client.call({"op": "release"})
+                except UnavailableError as exc:
+                    logger.warning("layer migration: release on the layer server: %s", exc)
+            self.split, self.model = None, None
+            split.client.close()
+            return {"moved": {"total_s": time.perf_counter() - t0, "weight_bytes": 0,
+                              "kv_bytes": 0}, "restored_weight_bytes": 0,
+                    "split_steps": split.steps, "fallback_steps": split.fallback_steps,
+                    "failed": split.failed}  # fmt: skip
         if split.failed:
             raise UnavailableError(f"cannot migrate back: {split.failed}")
         pool = runner.token_to_kv_pool
@@ -349,12 +414,13 @@ class LayerMigration:
             "mean_step_ms": 1e3 * split.step_s / max(split.steps, 1),
             "verified_steps": split.verified_steps, "mismatched_steps": split.mismatched_steps,
             "failed": split.failed, "aborted_requests": split.aborted_requests,
+            "keep_local": split.keep_local, "fallback_steps": split.fallback_steps,
         }  # fmt: skip
 
     def around_llama_forward(self, original: Any, model: Any, input_ids: Any, positions: Any,
                              forward_batch: Any, *args: Any, **kwargs: Any) -> Any:  # fmt: skip
         split = self.split if model is self.model else None
-        if split is None:
+        if split is None or (split.failed and split.keep_local):
             return original(model, input_ids, positions, forward_batch, *args, **kwargs)
         embeds = args[0] if args else kwargs.get("input_embeds")
         return _split_forward(self.sg, split, model, input_ids, positions, forward_batch, embeds)
@@ -363,7 +429,7 @@ class LayerMigration:
                          **kwargs: Any) -> Any:  # fmt: skip
         result = original(scheduler, batch, *args, **kwargs)
         split = self.split
-        if split is not None and split.failed:
+        if split is not None and split.failed and not split.keep_local:
             for req in batch.reqs:
                 if not req.finished():
                     req.set_finish_with_abort(

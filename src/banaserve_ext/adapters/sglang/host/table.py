@@ -383,6 +383,12 @@ INTERNALS: dict[str, dict[str, Internal]] = {
             LLAMA + "LlamaDecoderLayer.forward", "positions", "hidden_states", "forward_batch"
         ),  # fmt: skip
         "fb.forward_mode": M(FWD + "ForwardBatch", "forward_mode"),
+        # refusals (layer_migration.py: blocked, keep_local)
+        "sched.server_args": M(SCHED, "server_args"),
+        "ServerArgs.enable_hierarchical_cache": M(
+            _S + "server_args.ServerArgs", "enable_hierarchical_cache"
+        ),
+        "sched.disaggregation_mode": M(SCHED, "disaggregation_mode"),
         "fb.extend_prefix_lens": M(FWD + "ForwardBatch", "extend_prefix_lens"),
         "fb.seq_lens": M(FWD + "ForwardBatch", "seq_lens"),
         "fb.out_cache_loc": M(FWD + "ForwardBatch", "out_cache_loc"),
