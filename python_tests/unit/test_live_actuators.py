@@ -34,6 +34,8 @@ class FakeServer:
         self.calls: list[dict] = []
         self.fail_layers = False
         self.back_fails = False
+        #: the layer server of this server's split is gone (found at the next step)
+        self.lost = False
 
     def step(self, util: float) -> None:
         self.t += 1.0
@@ -43,7 +45,8 @@ class FakeServer:
         self.calls.append(body)
         kind = body["kind"]
         if kind == "layers_status":
-            return 200, {"split": self.split is not None, "blocked": None, "failed": None}
+            failed = "layer server lost" if self.lost and self.split is not None else None
+            return 200, {"split": self.split is not None, "blocked": None, "failed": failed}
         if kind == "layers":
             if self.fail_layers:
                 return 503, {"error": "layer server unreachable"}
@@ -54,7 +57,7 @@ class FakeServer:
                 return 503, {"error": "cannot migrate back: layer server lost"}
             if self.split is None:
                 return 400, {"error": "no layers are migrated"}
-            self.split = None
+            self.split, self.lost = None, False
             return 200, {"moved": {"total_s": 0.03}, "split_steps": 7}
         if kind == "kv_splits":
             return 200, {"blocked": None if self.mode == "decode" else "radix", "splits":
@@ -102,7 +105,7 @@ class FakeClient:
         return self.server.signals()
 
 
-def _controller(targets: Targets, alive: set[str]) -> tuple[LiveController, dict]:
+def _controller(targets: Targets) -> tuple[LiveController, dict]:
     servers = {u: FakeServer(u, m) for u, m in ((P0, "prefill"), (P1, "prefill"),
                                                  (D0, "decode"))}  # fmt: skip
     cfg = LiveConfig(
@@ -117,7 +120,6 @@ def _controller(targets: Targets, alive: set[str]) -> tuple[LiveController, dict
     for inst in ctl.instances:
         inst.client = FakeClient(servers[inst.url])  # type: ignore[assignment]
     ctl.actuators.call = lambda url, body, timeout_s=0: servers[url].handle(body)
-    ctl.actuators.alive = lambda addr: addr in alive
     return ctl, servers
 
 
@@ -132,7 +134,7 @@ def _run(ctl: LiveController, servers: dict, utils: dict[str, float], n: int) ->
 
 def test_layer_migration_goes_to_the_receivers_layer_server_and_comes_back() -> None:
     targets = Targets(layer_servers=((P0, "127.0.0.1:7000"), (P1, "127.0.0.1:7001")))
-    ctl, servers = _controller(targets, alive={"127.0.0.1:7000", "127.0.0.1:7001"})
+    ctl, servers = _controller(targets)
     recs = _run(ctl, servers, {P0: 0.95, P1: 0.05, D0: 0.1}, 5)
     mig = [r for r in recs if r["action"] == "MigrateLayers"]
     assert len(mig) == 1 and mig[0]["outcome"] == "ok", recs
@@ -156,7 +158,7 @@ def test_layer_migration_goes_to_the_receivers_layer_server_and_comes_back() -> 
 
 def test_a_failed_layer_migration_leaves_nothing_active() -> None:
     targets = Targets(layer_servers=((P1, "127.0.0.1:7001"),))
-    ctl, servers = _controller(targets, alive={"127.0.0.1:7001"})
+    ctl, servers = _controller(targets)
     servers[P0].fail_layers = True
     recs = _run(ctl, servers, {P0: 0.95, P1: 0.05, D0: 0.1}, 3)
     mig = [r for r in recs if r["action"] == "MigrateLayers"]
@@ -166,29 +168,27 @@ def test_a_failed_layer_migration_leaves_nothing_active() -> None:
 
 def test_lost_layer_server_rolls_the_donor_back_onto_its_own_layers() -> None:
     targets = Targets(layer_servers=((P1, "127.0.0.1:7001"),))
-    alive = {"127.0.0.1:7001"}
-    ctl, servers = _controller(targets, alive=alive)
+    ctl, servers = _controller(targets)
     _run(ctl, servers, {P0: 0.95, P1: 0.05, D0: 0.1}, 3)
     assert ctl.actuators.placed and servers[P0].split is not None
-    alive.clear()  # the layer server dies
+    servers[P0].lost = True  # the layer server died; P0's next step found it
     recs = _run(ctl, servers, {P0: 0.5, P1: 0.05, D0: 0.1}, 1)
     lost = [r for r in recs if r["action"] == "LayersLost"]
-    assert lost and lost[0]["outcome"] == "rolled_back" and "gone" in lost[0]["detail"]
+    assert lost and lost[0]["outcome"] == "rolled_back" and "lost" in lost[0]["detail"]
     assert servers[P0].split is None and not ctl.policy.active and not ctl.actuators.placed
     assert P0 not in ctl.router.removed and not ctl.instances[0].unusable  # type: ignore[attr-defined]
 
 
 def test_lost_layers_that_cannot_come_back_take_the_donor_out_of_rotation() -> None:
     targets = Targets(layer_servers=((P1, "127.0.0.1:7001"),))
-    alive = {"127.0.0.1:7001"}
-    ctl, servers = _controller(targets, alive=alive)
+    ctl, servers = _controller(targets)
     _run(ctl, servers, {P0: 0.95, P1: 0.05, D0: 0.1}, 3)
     assert ctl.actuators.placed
-    alive.clear()
+    servers[P0].lost = True
     servers[P0].back_fails = True
     recs = _run(ctl, servers, {P0: 0.5, P1: 0.05, D0: 0.1}, 1)
     lost = [r for r in recs if r["action"] == "LayersLost"]
-    assert lost and lost[0]["outcome"] == "taken_out" and "gone" in lost[0]["detail"]
+    assert lost and lost[0]["outcome"] == "taken_out" and "lost" in lost[0]["detail"]
     assert P0 in ctl.router.removed and not ctl.policy.active  # type: ignore[attr-defined]
     assert P0 not in {v.idx for v in ctl.views()} and ctl.instances[0].unusable
     # the repair step does not put it back while its layers are lost
@@ -197,7 +197,7 @@ def test_lost_layers_that_cannot_come_back_take_the_donor_out_of_rotation() -> N
 
 
 def test_no_layer_migration_is_planned_without_a_target() -> None:
-    ctl, servers = _controller(Targets(), alive=set())
+    ctl, servers = _controller(Targets())
     recs = _run(ctl, servers, {P0: 0.95, P1: 0.05, D0: 0.1}, 5)
     assert not [r for r in recs if r["action"].startswith("Migrate")], recs
     views = ctl.views()
@@ -212,7 +212,7 @@ def test_attention_migration_moves_running_requests_to_the_receivers_peer() -> N
     cold = InstanceView(1, "prefill", 0.05, can_receive=("layers",))
     assert c.plan([hot, cold], 0.0) == []  # the idle one has no attention peer
     targets = Targets(attn_peers=((P1, "127.0.0.1:7101"),))
-    ctl, servers = _controller(targets, alive=set())
+    ctl, servers = _controller(targets)
     from banaserve_ext.control import MigrateAttention
 
     act = MigrateAttention(src=2, dst=1, fraction=0.5, latency_s=0.01)

@@ -23,8 +23,8 @@ reported so; the caller drops it from the controller's active list. What a failu
   step's new K/V rows the layer server returns: a PD server's transfer backend reads every
   layer's KV at the addresses it registered, so its KV must stay complete; this moves compute,
   not memory). A layer server lost later: the donor runs that step and every later one on its
-  own layers (no request fails); :meth:`Actuators.watch` sees it (the port is closed, or
-  ``layers_status`` says ``failed``) and drops the split (``layers_back``); only a split that
+  own layers (no request fails); :meth:`Actuators.watch` sees it (``layers_status`` says
+  ``failed``) and drops the split (``layers_back``); only a split that
   cannot be dropped (a server migrated by hand without ``keep_local``, whose requests fail with
   HTTP 503 ``LayerServerLost``) makes the donor ``unusable``: out of the router until
   restarted;
@@ -43,7 +43,6 @@ the controller plans no migration that cannot run.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -103,25 +102,15 @@ class Targets:
             raise InvalidArgumentError(f"two instances share one attention peer: {mine}")
 
 
-def port_open(addr: str, timeout_s: float = 1.0) -> bool:
-    """Whether a process listens at ``addr`` (a connect, closed at once)."""
-    try:
-        with socket.create_connection(parse_address(addr), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
-
-
 class Actuators:
     """Carries out migrations; keeps what is in place (by ``(src, dst)`` index pair)."""
 
     def __init__(self, targets: Targets, total_layers: int, record: Callable[..., dict],
-                 call: Call = _call, alive: Callable[[str], bool] = port_open) -> None:  # fmt: skip
+                 call: Call = _call) -> None:  # fmt: skip
         self.targets = targets
         self.total_layers = total_layers
         self.record = record
         self.call = call
-        self.alive = alive
         #: (src, dst) -> {"kind", "src_url", "target", ...} of each migration in place
         self.placed: dict[tuple[int, int], dict] = {}
         self._caps: dict[tuple[str, str], tuple[str, ...]] = {}
@@ -260,16 +249,16 @@ class Actuators:
         for key, placed in list(self.placed.items()):
             if placed["kind"] != "layers":
                 continue
+            # the donor finds a lost layer server at its next step (``keep_local``: that step
+            # and the later ones run locally); no probe of the layer server itself, which
+            # serves one connection at a time
             why = None
-            if not self.alive(placed["target"]):
-                why = f"layer server {placed['target']} is gone"
-            else:
-                status, st = self._ask(placed["src_url"], {"kind": "layers_status"})
-                if status == 200 and st.get("failed"):
-                    why = str(st["failed"])
-                elif status == 200 and not st.get("split"):
-                    del self.placed[key]  # undone by someone else: nothing to watch
-                    continue
+            status, st = self._ask(placed["src_url"], {"kind": "layers_status"})
+            if status == 200 and st.get("failed"):
+                why = str(st["failed"])
+            elif status == 200 and not st.get("split"):
+                del self.placed[key]  # undone by someone else: nothing to watch
+                continue
             if why:
                 del self.placed[key]
                 status, ans = self._ask(placed["src_url"], {"kind": "layers_back"}, 60.0)
