@@ -218,6 +218,36 @@ def test_bad_migrations_are_refused(server: SGLangServerConfig) -> None:
         assert status == code, (body, reply)
 
 
+def test_keep_local_offloads_compute_and_survives_a_lost_layer_server(
+    server: SGLangServerConfig, reference: list[list[int]], tmp_path: Path
+) -> None:
+    """``keep_local`` (what the live controller uses): nothing freed, the layer server computes
+    the block and returns the new K/V rows, which the owner writes into its own buffers; when
+    the layer server dies mid-generation the owner's local layers take over: no request fails,
+    outputs unchanged."""
+    victim = LayerServerProc(tmp_path)
+    try:
+        body = {"kind": "layers", "first": 1, "port": victim.port, "keep_local": True,
+                "timeout_s": 10}  # fmt: skip
+        outs, reply = run_batch(server, "keep", lambda: migrate(server, body))
+        assert outs == reference
+        assert reply["keep_local"] is True and reply["freed"]["weight_bytes"] == 0
+        status = migrate(server, {"kind": "layers_status"})
+        assert status["split"] and status["keep_local"] and status["steps"] > 0
+        outs, _ = run_batch(server, "keepkill", victim.kill)
+        assert outs == reference
+        status = migrate(server, {"kind": "layers_status"})
+        assert status["failed"] and status["fallback_steps"] == 1
+        assert status["aborted_requests"] == 0
+        back = migrate(server, {"kind": "layers_back"})
+        assert back["failed"] and back["split_steps"] > 0
+        assert migrate(server, {"kind": "layers_status"})["split"] is False
+        outs, _ = run_batch(server, "keepafter")
+        assert outs == reference
+    finally:
+        victim.kill()
+
+
 def test_layer_server_killed_mid_generation_fails_requests_clearly(
     server: SGLangServerConfig, tmp_path: Path
 ) -> None:
