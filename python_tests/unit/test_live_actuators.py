@@ -120,6 +120,7 @@ def _controller(targets: Targets) -> tuple[LiveController, dict]:
     for inst in ctl.instances:
         inst.client = FakeClient(servers[inst.url])  # type: ignore[assignment]
     ctl.actuators.call = lambda url, body, timeout_s=0: servers[url].handle(body)
+    ctl.actuators.clock = lambda: float(servers[P0].t)
     return ctl, servers
 
 
@@ -160,10 +161,15 @@ def test_a_failed_layer_migration_leaves_nothing_active() -> None:
     targets = Targets(layer_servers=((P1, "127.0.0.1:7001"),))
     ctl, servers = _controller(targets)
     servers[P0].fail_layers = True
-    recs = _run(ctl, servers, {P0: 0.95, P1: 0.05, D0: 0.1}, 3)
+    recs = _run(ctl, servers, {P0: 0.95, P1: 0.05, D0: 0.1}, 8)
     mig = [r for r in recs if r["action"] == "MigrateLayers"]
     assert mig and mig[0]["outcome"] == "failed" and "nothing moved" in mig[0]["detail"]
     assert not ctl.policy.active and not ctl.actuators.placed
+    # the target is not offered again for suspend_s (30 windows here): no retry storm
+    assert len(mig) == 1 and ctl.views()[1].can_receive == ()
+    servers[P0].fail_layers = False
+    recs = _run(ctl, servers, {P0: 0.95, P1: 0.05, D0: 0.1}, 30)
+    assert [r["outcome"] for r in recs if r["action"] == "MigrateLayers"] == ["ok"]
 
 
 def test_lost_layer_server_rolls_the_donor_back_onto_its_own_layers() -> None:

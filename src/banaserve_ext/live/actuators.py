@@ -33,6 +33,9 @@ reported so; the caller drops it from the controller's active list. What a failu
   moved some requests and failed on others keeps the moved ones and is active (its revert
   brings them back).
 
+A target a migration failed to is left out of the views' ``can_receive`` for ``suspend_s``
+(30 s), so the controller does not retry a dead target every window.
+
 Which instance can take part (:meth:`Actuators.capabilities`, asked once per instance and
 role): sending layers needs the ``layer_migration`` feature and no HiCache (``layers_status``
 says ``blocked``); sending attention needs a decode server with ``kv_migration`` on
@@ -43,6 +46,7 @@ the controller plans no migration that cannot run.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -106,11 +110,16 @@ class Actuators:
     """Carries out migrations; keeps what is in place (by ``(src, dst)`` index pair)."""
 
     def __init__(self, targets: Targets, total_layers: int, record: Callable[..., dict],
-                 call: Call = _call) -> None:  # fmt: skip
+                 call: Call = _call, suspend_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         self.targets = targets
         self.total_layers = total_layers
         self.record = record
         self.call = call
+        #: a target a migration failed to is not offered for this long (no retry storm)
+        self.suspend_s = suspend_s
+        self.clock = clock
+        self._suspended: dict[str, float] = {}
         #: (src, dst) -> {"kind", "src_url", "target", ...} of each migration in place
         self.placed: dict[tuple[int, int], dict] = {}
         self._caps: dict[tuple[str, str], tuple[str, ...]] = {}
@@ -120,7 +129,8 @@ class Actuators:
         """(can_send, can_receive) of the instance at ``url`` in role ``mode``."""
         pairs = (("layers", self.targets.layer_server(url)),
                  ("attention", self.targets.attn_peer(url)))  # fmt: skip
-        receive = tuple(k for k, t in pairs if t)
+        now = self.clock()
+        receive = tuple(k for k, t in pairs if t and self._suspended.get(t, now) <= now)
         key = (url, mode)
         if key not in self._caps:
             send = []
@@ -161,6 +171,7 @@ class Actuators:
             # or a failure before that leaves it whole; a lost answer is checked
             split = self._ask(src_url, {"kind": "layers_status"})[1].get("split")
             if not split:
+                self._suspended[target] = self.clock() + self.suspend_s
                 return self.record("MigrateLayers", inputs, "failed", predicted_s=pred,
                                    detail=f"HTTP {status}: {ans.get('error', ans)}; nothing "
                                    "moved")  # fmt: skip
@@ -193,6 +204,8 @@ class Actuators:
                           "detail": m["detail"]} for m in moves}  # fmt: skip
         inputs = inputs | {"target": target, "requests": per}
         if not ok:
+            if moves:
+                self._suspended[target] = self.clock() + self.suspend_s
             why = "no running request to move" if not moves else "; ".join(
                 str(m["detail"]) for m in bad[:3])  # fmt: skip
             return self.record("MigrateAttention", inputs, "failed", predicted_s=pred,
