@@ -9,8 +9,8 @@ increasing size through the transfer engine, the way each migration moves its by
 layer server reserves an arena (``reserve``) and the bytes are written into it; the attention
 peer allocates a slice (``alloc``) and the bytes are written into it, then it is freed — each
 timed from the request to the last byte; :meth:`LinkCost.fit` over the points. A target that
-does not answer within ``timeout_s`` (a layer server serves one owner at a time: one that holds
-a split is busy) is skipped. Four sizes up to 16 MiB, one round each: well under a second per
+does not answer within ``timeout_s`` (5 s; a layer server serves one owner at a time: one that
+holds a split is busy) is skipped. Four sizes up to 16 MiB, one round each: well under a second per
 target on this box.
 """
 
@@ -62,7 +62,7 @@ def _write(engine: Any, peer: str, local: Any, remote_addr: int, nbytes: int,
 
 
 def layer_points(addr: str, sizes: tuple[int, ...] = SIZES,
-                 timeout_s: float = 3.0) -> list[tuple[int, float]]:  # fmt: skip
+                 timeout_s: float = 5.0) -> list[tuple[int, float]]:  # fmt: skip
     from ..migration.layer_server import LayerServerClient
 
     host, port = parse_address(addr)
@@ -89,7 +89,7 @@ def layer_points(addr: str, sizes: tuple[int, ...] = SIZES,
 
 
 def attention_points(addr: str, sizes: tuple[int, ...] = SIZES,
-                     timeout_s: float = 3.0) -> list[tuple[int, float]]:  # fmt: skip
+                     timeout_s: float = 5.0) -> list[tuple[int, float]]:  # fmt: skip
     from ..migration.attn_peer import AttnPeerClient
     from ..transfer import TransferEngine
 
