@@ -14,7 +14,9 @@ ticks it) every ``window_s``. It reports, from the decode server's own cumulativ
 * ``output_tokens``, ``wall_s`` and ``output_tok_s`` (all requests' output tokens over the
   phase's wall time, as the clients saw them);
 * ``kv_moved`` / ``kv_back``: the controller's successful ``MigrateKV`` / ``MigrateKVBack``;
-* ``failures``: requests that failed or whose output differs from ``reference``.
+* ``failures``: requests that failed or whose output differs from ``reference``;
+* ``outputs`` (each prompt's output ids, None where it failed) and ``records`` (the
+  controller's decision records).
 
 Nothing here decides pass or fail; the caller asserts on what it needs.
 """
@@ -75,7 +77,7 @@ def run_phase(
     records: list[dict] = []
     samples: list[dict] = []
     failures: list[str] = []
-    outputs: list[list[int]] = []
+    outputs: dict[int, list[int]] = {}
     stop = threading.Event()
     lock = threading.Lock()
 
@@ -88,7 +90,8 @@ def run_phase(
             if tick is not None:
                 records.extend(tick())
 
-    def one(p: list[int]) -> None:
+    def one(i: int) -> None:
+        p = prompts[i]
         try:
             out = generate_ids(router_url, p, max_new_tokens)
         except (RuntimeError, OSError) as exc:
@@ -96,7 +99,7 @@ def run_phase(
                 failures.append(str(exc))
             return
         with lock:
-            outputs.append(out)
+            outputs[i] = out
             if reference is not None and out != reference[tuple(p)]:
                 failures.append(f"output differs for a prompt of {len(p)} tokens: {out[:8]}")
 
@@ -105,7 +108,7 @@ def run_phase(
     t0 = time.perf_counter()
     try:
         with ThreadPoolExecutor(len(prompts)) as ex:
-            list(ex.map(one, prompts))
+            list(ex.map(one, range(len(prompts))))
     finally:
         wall = time.perf_counter() - t0
         stop.set()
@@ -113,7 +116,7 @@ def run_phase(
     after = signals(decode_url)
     if tick is not None:  # one more window: the controller sees the pressure gone
         records.extend(tick())
-    tokens = sum(len(o) for o in outputs)
+    tokens = sum(len(o) for o in outputs.values())
     ok = [r for r in records if r.get("outcome") == "ok"]
     return {
         "controller": tick is not None,
@@ -133,5 +136,6 @@ def run_phase(
         "kv_moved": sum(r["action"] == "MigrateKV" for r in ok),
         "kv_back": sum(r["action"] == "MigrateKVBack" for r in ok),
         "failures": failures,
+        "outputs": [outputs.get(i) for i in range(len(prompts))],
         "records": records,
     }
