@@ -127,6 +127,13 @@ INTERNALS: dict[str, dict[str, Internal]] = {
             _S + "disaggregation.base.conn.BaseKVManager.supports_role_switch",
             use="overridden: True (SGLang's runtime P<->D role switch)",
         ),  # fmt: skip
+        "Scheduler.process_decode_queue": O(SCHED + ".process_decode_queue", hook=True),
+        "sched.enable_hierarchical_cache": M(SCHED, "enable_hierarchical_cache"),
+        "sched.enable_decode_hicache": M(SCHED, "enable_decode_hicache"),
+        "sched.tree_cache": M(SCHED, "tree_cache"),
+        "check_hicache_events": O(
+            _S + "mem_cache.base_prefix_cache.BasePrefixCache.check_hicache_events", use="called"
+        ),  # fmt: skip
         "mgr._heartbeat_shutdown": M(MGR, "_heartbeat_shutdown", "set at teardown (decode side)"),
         "mgr._socket_cache": M(MGR, "_socket_cache", "closed at teardown"),
         "mgr._socket_lock": M(MGR, "_socket_lock", "held at teardown"),
