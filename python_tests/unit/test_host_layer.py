@@ -51,6 +51,9 @@ def test_our_transfer_backend_selects_pd_and_on_prefill_layerwise() -> None:
                        "banaserve", layerwise=False) == ["pd"]  # fmt: skip
     assert select_argv("--disaggregation-transfer-backend", "banaserve",
                        "--disaggregation-mode", "decode") == ["pd"]  # fmt: skip
+    # a decode server that SGLang may switch to prefill at runtime has it ready
+    assert select_argv("--disaggregation-transfer-backend", "banaserve", "--disaggregation-mode",
+                       "decode", "--enable-pd-role-switch") == ["pd", "layerwise"]  # fmt: skip
 
 
 def test_hicache_is_selected_by_its_storage_config_only() -> None:

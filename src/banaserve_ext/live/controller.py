@@ -135,6 +135,8 @@ class InstanceState:
     attn_share: float = 0.0
     #: why the instance cannot serve (its migrated layers were lost); out of the router
     unusable: str | None = None
+    #: decode requests SGLang retracted for lack of KV in the last window
+    preempted: int = 0
 
     @property
     def url(self) -> str:
@@ -272,6 +274,8 @@ class LiveController:
                 inst.util = min(1.0, max(0.0, (sig["busy_s"] - prev["busy_s"]) / dt))
                 dd = sig["decode_s"] - prev["decode_s"]
                 inst.attn_share = (sig["decode_attn_s"] - prev["decode_attn_s"]) / dd if dd else 0.0
+                retracted = int(sig.get("retracted", 0)) - int(prev.get("retracted", 0))
+                inst.preempted = max(0, retracted)
 
     def _repair(self) -> list[dict]:
         out = []
@@ -323,6 +327,7 @@ class LiveController:
                 kv_frac=int(s.get("kv_used", 0)) / total, kv_tokens=int(s.get("kv_used", 0)),
                 layers_held=self.config.total_layers, attn_share=inst.attn_share,
                 accepting=inst.router_role == inst.mode, can_send=send, can_receive=receive,
+                preempted=inst.preempted,
             ))  # fmt: skip
         return views
 

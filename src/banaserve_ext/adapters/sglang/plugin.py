@@ -88,7 +88,19 @@ def activate_pd(host: Any) -> KVClassRouter:
     add_enum_member(pd.TransferBackend, ENUM_MEMBER, BACKEND_NAME)
     router = KVClassRouter(pd)
     host.hook("pd", "get_kv_class", router.around_get_kv_class)
+    host.hook("pd", "Scheduler.process_decode_queue", drive_hicache_after_flip, "BEFORE")
     return router
+
+
+def drive_hicache_after_flip(scheduler: Any, *a: Any, **kw: Any) -> None:
+    """BEFORE ``process_decode_queue``: a server started as prefill with HiCache and switched to
+    decode at runtime (``--enable-pd-role-switch``) keeps its HiCache tree, but SGLang's decode
+    loop drives the HiCache events (write-through and storage backup completions) only for a
+    server started as a HiCache decode server (``enable_decode_hicache``). Without this, the
+    flipped server's finished writes are never collected, it never reports itself fully idle,
+    and SGLang refuses to switch it back."""
+    if scheduler.enable_hierarchical_cache and not scheduler.enable_decode_hicache:
+        scheduler.tree_cache.check_hicache_events()
 
 
 def register() -> None:

@@ -11,16 +11,25 @@ same numbers and nothing is reset by reading:
 * ``decode_s`` / ``decode_attn_s``: seconds in decode forward passes and, inside them, in the
   attention layers; the decode-attention share of step time = Δdecode_attn_s / Δdecode_s;
 * ``prefill_tokens`` / ``decode_tokens``: tokens of extend batches and decode steps processed;
+* ``output_tokens``: tokens sampled into requests' outputs — one per request of a decode step,
+  and one per request of an extend batch whose prompt is complete (a middle chunk of a chunked
+  prefill samples none); Δoutput_tokens / Δt is the window's output rate;
+* ``retracted``: decode requests SGLang retracted for lack of KV (``ScheduleBatch.retract_decode``
+  put them back in a queue to resume later), ``retract_aborted``: requests that retraction
+  aborted instead (no KV backup possible, or the last request still did not fit);
 * ``waiting`` (waiting queue plus the PD bootstrap/prealloc/transfer queues), ``running``
-  (running batch), ``kv_used``/``kv_free``/``kv_total`` tokens (free counts evictable cache),
-  ``idle`` (``Scheduler.is_fully_idle``), ``mode`` (the current disaggregation role).
+  (running batch), ``retracted_waiting`` (retracted requests waiting to resume on a PD decode
+  server, also counted in ``waiting``), ``kv_used``/``kv_free``/``kv_total`` tokens (free
+  counts evictable cache), ``idle`` (``Scheduler.is_fully_idle``), ``mode`` (the current
+  disaggregation role).
 
 Timing is wall time on the scheduler thread: exact on CPU, where a forward is synchronous; on a
 GPU the launches are asynchronous and ``decode_attn_s`` would measure launch time only.
 
 The SGLang internals it touches are the ``signals`` group of :mod:`.host.table`: BEFORE and
 AFTER hooks on ``Scheduler.run_batch``, ``Scheduler.process_batch_result`` and
-``RadixAttention.forward``, and reads of the scheduler's queues, running batch, KV allocator,
+``RadixAttention.forward``, an AFTER hook on ``ScheduleBatch.retract_decode``, and reads of
+the scheduler's queues (and a PD decode server's retracted queue), running batch, KV allocator,
 tree cache, idleness and disaggregation role. The feature is opt-in (``signals`` in
 ``--banaserve-features`` / ``BANASERVE_SGLANG_FEATURES``); ``banaserve launch`` selects it.
 """
@@ -43,12 +52,20 @@ class Counters:
     decode_attn_s: float = 0.0
     prefill_tokens: int = 0
     decode_tokens: int = 0
+    output_tokens: int = 0
+    retracted: int = 0
+    retract_aborted: int = 0
     steps: int = 0
     started: float = field(default_factory=time.monotonic)
     _t_run: float = 0.0
     _run_is_decode: bool = False
     _t_result: float = 0.0
     _t_attn: float = 0.0
+
+
+def _is_extend(batch: Any) -> bool:
+    mode = getattr(batch, "forward_mode", None)
+    return bool(mode is not None and mode.is_extend())
 
 
 def _is_decode(batch: Any) -> bool:
@@ -75,8 +92,19 @@ class Signals:
         if c._run_is_decode:
             c.decode_s += dt
             c.decode_tokens += len(batch.reqs or ())
-        else:
+            c.output_tokens += len(batch.reqs or ())
+        elif _is_extend(batch):
             c.prefill_tokens += int(getattr(batch, "extend_num_tokens", 0) or 0)
+            # a request whose prompt is still being chunked samples no token in this pass
+            c.output_tokens += sum(
+                1 for r in batch.reqs or () if int(getattr(r, "inflight_middle_chunks", 0)) <= 0
+            )
+
+    def after_retract(self, result: Any, batch: Any, *a: Any, **kw: Any) -> None:
+        # ScheduleBatch.retract_decode -> (retracted requests, new token ratio, aborted requests)
+        retracted, _, aborted = result
+        self.counters.retracted += len(retracted)
+        self.counters.retract_aborted += len(aborted)
 
     def before_process_result(self, scheduler: Any, *a: Any, **kw: Any) -> None:
         self.counters._t_result = time.perf_counter()
@@ -116,7 +144,13 @@ def waiting_requests(scheduler: Any) -> int:
     n += _qlen(getattr(scheduler, "disagg_prefill_inflight_queue", None), None)
     n += _qlen(getattr(scheduler, "disagg_decode_prealloc_queue", None))
     n += _qlen(getattr(scheduler, "disagg_decode_transfer_queue", None))
-    return n
+    return n + retracted_waiting(scheduler)
+
+
+def retracted_waiting(scheduler: Any) -> int:
+    """Retracted requests a PD decode server holds to resume (a colocated server puts them
+    back in its waiting queue instead)."""
+    return _qlen(getattr(scheduler, "disagg_decode_prealloc_queue", None), "retracted_queue")
 
 
 def snapshot(c: Counters, scheduler: Any) -> dict:
@@ -135,8 +169,12 @@ def snapshot(c: Counters, scheduler: Any) -> dict:
         "decode_attn_s": c.decode_attn_s,
         "prefill_tokens": c.prefill_tokens,
         "decode_tokens": c.decode_tokens,
+        "output_tokens": c.output_tokens,
+        "retracted": c.retracted,
+        "retract_aborted": c.retract_aborted,
         "steps": c.steps,
         "waiting": waiting_requests(scheduler),
+        "retracted_waiting": retracted_waiting(scheduler),
         "running": len(getattr(running, "reqs", None) or ()),
         "kv_total": total,
         "kv_free": min(total, available + evictable),
@@ -157,4 +195,5 @@ def activate(host: Any) -> Signals:
     ):
         host.hook("signals", target, before, "BEFORE")
         host.hook("signals", target, after, "AFTER")
+    host.hook("signals", "ScheduleBatch.retract_decode", sig.after_retract, "AFTER")
     return sig

@@ -12,7 +12,8 @@ data-parallel processes right at their start. The arguments are found, in this o
 
 Features:
 
-* ``pd`` (+ ``layerwise`` on a prefill server unless ``BANASERVE_SGLANG_LAYERWISE=0``):
+* ``pd`` (+ ``layerwise`` on a prefill server, or one started with ``--enable-pd-role-switch``,
+  unless ``BANASERVE_SGLANG_LAYERWISE=0``):
   ``--disaggregation-transfer-backend banaserve``;
 * ``hicache``: ``--hicache-storage-backend dynamic`` whose extra config names our module;
 * ``signals``, ``kv_migration``, ``layer_migration`` (each with ``admin``): the explicit opt-in
@@ -40,6 +41,7 @@ FIELDS: dict[str, Any] = {
     "disaggregation_mode": "null",
     "disaggregation_transfer_backend": "mooncake",
     "enable_hierarchical_cache": False,
+    "enable_pd_role_switch": False,
     "hicache_storage_backend": None,
     "hicache_storage_backend_extra_config": None,
 }
@@ -141,7 +143,9 @@ def select(args: Mapping[str, Any], *, opted: Iterable[str] = (), cpu_launcher: 
     mode = str(getattr(args.get("disaggregation_mode"), "value", args.get("disaggregation_mode")))
     if backend == "banaserve":
         chosen.append("pd")
-        if layerwise and mode == "prefill":
+        # a decode server that may be switched to prefill at runtime gets it too: its hooks act
+        # only while the scheduler's current role is prefill
+        if layerwise and (mode == "prefill" or args.get("enable_pd_role_switch")):
             chosen.append("layerwise")
     hicache = bool(args.get("enable_hierarchical_cache"))
     if hicache and cpu_launcher:

@@ -127,6 +127,13 @@ INTERNALS: dict[str, dict[str, Internal]] = {
             _S + "disaggregation.base.conn.BaseKVManager.supports_role_switch",
             use="overridden: True (SGLang's runtime P<->D role switch)",
         ),  # fmt: skip
+        "Scheduler.process_decode_queue": O(SCHED + ".process_decode_queue", hook=True),
+        "sched.enable_hierarchical_cache": M(SCHED, "enable_hierarchical_cache"),
+        "sched.enable_decode_hicache": M(SCHED, "enable_decode_hicache"),
+        "sched.tree_cache": M(SCHED, "tree_cache"),
+        "check_hicache_events": O(
+            _S + "mem_cache.base_prefix_cache.BasePrefixCache.check_hicache_events", use="called"
+        ),  # fmt: skip
         "mgr._heartbeat_shutdown": M(MGR, "_heartbeat_shutdown", "set at teardown (decode side)"),
         "mgr._socket_cache": M(MGR, "_socket_cache", "closed at teardown"),
         "mgr._socket_lock": M(MGR, "_socket_lock", "held at teardown"),
@@ -245,9 +252,11 @@ INTERNALS: dict[str, dict[str, Internal]] = {
         "RadixAttention.forward": O(
             _S + "layers.radix_attention.RadixAttention.forward", "forward_batch", hook=True
         ),  # fmt: skip
+        "ScheduleBatch.retract_decode": O(BATCH + ".retract_decode", hook=True),
         "batch.forward_mode": M(BATCH, "forward_mode"),
         "batch.reqs": M(BATCH, "reqs"),
         "batch.extend_num_tokens": M(BATCH, "extend_num_tokens"),
+        "req.inflight_middle_chunks": M(REQ, "inflight_middle_chunks"),
         "sched.waiting_queue": M(SCHED, "waiting_queue"),
         "sched.running_batch": M(SCHED, "running_batch"),
         "sched.token_to_kv_pool_allocator": M(SCHED, "token_to_kv_pool_allocator"),
@@ -260,6 +269,9 @@ INTERNALS: dict[str, dict[str, Internal]] = {
         "sched.disagg_prefill_inflight_queue": M(SCHED, "disagg_prefill_inflight_queue"),
         "sched.disagg_decode_prealloc_queue": M(SCHED, "disagg_decode_prealloc_queue"),
         "sched.disagg_decode_transfer_queue": M(SCHED, "disagg_decode_transfer_queue"),
+        "prealloc.retracted_queue": M(
+            _S + "disaggregation.decode.DecodePreallocQueue", "retracted_queue"
+        ),  # fmt: skip
     },
     # -- attention-level KV migration (kv_migration.py) -------------------------------------------
     "kv_migration": {

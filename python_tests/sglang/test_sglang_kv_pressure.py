@@ -1,0 +1,233 @@
+# SPDX-License-Identifier: Apache-2.0
+"""KV pressure on a real CPU SGLang decode server, without and with the live controller.
+
+One module-scoped deployment: a single reference server gives each prompt's greedy output
+(float32 tiny Llama, so greedy ties cannot flip) and is stopped; then 1 prefill + 1 decode
+server (``banaserve`` transfer backend, this project's router). The decode server has a small KV
+budget (``--max-total-tokens`` 720) and admits optimistically (``--num-reserved-decode-tokens``
+16; SGLang's default 512 per request would keep all but one request queued instead of running):
+4 requests of 160 prompt tokens each start together (640 KV tokens) and each generate 100, so
+they need 1040 KV tokens by the end.
+
+* Without the controller SGLang runs out of KV mid-generation and retracts requests
+  (``ScheduleBatch.retract_decode``: their KV goes to a CPU backup and they wait to resume) or
+  keeps requests queued.
+* With the controller (the live :class:`~banaserve_ext.live.LiveController`, its KV-pressure
+  rule, one attention peer), crossing ``high`` moves 60% of each running request's KV to the
+  peer; the decode server computes those rows' attention split with the peer and never runs out.
+
+Both phases run the same prompts on the same servers, one after the other; the retraction
+counts come from the decode server's own ``signals`` (the ``retracted`` counter). Asserted:
+the mechanism (retractions or queueing without, KV moved and fewer retractions with) and that
+every output equals the single server's with no failed request. Reported, never asserted:
+retractions and output tokens/s of both phases (printed, and written to
+``kv_pressure.json`` in the module's log directory). The box has 2 shared cores: split
+attention adds one peer round trip per layer and step, so the throughput with the controller
+is not expected to be higher on this box (see bench/live/bench_kv_pressure.py).
+
+The servers are started as ``banaserve launch`` starts them: the prefill server with HiCache L3
+on a KV store service (``banaserve pool serve``), both with ``--enable-pd-role-switch``. The last
+test swaps their roles at runtime (the HiCache prefill becomes the decode server and the decode
+server the prefill server) and back, and checks the outputs in both arrangements.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from sglang_testbed.cluster import Cluster, generate
+
+from banaserve_ext.bench.kv_pressure import generate_ids, run_phase, signals
+from banaserve_ext.control import BanaServeConfig
+from banaserve_ext.launch.deploy import PoolPlan, hicache_page_bytes
+from banaserve_ext.launch.servers import ServerProcess, SGLangServerConfig, free_port
+from banaserve_ext.live.clients import InstanceClient, InstanceSpec, RouterClient
+from banaserve_ext.live.controller import LiveConfig, LiveController
+from banaserve_ext.live.kv_pressure import KvPressureConfig
+
+pytestmark = [pytest.mark.sglang, pytest.mark.slow, pytest.mark.timeout(900)]
+
+FEATURES = ("signals", "kv_migration")
+ROLE_SWITCH = ("--enable-pd-role-switch",)
+DECODE_KV = 720
+PROMPTS, PROMPT_LEN, MAX_NEW = 4, 160, 100
+#: output tokens checked per request in the role-swap test (a prefix of the reference output)
+SWAP_TOKENS = 16
+#: KV-pressure rule: act at 80% KV use, move 60% of a request's KV, bring it back below 30%
+PRESSURE = dict(high=0.8, low=0.3, fraction=0.6)
+
+
+def _prompts() -> list[list[int]]:
+    import numpy as np
+
+    rng = np.random.default_rng(14)
+    return [rng.integers(4, 1000, size=PROMPT_LEN).tolist() for _ in range(PROMPTS)]
+
+
+@dataclass
+class Deployment:
+    router_url: str
+    prefill: SGLangServerConfig
+    decode: SGLangServerConfig
+    prompts: list[list[int]]
+    reference: dict[tuple[int, ...], list[int]]
+    log_dir: Path
+    results: dict[str, dict] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def dep(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    from banaserve_ext.transfer import available_backends
+
+    if not {"shm", "tcp"} & set(available_backends()):
+        pytest.skip("this build of banaserve_ext._core has no cross-process transfer backend")
+    log_dir = tmp_path_factory.mktemp("kv-pressure") / "logs"
+    cluster = Cluster(tiny_model_dir, log_dir)
+    prompts = _prompts()
+    model_cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    pool = PoolPlan(f"kvpressure-{free_port()}", hicache_page_bytes(model_cfg, "float32"),
+                    "64MiB", free_port())  # fmt: skip
+    store = ServerProcess("store", pool.command(), pool.ready_url, log_dir / "store.log")
+    try:
+        ref_cfg, ref = cluster.server("single", wait=False, dtype="float32",
+                                      max_total_tokens=16384)  # fmt: skip
+        ref.wait_ready(300)
+        with ThreadPoolExecutor(len(prompts)) as ex:
+            outs = list(ex.map(lambda p: generate(ref_cfg.url, input_ids=p,
+                                                  max_new_tokens=MAX_NEW)["output_ids"],
+                               prompts))  # fmt: skip
+        reference = {tuple(p): list(o) for p, o in zip(prompts, outs, strict=True)}
+        cluster.stop(ref)
+        store.start().wait_ready(60)
+        p, pp = cluster.server(
+            "prefill", wait=False, dtype="float32", max_total_tokens=16384, features=FEATURES,
+            extra_args=ROLE_SWITCH + pool.hicache_args(),
+        )  # fmt: skip
+        d, dp = cluster.server(
+            "decode", wait=False, dtype="float32", max_total_tokens=DECODE_KV,
+            bootstrap_port=free_port(), features=FEATURES,
+            extra_args=ROLE_SWITCH + ("--disable-radix-cache", "--num-reserved-decode-tokens",
+                                      "16"),
+        )  # fmt: skip
+        pp.wait_ready(300)
+        dp.wait_ready(300)
+        rcfg, _ = cluster.router([p], [d], module="banaserve")
+        generate(rcfg.url, input_ids=[5, 6, 7], max_new_tokens=1)  # past the router's 503s
+        dep = Deployment(rcfg.url, p, d, prompts, reference, log_dir)
+        yield dep
+        if dep.results:
+            out = log_dir / "kv_pressure.json"
+            out.write_text(json.dumps(dep.results, indent=2))
+            print(f"\nKV pressure results: {out}")
+    finally:
+        try:
+            cluster.close()
+        finally:
+            store.stop(2.0)
+
+
+def _report(name: str, res: dict) -> None:
+    print(f"\n{name}: retracted {res['retracted']} (aborted {res['retract_aborted']}), "
+          f"most waiting {res['max_waiting']} ({res['max_waiting_kv_full']} with KV full), "
+          f"peak KV use {res['max_kv_frac']:.2f}, "
+          f"KV moved {res['kv_moved']} back {res['kv_back']}, {res['output_tokens']} output "
+          f"tokens in {res['wall_s']:.1f} s = {res['output_tok_s']:.1f} tok/s")  # fmt: skip
+
+
+def _without(dep: Deployment) -> dict:
+    if "without" not in dep.results:
+        res = run_phase(dep.router_url, dep.decode.url, dep.prompts, MAX_NEW, dep.reference)
+        res.pop("records")
+        res.pop("outputs")
+        dep.results["without"] = res
+        _report("without the controller", res)
+    return dep.results["without"]
+
+
+def test_without_controller_sglang_retracts_or_queues(dep: Deployment) -> None:
+    res = _without(dep)
+    assert res["failures"] == []
+    assert res["output_tokens"] == PROMPTS * MAX_NEW
+    # SGLang ran out of KV: it retracted a running request, or kept requests waiting for KV
+    assert res["retracted"] > 0 or res["max_waiting_kv_full"] > 0, res
+
+
+def test_with_controller_kv_moves_to_a_peer_and_sglang_retracts_less(dep: Deployment) -> None:
+    from banaserve_ext.migration.attn_peer import AttnPeerProcess
+
+    without = _without(dep)
+    with AttnPeerProcess() as peer:
+        cfg = LiveConfig(
+            router=dep.router_url,
+            instances=(InstanceSpec(dep.prefill.url, dep.prefill.bootstrap_port),
+                       InstanceSpec(dep.decode.url, dep.decode.bootstrap_port)),
+            control=BanaServeConfig(flip_high=2.0, flip_low=1.5),  # no role flips here
+            window_s=0.25,
+            kv_pressure=KvPressureConfig(peers=(peer.address,), **PRESSURE),  # type: ignore[arg-type]
+        )  # fmt: skip
+        ctl = LiveController(cfg).start()
+        try:
+            res = run_phase(dep.router_url, dep.decode.url, dep.prompts, MAX_NEW, dep.reference,
+                            tick=ctl.tick, window_s=cfg.window_s)  # fmt: skip
+        finally:
+            ctl.close()
+    records = res.pop("records")
+    res.pop("outputs")
+    dep.results["with"] = res
+    _report("with the controller", res)
+    failed = [r for r in records if r["action"].startswith("MigrateKV") and r["outcome"] not in
+              ("ok", "request_finished")]  # fmt: skip
+    assert res["failures"] == []
+    assert res["output_tokens"] == PROMPTS * MAX_NEW
+    assert res["kv_moved"] > 0, records[-6:]
+    assert failed == []
+    assert res["retract_aborted"] == 0
+    assert res["retracted"] < without["retracted"] or (
+        without["retracted"] == 0 and res["retracted"] == 0
+    ), (res, without)
+
+
+def _switch(router: RouterClient, inst: InstanceClient, old: str, new: str) -> None:
+    """Out of the router, SGLang's role switch, back in the new role (the servers are idle)."""
+    router.remove(inst.url, old)
+    deadline = time.monotonic() + 60  # HiCache may still be writing the last pages to L3
+    while True:
+        status, ans = inst.role_switch(new)
+        if status == 200 and ans.get("success"):
+            break
+        assert ans.get("safe_to_restore") and time.monotonic() < deadline, (status, ans)
+        time.sleep(0.5)
+    router.add(inst.url, new, inst.spec.bootstrap_port)
+    assert signals(inst.url)["mode"] == new
+
+
+def test_hicache_prefill_and_decode_swap_roles_and_back(dep: Deployment) -> None:
+    """The prefill server (HiCache L3 on the store) becomes the decode server and the decode
+    server (no radix cache) the prefill server, then both switch back; every output equals the
+    single server's in both arrangements, and the router's roles match the servers' own."""
+    router = RouterClient(dep.router_url)
+    pre = InstanceClient(InstanceSpec(dep.prefill.url, dep.prefill.bootstrap_port))
+    dec = InstanceClient(InstanceSpec(dep.decode.url, dep.decode.bootstrap_port))
+    n = SWAP_TOKENS
+
+    def check(arrangement: str) -> None:
+        roles = {w["url"]: w["worker_type"] for w in router.workers()}
+        own = {u: signals(u)["mode"] for u in (pre.url, dec.url)}
+        assert roles == own, (arrangement, roles, own)
+        for prompt in dep.prompts:
+            out = generate_ids(dep.router_url, prompt, n)
+            assert out == dep.reference[tuple(prompt)][:n], arrangement
+
+    check("as launched")
+    _switch(router, dec, "decode", "prefill")  # a decode server flipped to prefill...
+    _switch(router, pre, "prefill", "decode")  # ...and the HiCache prefill to decode
+    check("swapped")
+    _switch(router, pre, "decode", "prefill")
+    _switch(router, dec, "prefill", "decode")
+    check("swapped back")
