@@ -67,9 +67,9 @@ SPLIT_HEADER = "x-banaserve-handoff-at"
 #: SGLang's default when a request gives no max_new_tokens
 SGLANG_DEFAULT_MAX_NEW = 128
 #: request fields a hand-off cannot carry yet: such requests take the ordinary path
-_UNSUPPORTED = ("return_logprob", "logprob_start_len", "return_hidden_states", "session_params",
-                "input_embeds", "image_data", "audio_data", "video_data", "lora_path",
-                "bootstrap_host", "data_parallel_rank", "custom_logit_processor")  # fmt: skip
+_UNSUPPORTED = ("return_hidden_states", "session_params", "input_embeds", "image_data",
+                "audio_data", "video_data", "lora_path", "bootstrap_host",
+                "data_parallel_rank", "custom_logit_processor")  # fmt: skip
 _REFUSALS = frozenset({408, 429, 500, 502, 503, 504})
 
 
@@ -186,16 +186,44 @@ class _Stitch:
         self.info: dict[str, Any] = {"segments": []}
         self.seg: dict[str, Any] = {}  # the running segment's entry in info["segments"]
         self.rid: Any = None  # the first segment's request id: the client's one id
+        #: log-probs: ``output_*logprobs`` lists of the finished segments, concatenated; the
+        #: running segment's; the client's ``input_*logprobs`` (from the one segment whose input
+        #: is exactly the prompt, see :func:`logprob_options`)
+        self.lp_done: dict[str, list] = {}
+        self.seg_lp: dict[str, list] = {}
+        self.input_lp: dict[str, Any] = {}
+        self.takes_input_lp = False  # the running segment's input log-probs are the client's
 
     def begin(self) -> None:
         self.produced += self.seg_ids
         self.text += self.seg_text
-        self.seg_ids, self.seg_text = [], ""
+        for k, v in self.seg_lp.items():
+            self.lp_done[k] = self.lp_done.get(k, []) + v
+        self.discard()
+
+    def discard(self) -> None:
+        """Forget the running segment's output (a prefix-only segment 1's one token)."""
+        self.seg_ids, self.seg_text, self.seg_lp = [], "", {}
+
+    def _logprobs(self, meta: dict) -> None:
+        for k, v in list(meta.items()):
+            if "logprobs" not in k:
+                continue
+            if k.startswith("output_") and isinstance(v, list):
+                self.seg_lp[k] = v
+                meta[k] = self.lp_done.get(k, []) + v
+            elif k.startswith("input_"):
+                if self.takes_input_lp:
+                    self.input_lp[k] = v
+                meta[k] = self.input_lp.get(k, [] if isinstance(v, list) else v)
+        if "output_token_logprobs_length" in meta:
+            meta["output_token_logprobs_length"] = len(meta.get("output_token_logprobs") or [])
 
     def event(self, obj: dict, final: bool) -> dict:
         self.seg_ids = list(obj.get("output_ids") or [])
         self.seg_text = str(obj.get("text") or "")
         meta = dict(obj.get("meta_info") or {})
+        self._logprobs(meta)
         self.seg.update(output_tokens=len(self.seg_ids), reused_tokens=meta.get("cached_tokens"))
         fr = meta.get("finish_reason")
         ended_early = isinstance(fr, dict) and fr.get("type") != "length"
@@ -215,6 +243,31 @@ class _Stitch:
         out["meta_info"] = meta
         self.last = out
         return out
+
+
+_LOGPROB_OPTIONS = ("return_logprob", "logprob_start_len", "top_logprobs_num",
+                    "token_ids_logprob", "return_text_in_logprobs")  # fmt: skip
+
+
+def segment_body(obj: dict, input_ids: list[int], sp: dict, st: _Stitch) -> dict:
+    """The request body of one segment: the client's fields, this segment's input and sampling
+    parameters, always streaming. Log-prob options: a segment whose input is exactly the prompt
+    keeps the client's (its input log-probs are the client's); a later one (input = prompt +
+    output so far) asks for output log-probs only (no ``logprob_start_len``, so SGLang computes
+    no input log-probs and the prefix cache stays usable); a prefix-only segment 1 asks for
+    none (its one token is discarded)."""
+    body = {k: v for k, v in obj.items() if k not in ("text", "input_ids", "stream", "rid")}
+    body.update(input_ids=input_ids, sampling_params=sp, stream=True)
+    st.takes_input_lp = False
+    if obj.get("return_logprob"):
+        if len(input_ids) < st.n:
+            for k in _LOGPROB_OPTIONS:
+                body.pop(k, None)
+        elif len(input_ids) > st.n:
+            body.pop("logprob_start_len", None)
+        else:
+            st.takes_input_lp = True
+    return body
 
 
 class HandoffPath:
@@ -277,15 +330,22 @@ class HandoffPath:
             return False  # nothing to hand off (or bad: the worker answers it)
         return not any(obj.get(k) for k in _UNSUPPORTED)
 
+    def candidates(self, now: float) -> list[Worker]:
+        """The workers a request may use, or [] when the hand-off path cannot serve now."""
+        cands = [w for w in self.router.colocated if w.usable(now)]
+        return cands if len(cands) >= 2 else []
+
+    def _plan(self, n: int, total: int, cands: list[Worker], split_at: int | None) -> Any:
+        return self.cfg.planner.plan(n, total, [w.load for w in cands], split_at)
+
     async def handle(self, req: Request, conn: ClientConnection) -> bool:
         """Serve ``req``; False when it is not one for a hand-off (the caller serves it)."""
         try:
             obj = json_decode(req.body)
         except msgspec.DecodeError:
             return False
-        now = time.monotonic()
-        cands = [w for w in self.router.colocated if w.usable(now)]
-        if len(cands) < 2 or not self.takes(obj):
+        cands = self.candidates(time.monotonic())
+        if not cands or not self.takes(obj):
             return False
         path = self.router.path
         assert path is not None
@@ -330,7 +390,7 @@ class HandoffPath:
             total = int(sp.get("max_new_tokens", SGLANG_DEFAULT_MAX_NEW))
             split_hdr = req.headers.get(SPLIT_HEADER)
             split_at = int(split_hdr) if split_hdr is not None else None
-            plan = self.cfg.planner.plan(len(ids), total, [w.load for w in cands], split_at)
+            plan = self._plan(len(ids), total, cands, split_at)
         except (ValueError, InvalidArgumentError) as exc:
             conn.respond(req, 400, error_body(f"hand-off: {exc}", 400))
             return 400
@@ -405,7 +465,7 @@ class HandoffPath:
                 b_first = [b]
             else:
                 b_first = [b, a]
-            st.seg_ids, st.seg_text = [], ""
+            st.discard()
             cached = ids[: plan.split]
         else:
             k = plan.split - n
@@ -466,8 +526,7 @@ class HandoffPath:
         emit: Any,
         final: bool,
     ) -> None:
-        body = {k: v for k, v in obj.items() if k not in ("text", "input_ids", "stream", "rid")}
-        body.update(input_ids=input_ids, sampling_params=sp, stream=True)
+        body = segment_body(obj, input_ids, sp, st)
         router = self.router
         policy = router.prefill_policy
         info = RequestInfo(f"{router.rng.getrandbits(63):x}", len(input_ids),
@@ -488,10 +547,11 @@ class HandoffPath:
             router.registry.settle(w)
 
     async def _stream(
-        self, w: Worker, body: bytes, st: _Stitch, emit: Any, final: bool
+        self, w: Worker, body: bytes, st: _Stitch, emit: Any, final: bool, started: Any = None
     ) -> dict | None:
         """One streaming ``/generate`` on ``w``; every event goes through ``st`` (and to the
-        client when ``emit`` is given). Returns the worker's last event."""
+        client when ``emit`` is given). Returns the worker's last event. ``started(ex)`` is
+        called once the exchange exists (the PD path ties its prefill leg to it)."""
         try:
             conn = await w.pool.acquire()
         except (OSError, UnavailableError) as exc:
@@ -499,6 +559,8 @@ class HandoffPath:
             raise SegmentFailed(f"worker {w.url} unreachable: {exc}") from None
         ex = conn.start(build_request("POST", w.pool.host_header, "/generate", body,
                                       "application/json"))  # fmt: skip
+        if started is not None:
+            started(ex)
         try:
             head = await ex.head
         except UnavailableError as exc:

@@ -351,7 +351,8 @@ def _event(
             meta["input_token_logprobs"] = (
                 [_lp(seed, i) for i in range(prompt_tokens)] if role == "prefill" else []
             )
-            meta["output_token_logprobs"] = [_lp(seed, k)]
+            # cumulative, as SGLang streams them
+            meta["output_token_logprobs"] = [_lp(seed, i) for i in range(k + 1)]
         ev: dict[str, Any] = {"text": piece, "meta_info": meta, "index": 0}
         if out is not None:  # cumulative, as SGLang streams them
             ev["output_ids"] = list(out)
