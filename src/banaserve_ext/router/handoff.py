@@ -50,8 +50,9 @@ import msgspec
 from ..errors import BanaserveError, InvalidArgumentError, UnavailableError
 from ..policies import RequestInfo
 from ..policies.dynaserve import DynaServePlanner, HandoffPlan
+from .handoff_openai import OpenAIView
 from .http11 import LAST_CHUNK, build_request, chunk
-from .payload import error_body, json_decode, json_encode
+from .payload import GENERATE, error_body, json_decode, json_encode
 
 if TYPE_CHECKING:
     from .connection import ClientConnection
@@ -344,8 +345,14 @@ class HandoffPath:
             obj = json_decode(req.body)
         except msgspec.DecodeError:
             return False
+        view: OpenAIView | None = None
+        if req.path != GENERATE:  # an OpenAI route: translated to /generate and back
+            view = OpenAIView.of(req.path, obj)
+            if view is None:
+                return False
+            obj = view.generate
         cands = self.candidates(time.monotonic())
-        if not cands or not self.takes(obj):
+        if not cands or (view is None and not self.takes(obj)):  # a view has checked its own
             return False
         path = self.router.path
         assert path is not None
@@ -356,7 +363,7 @@ class HandoffPath:
         sent: list[bool] = [False]  # the answer's head went to the client
         timeout = self.router.cfg.request_timeout_secs
         try:
-            status = await asyncio.wait_for(self._serve(req, conn, obj, cands, sent), timeout)
+            status = await asyncio.wait_for(self._serve(req, conn, obj, cands, sent, view), timeout)
         except asyncio.TimeoutError:
             status = 504
             if sent[0]:
@@ -371,13 +378,19 @@ class HandoffPath:
             if path.inflight == 0:
                 path.idle.set()
             m = self.router.metrics
-            m.inc("requests_total", (("route", "/generate"), ("status", str(status))))
-            m.observe("request_duration_seconds", (("route", "/generate"),),
+            m.inc("requests_total", (("route", req.path), ("status", str(status))))
+            m.observe("request_duration_seconds", (("route", req.path),),
                       time.perf_counter() - t0)  # fmt: skip
         return True
 
     async def _serve(
-        self, req: Request, conn: ClientConnection, obj: dict, cands: list[Worker], sent: list[bool]
+        self,
+        req: Request,
+        conn: ClientConnection,
+        obj: dict,
+        cands: list[Worker],
+        sent: list[bool],
+        view: OpenAIView | None = None,
     ) -> int:
         stream = obj.get("stream") is True
         if self.l3 is not None and self.l3.suffix is None:
@@ -385,7 +398,8 @@ class HandoffPath:
         try:
             ids = obj.get("input_ids")
             if ids is None:
-                ids = await self._tokenize(cands[0], obj["text"])
+                tok = view.tokenize_request() if view is not None else {"prompt": obj["text"]}
+                ids = await self._tokenize(cands[0], tok)
             sp = dict(obj.get("sampling_params") or {})
             total = int(sp.get("max_new_tokens", SGLANG_DEFAULT_MAX_NEW))
             split_hdr = req.headers.get(SPLIT_HEADER)
@@ -400,11 +414,14 @@ class HandoffPath:
         st = _Stitch(len(ids))
         head_sent = False
 
-        def emit(out: dict) -> None:
+        def emit(out: dict, raw: bool = False) -> None:
             nonlocal head_sent
             if not stream:
                 return
-            data = b"data: " + json_encode(out) + b"\n\n"
+            parts = [out] if raw or view is None or "error" in out else view.chunks(out)
+            if not parts:
+                return
+            data = b"".join(b"data: " + json_encode(p) + b"\n\n" for p in parts)
             if not head_sent:
                 conn.write(conn.stream_head(req, 200, "text/event-stream"))
                 head_sent = sent[0] = True
@@ -429,8 +446,12 @@ class HandoffPath:
         else:
             status = 200
             if not stream:
-                conn.respond(req, 200, json_encode(st.last or {}))
+                last = st.last or {}
+                conn.respond(req, 200, json_encode(view.whole(last) if view else last))
                 return status
+            if view is not None:
+                for tail in view.tail(st.last):
+                    emit(tail, raw=True)
         if head_sent:
             conn.write(chunk(b"data: [DONE]\n\n") + LAST_CHUNK)
         return status
@@ -627,9 +648,11 @@ class HandoffPath:
             raise SegmentFailed(f"worker {w.url} reported an error: {error[0]}")
         return last[0] if last else None
 
-    async def _tokenize(self, w: Worker, text: str) -> list[int]:
+    async def _tokenize(self, w: Worker, payload: dict) -> list[int]:
+        """The prompt's token ids from a worker's ``/tokenize`` (``{"prompt": text}``, or an
+        OpenAI chat request's messages: SGLang applies the chat template there)."""
         req = build_request("POST", w.pool.host_header, "/tokenize",
-                            json_encode({"prompt": text}), "application/json")  # fmt: skip
+                            json_encode(payload), "application/json")  # fmt: skip
         try:
             head, body = await w.pool.fetch(req, timeout_s=30.0)
         except UnavailableError as exc:

@@ -34,7 +34,7 @@ from .handoff import HandoffConfig, HandoffPath
 from .http11 import Request
 from .metrics import Metrics
 from .monitor import Monitor
-from .payload import GENERATE, LLM_ROUTES, error_body, load_tokenizer
+from .payload import LLM_ROUTES, error_body, load_tokenizer
 from .registry import Worker, WorkerRegistry
 
 log = logging.getLogger("banaserve_ext.router")
@@ -311,7 +311,7 @@ class Router:
     async def handle(self, req: Request, conn: ClientConnection) -> None:
         if req.method == "POST" and req.path in LLM_ROUTES:
             assert self.path is not None
-            if self.handoff is not None and req.path == GENERATE:
+            if self.handoff is not None:
                 if await self.handoff.handle(req, conn):
                     return
             await self.path.handle(req, conn)
