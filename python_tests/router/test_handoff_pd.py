@@ -267,3 +267,60 @@ def test_logprobs_of_both_segments_reach_the_client_once_each_in_order(mode: str
                 assert len(meta["input_token_logprobs"]) == n_in
 
     run(body())
+
+
+class _FakeInstance:
+    """The controller's view of one fake worker: idle when it holds no request; its role switch
+    always succeeds."""
+
+    def __init__(self, spec: Any, worker: Any, mode: str) -> None:
+        from banaserve_ext.live.clients import InstanceSpec
+
+        self.spec = InstanceSpec(spec.url, 1)
+        self.worker = worker
+        self.mode = mode
+
+    @property
+    def url(self) -> str:
+        return self.spec.url
+
+    def signals(self) -> dict:
+        n = self.worker.inflight
+        return {"mode": self.mode, "idle": n == 0, "waiting": 0, "running": n}
+
+    def role_switch(self, new_role: str) -> tuple[int, dict]:
+        self.mode = new_role
+        return 200, {"success": True}
+
+
+def test_a_controller_flip_hands_the_running_request_off_instead_of_waiting() -> None:
+    from banaserve_ext.live.controller import InstanceState, LiveConfig, LiveController
+
+    async def body() -> None:
+        fake = FakeConfig(kv_wait_s=5.0, decode_ms_per_token=40.0)
+        async with pd_setup(1, 2, fake=fake, disable_health_check=True) as s:
+            path = s.router.enable_handoff(HandoffConfig())
+            url = f"http://127.0.0.1:{s.router.bound_port}"
+            specs = [*s.decode, *s.prefill]
+            ctrl = LiveController(LiveConfig(router=url, instances=()))
+            ctrl.instances = []
+            for i, spec in enumerate(specs):
+                mode = spec.role
+                inst = InstanceState(i, _FakeInstance(spec, s.fleet.worker(spec.port), mode))
+                inst.current, inst.router_role = {"mode": mode}, mode
+                ctrl.instances.append(inst)
+            req, d1 = await _start_and_find_decode(s, path, True)
+            inst = next(i for i in ctrl.instances if i.url == d1)
+            rec = await asyncio.to_thread(ctrl.flip, inst, "prefill")
+            assert rec["outcome"] == "ok", rec
+            assert rec["costs"]["handed_off"] == 1
+            status, final, events = await req
+            assert status == 200
+            _check(final, events, True)
+            segs = final["meta_info"]["handoff"]["segments"]
+            assert segs[0]["worker"] == d1 and segs[0]["error"].startswith("migrated off")
+            assert segs[-1]["worker"] != d1
+            roles = {(w.url, w.role) for w in s.router.registry.all()}
+            assert (d1, "prefill") in roles and (d1, "decode") not in roles
+
+    run(body())

@@ -37,7 +37,8 @@ import msgspec
 
 from ..errors import UnavailableError
 from ..policies import RequestInfo
-from .handoff import _REFUSALS, HandoffPath, SegmentFailed, _ClientError, _Stitch, segment_body
+from .handoff import _REFUSALS, HandoffPath, SegmentFailed, _ClientError
+from .handoff_stitch import _Stitch, segment_body
 from .http11 import build_request
 from .payload import json_decode, json_encode
 
