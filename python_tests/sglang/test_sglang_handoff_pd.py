@@ -57,11 +57,12 @@ def pd(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     pool = KVPool(name, create=True, capacity_bytes=64 << 20, page_size=_page_bytes(tiny_model_dir))
     pool.start()
     try:
-        p, _ = cluster.server("prefill", wait=False, dtype="float32", extra_args=hicache,
+        # one after the other: on a loaded 2-core box three concurrent starts can each take
+        # longer than the test bed's readiness bound
+        p, _ = cluster.server("prefill", dtype="float32", extra_args=hicache,
                               env={"SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": "30"})  # fmt: skip
-        d1, _ = cluster.server("decode", wait=False, dtype="float32")
-        d2, _ = cluster.server("decode", wait=False, dtype="float32")
-        cluster.wait_all()
+        d1, _ = cluster.server("decode", dtype="float32")
+        d2, _ = cluster.server("decode", dtype="float32")
         rcfg = RouterConfig(
             prefill=[WorkerSpec(p.url, "prefill", p.bootstrap_port)],
             decode=[WorkerSpec(d1.url, "decode"), WorkerSpec(d2.url, "decode")],
@@ -107,9 +108,9 @@ def _ordinary(pd: dict, bodies: list[dict]) -> list[dict]:
 class _Client(threading.Thread):
     """One /generate through the router; streaming events are kept as they arrive."""
 
-    def __init__(self, url: str, body: dict) -> None:
+    def __init__(self, url: str, body: dict, route: str = "/generate") -> None:
         super().__init__(daemon=True)
-        self.url, self.body = url, body
+        self.url, self.body, self.route = url, body, route
         self.events: list[dict] = []
         self.final: dict = {}
         self.status = 0
@@ -117,7 +118,7 @@ class _Client(threading.Thread):
     def run(self) -> None:
         host, port = self.url.removeprefix("http://").split(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=300)
-        conn.request("POST", "/generate", json.dumps(self.body),
+        conn.request("POST", self.route, json.dumps(self.body),
                      {"Content-Type": "application/json"})  # fmt: skip
         resp = conn.getresponse()
         self.status = resp.status
@@ -132,6 +133,9 @@ class _Client(threading.Thread):
         conn.close()
 
     def tokens(self) -> int:
+        if self.route != "/generate":  # OpenAI chunks: count the log-prob entries
+            return sum(len(e["choices"][0]["logprobs"]["token_logprobs"])
+                       for e in self.events if e.get("choices"))  # fmt: skip
         return len(self.events[-1].get("output_ids") or []) if self.events else 0
 
 
@@ -146,14 +150,16 @@ def _check_stream(events: list[dict], want: list[int]) -> None:
     assert len({ev["meta_info"]["id"] for ev in events}) == 1
 
 
-def _drain_d1_mid_generation(pd: dict, bodies: list[dict]) -> list[_Client]:
+def _drain_d1_mid_generation(
+    pd: dict, bodies: list[dict], route: str = "/generate"
+) -> list[_Client]:
     """Every request on D1 (D2 out of rotation while they start), then D1 drained by
     hand-off: removed from the router, its running requests moved."""
     rc, rt = pd["rc"], pd["router"]
     d1, d2 = pd["d1"].url, pd["d2"].url
     path = rt.router.handoff
     rc.remove(d2, "decode")
-    clients = [_Client(rt.url, b) for b in bodies]
+    clients = [_Client(rt.url, b, route) for b in bodies]
     for c in clients:
         c.start()
     deadline = time.monotonic() + 180
@@ -197,8 +203,8 @@ def test_every_request_moves_off_a_decode_server_mid_generation(pd: dict) -> Non
 def test_logprobs_of_a_moved_request_equal_the_ordinary_path(pd: dict) -> None:
     ids = [_prompt(600, 50), _prompt(601, 64)]
     refs = _ordinary(pd, [_body(x, False, logprobs=True) for x in ids])
-    clients = _drain_d1_mid_generation(pd, [_body(x, s, True) for x, s in zip(ids, (True, False),
-                                                                          strict=True)])  # fmt: skip
+    bodies = [_body(x, s, True) for x, s in zip(ids, (True, False), strict=True)]
+    clients = _drain_d1_mid_generation(pd, bodies)
     for c, ref in zip(clients, refs, strict=True):
         assert c.status == 200, c.final
         assert c.final["output_ids"] == ref["output_ids"]
@@ -214,3 +220,35 @@ def test_logprobs_of_a_moved_request_equal_the_ordinary_path(pd: dict) -> None:
                     assert abs(a[0] - b[0]) < 1e-3, (key, a, b)
         if c.body["stream"]:
             _check_stream(c.events, ref["output_ids"])
+
+
+def test_an_openai_completion_stream_moved_off_keeps_tokens_and_logprobs(pd: dict) -> None:
+    """/v1/completions, streaming with log-probs, moved off D1 mid-generation: the same text and
+    chosen-token log-probs as the ordinary PD path's /v1/completions (SGLang's own route); one
+    finish_reason; the usage chunk adds up."""
+    ids = _prompt(800, 60)
+    req = {"model": "m", "prompt": ids, "max_tokens": TOTAL, "temperature": 0.0,
+           "ignore_eos": True, "logprobs": 0}  # fmt: skip
+    rt = pd["router"]
+    path, rt.router.handoff = rt.router.handoff, None
+    try:
+        status, ref = http_json(f"{rt.url}/v1/completions", req, 300)
+    finally:
+        rt.router.handoff = path
+    assert status == 200, ref
+    body = dict(req, stream=True, stream_options={"include_usage": True})
+    (c,) = _drain_d1_mid_generation(pd, [body], "/v1/completions")
+    assert c.status == 200, c.events[-3:]
+    chunks = [e for e in c.events if e.get("choices")]
+    fins = [e["choices"][0]["finish_reason"] for e in chunks]
+    assert fins[-1] == "length" and all(f is None for f in fins[:-1]), fins
+    assert c.events[-1]["usage"] == {"prompt_tokens": len(ids), "completion_tokens": TOTAL,
+                                     "total_tokens": len(ids) + TOTAL}  # fmt: skip
+    segs = chunks[-1]["handoff"]["segments"]
+    assert [g["worker"] for g in segs] == [pd["d1"].url, pd["d2"].url], segs
+    want = ref["choices"][0]
+    got_lp = [x for e in chunks for x in e["choices"][0]["logprobs"]["token_logprobs"]]
+    assert len(got_lp) == TOTAL == len(want["logprobs"]["token_logprobs"])
+    for a, b in zip(got_lp, want["logprobs"]["token_logprobs"], strict=True):
+        assert abs(a - b) < 1e-3, (got_lp, want["logprobs"]["token_logprobs"])
+    assert "".join(e["choices"][0]["text"] for e in chunks) == want["text"]
