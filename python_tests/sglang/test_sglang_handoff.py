@@ -301,7 +301,8 @@ def test_logprobs_and_openai_stream_of_a_handed_off_request_equal_a_single_serve
 ) -> None:
     """return_logprob over splits inside the prompt and after output tokens: output and input
     log-probs as a single server's (float tolerance); an OpenAI /v1/completions stream split
-    after 3 tokens: the single server's text and log-probs, one finish_reason."""
+    after 3 tokens: the single server's text and log-probs, one finish_reason; a chat request
+    split after 3 tokens: the single server's message and usage."""
     ids = _prompt(950, 56)
     body = _body(ids)
     body["return_logprob"] = True
@@ -322,12 +323,7 @@ def test_logprobs_and_openai_stream_of_a_handed_off_request_equal_a_single_serve
            "ignore_eos": True, "logprobs": 0}  # fmt: skip
     status, ref = http_json(f"{pair['a'].url}/v1/completions", req, timeout_s=300)
     assert status == 200, ref
-    host, port = pair["router"].url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=300)
-    conn.request("POST", "/v1/completions", json.dumps(dict(req, stream=True)),
-                 {"Content-Type": "application/json", SPLIT_HEADER: str(len(ids) + 3)})  # fmt: skip
-    raw = conn.getresponse().read()
-    conn.close()
+    raw = _openai(pair["router"].url, "/v1/completions", dict(req, stream=True), len(ids) + 3)
     chunks = [json.loads(b.strip()[5:]) for b in raw.split(b"\n\n")
               if b.strip().startswith(b"data:") and b.strip()[5:].strip() != b"[DONE]"]  # fmt: skip
     fins = [c["choices"][0]["finish_reason"] for c in chunks]
@@ -339,6 +335,30 @@ def test_logprobs_and_openai_stream_of_a_handed_off_request_equal_a_single_serve
     assert len(lps) == TOTAL == len(want["logprobs"]["token_logprobs"])
     assert all(abs(a - b) < 1e-3 for a, b in zip(lps, want["logprobs"]["token_logprobs"],
                                                   strict=True)), lps  # fmt: skip
+    # a chat request: its prompt is the chat template's ids (the router asks /tokenize)
+    msgs = [{"role": "user", "content": "say something about record 7"}]
+    creq = {"model": "m", "messages": msgs, "max_tokens": TOTAL, "temperature": 0.0,
+            "ignore_eos": True}  # fmt: skip
+    status, cref = http_json(f"{pair['a'].url}/v1/chat/completions", creq, timeout_s=300)
+    assert status == 200, cref
+    n = cref["usage"]["prompt_tokens"]
+    ans = json.loads(_openai(pair["router"].url, "/v1/chat/completions", creq, n + 3))
+    assert ans["choices"][0]["message"]["content"] == cref["choices"][0]["message"]["content"]
+    assert ans["usage"] == {"prompt_tokens": n, "completion_tokens": TOTAL,
+                            "total_tokens": n + TOTAL}  # fmt: skip
+    assert len(ans["handoff"]["segments"]) == 2, ans["handoff"]
+
+
+def _openai(url: str, route: str, body: dict, split: int) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=300)
+    conn.request("POST", route, json.dumps(body),
+                 {"Content-Type": "application/json", SPLIT_HEADER: str(split)})  # fmt: skip
+    resp = conn.getresponse()
+    raw = resp.read()
+    conn.close()
+    assert resp.status == 200, raw[:500]
+    return raw
 
 
 def test_second_instance_dead_request_continues_on_first(pair: dict) -> None:
