@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from router_testkit import eventually, pd_setup, run, single_setup
+from test_handoff_pd import received
 
 from banaserve_ext.router.handoff import SPLIT_HEADER, HandoffConfig
 from banaserve_ext.router.handoff_openai import OpenAIView
@@ -98,7 +99,7 @@ def test_completions_stream_with_logprobs_over_a_split(fault: str) -> None:
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_chat_moved_off_a_decode_worker_is_one_answer(stream: bool) -> None:
     async def body() -> None:
-        fake = FakeConfig(kv_wait_s=5.0, decode_ms_per_token=40.0)
+        fake = FakeConfig(kv_wait_s=5.0, decode_ms_per_token=100.0)
         async with pd_setup(1, 2, fake=fake, disable_health_check=True) as s:
             path = s.router.enable_handoff(HandoffConfig())
             msgs = [{"role": "user", "content": "move me somewhere else, please"}]
@@ -107,7 +108,7 @@ def test_chat_moved_off_a_decode_worker_is_one_answer(stream: bool) -> None:
             task = asyncio.create_task(_post(s, "/v1/chat/completions", req))
             assert await eventually(lambda: any(path.running.get(d.url) for d in s.decode), 10.0)
             d1 = next(d.url for d in s.decode if path.running.get(d.url))
-            await asyncio.sleep(0.15)
+            assert await eventually(lambda: received(path, d1) >= 300, 10.0)
             status, raw = await s.client.post(f"/handoff/migrate?url={d1}", {})
             assert status == 200 and json.loads(raw)["migrated"] == 1
             status, ans = await task

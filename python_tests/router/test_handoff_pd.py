@@ -78,16 +78,20 @@ async def _start_and_find_decode(
     req = asyncio.create_task(_generate(s, stream, extra))
     assert await eventually(lambda: any(path.running.get(d.url) for d in s.decode), 10.0)
     d1 = next(d.url for d in s.decode if path.running.get(d.url))
-    # a few tokens in: the leg is decoding
-    assert await eventually(lambda: any(len(b["input_ids"]) for b in _decode_bodies(s)), 5.0)
-    await asyncio.sleep(0.15)
+    # two tokens in (the fake's events are ~150 bytes each): the leg is decoding
+    assert await eventually(lambda: received(path, d1) >= 300, 10.0)
     return req, d1
+
+
+def received(path: Any, url: str) -> int:
+    """Bytes the router has received from the legs running on ``url``."""
+    return sum(ex.nbytes for ex in path.running.get(url, {}).values())
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_migration_off_a_decode_worker_continues_on_another_pair(stream: bool) -> None:
     async def body() -> None:
-        fake = FakeConfig(kv_wait_s=5.0, decode_ms_per_token=40.0)
+        fake = FakeConfig(kv_wait_s=5.0, decode_ms_per_token=100.0)
         async with pd_setup(1, 2, fake=fake, disable_health_check=True) as s:
             path = s.router.enable_handoff(HandoffConfig())
             req, d1 = await _start_and_find_decode(s, path, stream)
@@ -122,7 +126,7 @@ def test_migration_off_a_decode_worker_continues_on_another_pair(stream: bool) -
 @pytest.mark.parametrize("fault", ["refuse", "kill"])
 def test_continuation_target_failing_moves_on_to_the_next_pair(fault: str) -> None:
     async def body() -> None:
-        fake = FakeConfig(kv_wait_s=5.0, decode_ms_per_token=40.0)
+        fake = FakeConfig(kv_wait_s=5.0, decode_ms_per_token=100.0)
         async with pd_setup(1, 3, fake=fake, disable_health_check=True) as s:
             path = s.router.enable_handoff(HandoffConfig())
             req, d1 = await _start_and_find_decode(s, path, True)
@@ -155,7 +159,7 @@ def test_continuation_target_failing_moves_on_to_the_next_pair(fault: str) -> No
 
 def test_no_pair_left_is_one_clear_error_and_no_token_twice() -> None:
     async def body() -> None:
-        fake = FakeConfig(kv_wait_s=5.0, decode_ms_per_token=40.0)
+        fake = FakeConfig(kv_wait_s=5.0, decode_ms_per_token=100.0)
         async with pd_setup(1, 2, fake=fake, disable_health_check=True) as s:
             path = s.router.enable_handoff(HandoffConfig())
             req, d1 = await _start_and_find_decode(s, path, True)
@@ -218,7 +222,7 @@ def test_the_live_controllers_router_client_drains_through_the_hand_off() -> Non
     from banaserve_ext.live.clients import RouterClient
 
     async def body() -> None:
-        fake = FakeConfig(kv_wait_s=5.0, decode_ms_per_token=40.0)
+        fake = FakeConfig(kv_wait_s=5.0, decode_ms_per_token=100.0)
         async with pd_setup(1, 2, fake=fake, disable_health_check=True) as s:
             rc = RouterClient(f"http://127.0.0.1:{s.router.bound_port}")
             assert await asyncio.to_thread(rc.hand_off, s.decode[0].url) is None  # no path
@@ -237,7 +241,7 @@ def test_the_live_controllers_router_client_drains_through_the_hand_off() -> Non
 @pytest.mark.parametrize("mode", ["pd", "unified"])
 def test_logprobs_of_both_segments_reach_the_client_once_each_in_order(mode: str) -> None:
     async def body() -> None:
-        fake = FakeConfig(kv_wait_s=5.0, decode_ms_per_token=30.0)
+        fake = FakeConfig(kv_wait_s=5.0, decode_ms_per_token=100.0)
         setup = pd_setup(1, 2, fake=fake) if mode == "pd" else single_setup(2, fake=fake)
         async with setup as s:
             path = s.router.enable_handoff(HandoffConfig())
@@ -297,7 +301,7 @@ def test_a_controller_flip_hands_the_running_request_off_instead_of_waiting() ->
     from banaserve_ext.live.controller import InstanceState, LiveConfig, LiveController
 
     async def body() -> None:
-        fake = FakeConfig(kv_wait_s=5.0, decode_ms_per_token=40.0)
+        fake = FakeConfig(kv_wait_s=5.0, decode_ms_per_token=100.0)
         async with pd_setup(1, 2, fake=fake, disable_health_check=True) as s:
             path = s.router.enable_handoff(HandoffConfig())
             url = f"http://127.0.0.1:{s.router.bound_port}"
