@@ -315,9 +315,19 @@ def test_a_controller_flip_hands_the_running_request_off_instead_of_waiting() ->
                 ctrl.instances.append(inst)
             req, d1 = await _start_and_find_decode(s, path, True)
             inst = next(i for i in ctrl.instances if i.url == d1)
+            # a batch (not on the hand-off path) on d1 too: the flip waits for it to finish
+            d2 = next(w for w in s.router.registry.all() if w.role == "decode" and w.url != d1)
+            d2.load.active_requests += 10
+            batch = {"input_ids": [PROMPT, PROMPT[:5]], "sampling_params": {"max_new_tokens": 6}}
+            other = asyncio.create_task(s.client.post("/generate", batch))
+            w1 = s.fleet.worker(next(d.port for d in s.decode if d.url == d1))
+            assert await eventually(lambda: w1.inflight == 2, 10.0)
+            d2.load.active_requests -= 10
             rec = await asyncio.to_thread(ctrl.flip, inst, "prefill")
             assert rec["outcome"] == "ok", rec
             assert rec["costs"]["handed_off"] == 1
+            assert other.done() and (await other)[0] == 200  # finished on d1 before the switch
+            assert any(isinstance(json.loads(e["body"])["input_ids"][0], list) for e in w1.log)
             status, final, events = await req
             assert status == 200
             _check(final, events, True)
