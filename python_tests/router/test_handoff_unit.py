@@ -17,6 +17,7 @@ from banaserve_ext.policies import WorkerLoad
 from banaserve_ext.policies.dynaserve import DynaServePlanner
 from banaserve_ext.router.config import add_arguments, config_from_args
 from banaserve_ext.router.handoff import HandoffConfig, HandoffPath, _Stitch, page_hashes
+from banaserve_ext.router.handoff_pd import PDHandoffPath
 from banaserve_ext.router.server import Router
 
 
@@ -109,7 +110,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def test_cli_turns_dynaserve_handoff_on_in_single_worker_mode_only() -> None:
+def test_cli_turns_dynaserve_handoff_on_in_both_modes() -> None:
     cfg = config_from_args(_parse([
         "--worker-urls", "http://127.0.0.1:1", "http://127.0.0.1:2",
         "--dynaserve-handoff", "--handoff-kv-pool", "kv", "--handoff-l3-wait-secs", "3",
@@ -117,9 +118,9 @@ def test_cli_turns_dynaserve_handoff_on_in_single_worker_mode_only() -> None:
     router = Router(cfg)
     assert router.handoff is not None
     assert router.handoff.cfg.kv_pool == "kv" and router.handoff.cfg.l3_wait_s == 3.0
-    with pytest.raises(InvalidArgumentError, match="non-PD"):
-        config_from_args(_parse(["--prefill", "http://127.0.0.1:1", "--decode",
-                                 "http://127.0.0.1:2", "--dynaserve-handoff"]))  # fmt: skip
+    cfg = config_from_args(_parse(["--prefill", "http://127.0.0.1:1", "--decode",
+                                   "http://127.0.0.1:2", "--dynaserve-handoff"]))  # fmt: skip
+    assert isinstance(Router(cfg).handoff, PDHandoffPath)
 
 
 def test_requests_a_handoff_cannot_carry_take_the_ordinary_path() -> None:
@@ -131,7 +132,7 @@ def test_requests_a_handoff_cannot_carry_take_the_ordinary_path() -> None:
     assert not path.takes({"input_ids": [[1, 2], [3]], "sampling_params": sp})  # a batch
     assert not path.takes({"text": ["a", "b"], "sampling_params": sp})
     assert not path.takes({"text": "hi", "sampling_params": dict(sp, n=2)})
-    assert not path.takes({"text": "hi", "sampling_params": sp, "return_logprob": True})
+    assert path.takes({"text": "hi", "sampling_params": sp, "return_logprob": True})
     assert not path.takes({"text": "hi", "sampling_params": sp, "lora_path": "x"})
     assert not path.takes({"text": "hi", "sampling_params": {"max_new_tokens": 0}})
     assert path.takes({"text": "hi"})  # SGLang's default length

@@ -296,6 +296,71 @@ def test_live_migration_of_a_running_stream_keeps_the_output(pair: dict) -> None
           segs[2]["reused_tokens"], "of", segs[2]["input_tokens"])  # fmt: skip
 
 
+def test_logprobs_and_openai_stream_of_a_handed_off_request_equal_a_single_servers(
+    pair: dict,
+) -> None:
+    """return_logprob over splits inside the prompt and after output tokens: output and input
+    log-probs as a single server's (float tolerance); an OpenAI /v1/completions stream split
+    after 3 tokens: the single server's text and log-probs, one finish_reason; a chat request
+    split after 3 tokens: the single server's message and usage."""
+    ids = _prompt(950, 56)
+    body = _body(ids)
+    body["return_logprob"] = True
+    body["logprob_start_len"] = 0
+    status, single = http_json(f"{pair['a'].url}/generate", body, timeout_s=300)
+    assert status == 200, single
+    for split in (len(ids) // 2, len(ids) + 3):
+        status, got, _ = _post(pair["router"].url, body, split)
+        assert status == 200, got
+        assert got["output_ids"] == single["output_ids"]
+        for key in ("output_token_logprobs", "input_token_logprobs"):
+            g, w = got["meta_info"][key], single["meta_info"][key]
+            assert len(g) == len(w), (split, key, len(g), len(w))
+            for a, b in zip(g, w, strict=True):
+                assert a[1] == b[1] and (a[0] is None) == (b[0] is None), (split, key, a, b)
+                assert a[0] is None or abs(a[0] - b[0]) < 1e-3, (split, key, a, b)
+    req = {"model": "m", "prompt": ids, "max_tokens": TOTAL, "temperature": 0.0,
+           "ignore_eos": True, "logprobs": 0}  # fmt: skip
+    status, ref = http_json(f"{pair['a'].url}/v1/completions", req, timeout_s=300)
+    assert status == 200, ref
+    raw = _openai(pair["router"].url, "/v1/completions", dict(req, stream=True), len(ids) + 3)
+    chunks = [json.loads(b.strip()[5:]) for b in raw.split(b"\n\n")
+              if b.strip().startswith(b"data:") and b.strip()[5:].strip() != b"[DONE]"]  # fmt: skip
+    fins = [c["choices"][0]["finish_reason"] for c in chunks]
+    assert fins[-1] == "length" and all(f is None for f in fins[:-1]), fins
+    assert len(chunks[-1]["handoff"]["segments"]) == 2, chunks[-1]["handoff"]
+    want = ref["choices"][0]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == want["text"]
+    lps = [x for c in chunks for x in c["choices"][0]["logprobs"]["token_logprobs"]]
+    assert len(lps) == TOTAL == len(want["logprobs"]["token_logprobs"])
+    assert all(abs(a - b) < 1e-3 for a, b in zip(lps, want["logprobs"]["token_logprobs"],
+                                                  strict=True)), lps  # fmt: skip
+    # a chat request: its prompt is the chat template's ids (the router asks /tokenize)
+    msgs = [{"role": "user", "content": "say something about record 7"}]
+    creq = {"model": "m", "messages": msgs, "max_tokens": TOTAL, "temperature": 0.0,
+            "ignore_eos": True}  # fmt: skip
+    status, cref = http_json(f"{pair['a'].url}/v1/chat/completions", creq, timeout_s=300)
+    assert status == 200, cref
+    n = cref["usage"]["prompt_tokens"]
+    ans = json.loads(_openai(pair["router"].url, "/v1/chat/completions", creq, n + 3))
+    assert ans["choices"][0]["message"]["content"] == cref["choices"][0]["message"]["content"]
+    assert ans["usage"] == {"prompt_tokens": n, "completion_tokens": TOTAL,
+                            "total_tokens": n + TOTAL}  # fmt: skip
+    assert len(ans["handoff"]["segments"]) == 2, ans["handoff"]
+
+
+def _openai(url: str, route: str, body: dict, split: int) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=300)
+    conn.request("POST", route, json.dumps(body),
+                 {"Content-Type": "application/json", SPLIT_HEADER: str(split)})  # fmt: skip
+    resp = conn.getresponse()
+    raw = resp.read()
+    conn.close()
+    assert resp.status == 200, raw[:500]
+    return raw
+
+
 def test_second_instance_dead_request_continues_on_first(pair: dict) -> None:
     """Runs last: stops B. With equal loads the splitter picks the first worker as A."""
     ids = _prompt(700, 60)

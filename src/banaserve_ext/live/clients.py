@@ -5,7 +5,8 @@ Router endpoints used (``banaserve_ext.router``, in smg 1.13's shapes; see docs/
 ``GET /workers`` (list: ``url``, ``worker_type``, ``status``, ``active_requests``), ``POST
 /workers`` with ``{"url", "worker_type", "bootstrap_port"}`` (202: registered and routable),
 ``DELETE /workers?url=U&worker_type=R`` (the worker leaves rotation at once; 202 while its
-in-flight requests finish, during which it is listed with ``status: draining``).
+in-flight requests finish, during which it is listed with ``status: draining``), and, when
+the router runs the hand-off path, ``POST /handoff/migrate?url=U`` (moves its requests away).
 """
 
 from __future__ import annotations
@@ -103,6 +104,17 @@ class RouterClient:
             body["bootstrap_port"] = int(bootstrap_port)
         status, out = http_json(f"{self.url}/workers", body, timeout_s=self.timeout_s)
         return _check(status, out, f"router add {url} as {role}")
+
+    def hand_off(self, url: str) -> int | None:
+        """``POST /handoff/migrate?url=U``: the router moves the hand-off requests running on
+        ``url`` to other workers (docs/handoff.md). Returns how many it moved, or None when
+        the router has no hand-off path (404: the drain then waits for them)."""
+        q = urllib.parse.urlencode({"url": url})
+        status, out = http_json(f"{self.url}/handoff/migrate?{q}", {}, timeout_s=self.timeout_s)
+        if status in (404, 405):
+            return None
+        body = _check(status, out, f"router hand-off of {url}")
+        return int(body.get("migrated") or 0)
 
     def remove(self, url: str, role: str | None = None) -> None:
         q = {"url": url} | ({"worker_type": role} if role else {})

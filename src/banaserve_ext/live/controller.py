@@ -17,10 +17,12 @@ Each :meth:`LiveController.tick`
    predicted and measured cost, and outcome.
 
 A **role flip** takes the instance out of the router (no new work; its in-flight requests keep
-their connections and finish), waits until its scheduler reports itself fully idle on two reads
-``settle_s`` apart, runs SGLang's ``POST /pd_role_switch``, and adds it back in the new role. A
-step that fails puts the instance back in its old role (SGLang's switch refuses busy instances
-with ``safe_to_restore``); an instance the switch left unhealthy is taken out and reported dead.
+their connections and finish, except those on the router's hand-off path, which the router
+moves to other instances at once: ``POST /handoff/migrate``), waits until its scheduler reports
+itself fully idle on two reads ``settle_s`` apart, runs SGLang's ``POST /pd_role_switch``, and
+adds it back in the new role. A step that fails puts the instance back in its old role (SGLang's
+switch refuses busy instances with ``safe_to_restore``); an instance the switch left unhealthy
+is taken out and reported dead.
 
 Besides the controller's decisions, :mod:`.kv_pressure` moves part of a decode instance's KV to
 an attention peer when its KV use crosses ``kv_pressure.high``, and back below ``low``.
@@ -390,6 +392,7 @@ class LiveController:
                 "FlipRole", inputs, "failed", predicted_s=pred, detail=f"router remove: {exc}"
             )
         inst.router_role = None
+        handed_off = self._hand_off(inst)
         drained = self._wait_idle(inst)
         t_drain = time.perf_counter() - t0
         if not drained:
@@ -408,7 +411,7 @@ class LiveController:
         except BanaserveError as exc:
             status, ans = 0, {"message": str(exc), "safe_to_restore": True}
         t_switch = time.perf_counter() - t1
-        costs = {"drain_s": t_drain, "switch_s": t_switch}
+        costs = {"drain_s": t_drain, "switch_s": t_switch, "handed_off": handed_off}
         if status != 200 or not ans.get("success"):
             if ans.get("safe_to_restore", False) or self._mode_now(inst) == old:
                 self._rollback(inst, old)
@@ -472,6 +475,17 @@ class LiveController:
         try:
             return str(inst.client.signals().get("mode"))
         except BanaserveError:
+            return None
+
+    def _hand_off(self, inst: InstanceState) -> int | None:
+        """Drain step: ask the router to move the instance's running hand-off requests to
+        other instances now (docs/handoff.md) instead of waiting for them; None when the router
+        cannot (no hand-off path, or the call failed): the drain waits for them to finish, as it
+        does for requests not on the hand-off path."""
+        try:
+            return self.router.hand_off(inst.url)
+        except BanaserveError as exc:
+            log.warning("hand-off of %s's requests failed, waiting for them: %s", inst.url, exc)
             return None
 
     def _wait_idle(self, inst: InstanceState) -> bool:

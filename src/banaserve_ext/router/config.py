@@ -95,7 +95,8 @@ class RouterConfig:
     chars_per_token: float = 4.0
     tokenizer_path: str | None = None
     log_level: str = "warning"
-    #: DynaServe hand-off of /generate between two workers (docs/handoff.md)
+    #: hand-off path for /generate (docs/handoff.md): DynaServe segments between two workers;
+    #: in PD mode, PD legs that live migration moves off a decode worker
     dynaserve_handoff: bool = False
     handoff_kv_pool: str | None = None
     handoff_l3_wait_secs: float = 10.0
@@ -116,8 +117,6 @@ class RouterConfig:
             raise InvalidArgumentError("--chars-per-token must be > 0")
         for spec in (*self.prefill, *self.decode, *self.workers):
             split_url(spec.url)
-        if self.dynaserve_handoff and self.pd_disaggregation:
-            raise InvalidArgumentError("--dynaserve-handoff needs --worker-urls (non-PD mode)")
         if self.handoff_l3_wait_secs < 0:
             raise InvalidArgumentError("--handoff-l3-wait-secs must be >= 0")
 
@@ -212,7 +211,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--dynaserve-handoff",
         action="store_true",
-        help="split /generate requests over two workers through the global KV store",
+        help="split /generate requests over two workers through the global KV store; in PD "
+        "mode: serve them as PD legs that POST /handoff/migrate can move to another pair",
     )
     g.add_argument("--handoff-kv-pool", default=None, help="KV pool name of the workers' HiCache")
     g.add_argument("--handoff-l3-wait-secs", type=float, default=10.0)

@@ -25,8 +25,11 @@ never sees a token twice or misses one; when neither instance can continue, the 
 with an error naming the worker and the cause. Each answer chunk is rewritten so the client
 sees one request: ``output_ids``/``text`` cumulative over both segments, one ``finish_reason``,
 ``prompt_tokens = n``, ``completion_tokens`` = every output token, and a ``handoff`` entry in
-``meta_info``. Requests the hand-off cannot carry (batches, ``n > 1``, log-probs, ...) take the
-ordinary request path.
+``meta_info`` (:mod:`.handoff_stitch`; log-probs of every output token once, in order).
+``/v1/completions`` and ``/v1/chat/completions`` run as the same ``/generate`` segments and are
+translated back (:mod:`.handoff_openai`). Requests the hand-off cannot carry (batches, ``n > 1``,
+multimodal, ...) take the ordinary request path. In PD mode the segments are PD legs
+(:mod:`.handoff_pd`).
 
 Live migration uses the same continuation: :meth:`HandoffPath.migrate_off` closes every segment
 running on a worker and the request continues on its other worker (``POST /handoff/migrate``).
@@ -50,8 +53,10 @@ import msgspec
 from ..errors import BanaserveError, InvalidArgumentError, UnavailableError
 from ..policies import RequestInfo
 from ..policies.dynaserve import DynaServePlanner, HandoffPlan
+from .handoff_openai import OpenAIView
+from .handoff_stitch import _Stitch, segment_body
 from .http11 import LAST_CHUNK, build_request, chunk
-from .payload import error_body, json_decode, json_encode
+from .payload import GENERATE, error_body, json_decode, json_encode
 
 if TYPE_CHECKING:
     from .connection import ClientConnection
@@ -67,9 +72,9 @@ SPLIT_HEADER = "x-banaserve-handoff-at"
 #: SGLang's default when a request gives no max_new_tokens
 SGLANG_DEFAULT_MAX_NEW = 128
 #: request fields a hand-off cannot carry yet: such requests take the ordinary path
-_UNSUPPORTED = ("return_logprob", "logprob_start_len", "return_hidden_states", "session_params",
-                "input_embeds", "image_data", "audio_data", "video_data", "lora_path",
-                "bootstrap_host", "data_parallel_rank", "custom_logit_processor")  # fmt: skip
+_UNSUPPORTED = ("return_hidden_states", "session_params", "input_embeds", "image_data",
+                "audio_data", "video_data", "lora_path", "bootstrap_host",
+                "data_parallel_rank", "custom_logit_processor")  # fmt: skip
 _REFUSALS = frozenset({408, 429, 500, 502, 503, 504})
 
 
@@ -172,51 +177,6 @@ class L3Watcher:
             self._pool = None
 
 
-class _Stitch:
-    """The client's view of one handed-off request, built from the segments' stream events."""
-
-    def __init__(self, prompt_tokens: int) -> None:
-        self.n = prompt_tokens
-        self.produced: list[int] = []  # output tokens of finished or broken segments
-        self.text = ""
-        self.seg_ids: list[int] = []  # output tokens of the running segment so far
-        self.seg_text = ""
-        self.last: dict | None = None  # the last event sent to the client
-        self.finish: Any = None
-        self.info: dict[str, Any] = {"segments": []}
-        self.seg: dict[str, Any] = {}  # the running segment's entry in info["segments"]
-        self.rid: Any = None  # the first segment's request id: the client's one id
-
-    def begin(self) -> None:
-        self.produced += self.seg_ids
-        self.text += self.seg_text
-        self.seg_ids, self.seg_text = [], ""
-
-    def event(self, obj: dict, final: bool) -> dict:
-        self.seg_ids = list(obj.get("output_ids") or [])
-        self.seg_text = str(obj.get("text") or "")
-        meta = dict(obj.get("meta_info") or {})
-        self.seg.update(output_tokens=len(self.seg_ids), reused_tokens=meta.get("cached_tokens"))
-        fr = meta.get("finish_reason")
-        ended_early = isinstance(fr, dict) and fr.get("type") != "length"
-        if fr is not None and (final or ended_early):
-            self.finish = fr
-        elif fr is not None:
-            meta["finish_reason"] = None  # a segment ended, the request goes on
-        if self.rid is None:
-            self.rid = meta.get("id")
-        meta["id"] = self.rid
-        meta["prompt_tokens"] = self.n
-        meta["completion_tokens"] = len(self.produced) + len(self.seg_ids)
-        meta["handoff"] = self.info
-        out = dict(obj)
-        out["output_ids"] = self.produced + self.seg_ids
-        out["text"] = self.text + self.seg_text
-        out["meta_info"] = meta
-        self.last = out
-        return out
-
-
 class HandoffPath:
     """Serves ``POST /generate`` by DynaServe micro-requests when two workers are usable."""
 
@@ -277,15 +237,28 @@ class HandoffPath:
             return False  # nothing to hand off (or bad: the worker answers it)
         return not any(obj.get(k) for k in _UNSUPPORTED)
 
+    def candidates(self, now: float) -> list[Worker]:
+        """The workers a request may use, or [] when the hand-off path cannot serve now."""
+        cands = [w for w in self.router.colocated if w.usable(now)]
+        return cands if len(cands) >= 2 else []
+
+    def _plan(self, n: int, total: int, cands: list[Worker], split_at: int | None) -> Any:
+        return self.cfg.planner.plan(n, total, [w.load for w in cands], split_at)
+
     async def handle(self, req: Request, conn: ClientConnection) -> bool:
         """Serve ``req``; False when it is not one for a hand-off (the caller serves it)."""
         try:
             obj = json_decode(req.body)
         except msgspec.DecodeError:
             return False
-        now = time.monotonic()
-        cands = [w for w in self.router.colocated if w.usable(now)]
-        if len(cands) < 2 or not self.takes(obj):
+        view: OpenAIView | None = None
+        if req.path != GENERATE:  # an OpenAI route: translated to /generate and back
+            view = OpenAIView.of(req.path, obj)
+            if view is None:
+                return False
+            obj = view.generate
+        cands = self.candidates(time.monotonic())
+        if not cands or (view is None and not self.takes(obj)):  # a view has checked its own
             return False
         path = self.router.path
         assert path is not None
@@ -296,7 +269,7 @@ class HandoffPath:
         sent: list[bool] = [False]  # the answer's head went to the client
         timeout = self.router.cfg.request_timeout_secs
         try:
-            status = await asyncio.wait_for(self._serve(req, conn, obj, cands, sent), timeout)
+            status = await asyncio.wait_for(self._serve(req, conn, obj, cands, sent, view), timeout)
         except asyncio.TimeoutError:
             status = 504
             if sent[0]:
@@ -311,13 +284,19 @@ class HandoffPath:
             if path.inflight == 0:
                 path.idle.set()
             m = self.router.metrics
-            m.inc("requests_total", (("route", "/generate"), ("status", str(status))))
-            m.observe("request_duration_seconds", (("route", "/generate"),),
+            m.inc("requests_total", (("route", req.path), ("status", str(status))))
+            m.observe("request_duration_seconds", (("route", req.path),),
                       time.perf_counter() - t0)  # fmt: skip
         return True
 
     async def _serve(
-        self, req: Request, conn: ClientConnection, obj: dict, cands: list[Worker], sent: list[bool]
+        self,
+        req: Request,
+        conn: ClientConnection,
+        obj: dict,
+        cands: list[Worker],
+        sent: list[bool],
+        view: OpenAIView | None = None,
     ) -> int:
         stream = obj.get("stream") is True
         if self.l3 is not None and self.l3.suffix is None:
@@ -325,12 +304,13 @@ class HandoffPath:
         try:
             ids = obj.get("input_ids")
             if ids is None:
-                ids = await self._tokenize(cands[0], obj["text"])
+                tok = view.tokenize_request() if view is not None else {"prompt": obj["text"]}
+                ids = await self._tokenize(cands[0], tok)
             sp = dict(obj.get("sampling_params") or {})
             total = int(sp.get("max_new_tokens", SGLANG_DEFAULT_MAX_NEW))
             split_hdr = req.headers.get(SPLIT_HEADER)
             split_at = int(split_hdr) if split_hdr is not None else None
-            plan = self.cfg.planner.plan(len(ids), total, [w.load for w in cands], split_at)
+            plan = self._plan(len(ids), total, cands, split_at)
         except (ValueError, InvalidArgumentError) as exc:
             conn.respond(req, 400, error_body(f"hand-off: {exc}", 400))
             return 400
@@ -340,11 +320,14 @@ class HandoffPath:
         st = _Stitch(len(ids))
         head_sent = False
 
-        def emit(out: dict) -> None:
+        def emit(out: dict, raw: bool = False) -> None:
             nonlocal head_sent
             if not stream:
                 return
-            data = b"data: " + json_encode(out) + b"\n\n"
+            parts = [out] if raw or view is None or "error" in out else view.chunks(out)
+            if not parts:
+                return
+            data = b"".join(b"data: " + json_encode(p) + b"\n\n" for p in parts)
             if not head_sent:
                 conn.write(conn.stream_head(req, 200, "text/event-stream"))
                 head_sent = sent[0] = True
@@ -369,8 +352,12 @@ class HandoffPath:
         else:
             status = 200
             if not stream:
-                conn.respond(req, 200, json_encode(st.last or {}))
+                last = st.last or {}
+                conn.respond(req, 200, json_encode(view.whole(last) if view else last))
                 return status
+            if view is not None:
+                for tail in view.tail(st.last):
+                    emit(tail, raw=True)
         if head_sent:
             conn.write(chunk(b"data: [DONE]\n\n") + LAST_CHUNK)
         return status
@@ -405,7 +392,7 @@ class HandoffPath:
                 b_first = [b]
             else:
                 b_first = [b, a]
-            st.seg_ids, st.seg_text = [], ""
+            st.discard()
             cached = ids[: plan.split]
         else:
             k = plan.split - n
@@ -466,8 +453,7 @@ class HandoffPath:
         emit: Any,
         final: bool,
     ) -> None:
-        body = {k: v for k, v in obj.items() if k not in ("text", "input_ids", "stream", "rid")}
-        body.update(input_ids=input_ids, sampling_params=sp, stream=True)
+        body = segment_body(obj, input_ids, sp, st)
         router = self.router
         policy = router.prefill_policy
         info = RequestInfo(f"{router.rng.getrandbits(63):x}", len(input_ids),
@@ -488,10 +474,11 @@ class HandoffPath:
             router.registry.settle(w)
 
     async def _stream(
-        self, w: Worker, body: bytes, st: _Stitch, emit: Any, final: bool
+        self, w: Worker, body: bytes, st: _Stitch, emit: Any, final: bool, started: Any = None
     ) -> dict | None:
         """One streaming ``/generate`` on ``w``; every event goes through ``st`` (and to the
-        client when ``emit`` is given). Returns the worker's last event."""
+        client when ``emit`` is given). Returns the worker's last event. ``started(ex)`` is
+        called once the exchange exists (the PD path ties its prefill leg to it)."""
         try:
             conn = await w.pool.acquire()
         except (OSError, UnavailableError) as exc:
@@ -499,6 +486,8 @@ class HandoffPath:
             raise SegmentFailed(f"worker {w.url} unreachable: {exc}") from None
         ex = conn.start(build_request("POST", w.pool.host_header, "/generate", body,
                                       "application/json"))  # fmt: skip
+        if started is not None:
+            started(ex)
         try:
             head = await ex.head
         except UnavailableError as exc:
@@ -565,9 +554,11 @@ class HandoffPath:
             raise SegmentFailed(f"worker {w.url} reported an error: {error[0]}")
         return last[0] if last else None
 
-    async def _tokenize(self, w: Worker, text: str) -> list[int]:
+    async def _tokenize(self, w: Worker, payload: dict) -> list[int]:
+        """The prompt's token ids from a worker's ``/tokenize`` (``{"prompt": text}``, or an
+        OpenAI chat request's messages: SGLang applies the chat template there)."""
         req = build_request("POST", w.pool.host_header, "/tokenize",
-                            json_encode({"prompt": text}), "application/json")  # fmt: skip
+                            json_encode(payload), "application/json")  # fmt: skip
         try:
             head, body = await w.pool.fetch(req, timeout_s=30.0)
         except UnavailableError as exc:

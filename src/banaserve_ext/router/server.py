@@ -24,7 +24,7 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import BanaserveError, InvalidArgumentError, NotFoundError, UnavailableError
+from ..errors import BanaserveError, NotFoundError, UnavailableError
 from ..policies import PolicyBase, RequestInfo, make_policy
 from .admin import Admin, Handler
 from .config import RouterConfig, WorkerSpec
@@ -34,7 +34,7 @@ from .handoff import HandoffConfig, HandoffPath
 from .http11 import Request
 from .metrics import Metrics
 from .monitor import Monitor
-from .payload import GENERATE, LLM_ROUTES, error_body, load_tokenizer
+from .payload import LLM_ROUTES, error_body, load_tokenizer
 from .registry import Worker, WorkerRegistry
 
 log = logging.getLogger("banaserve_ext.router")
@@ -207,10 +207,15 @@ class Router:
         return found
 
     def enable_handoff(self, cfg: HandoffConfig) -> HandoffPath:
-        """Serve ``/generate`` by DynaServe micro-requests (single-worker mode only)."""
+        """Serve ``/generate`` through the hand-off path: DynaServe micro-requests between
+        unified workers; in PD mode, stitched PD legs that live migration and faults move to
+        another pair (:mod:`.handoff_pd`)."""
         if self.cfg.pd_disaggregation:
-            raise InvalidArgumentError("hand-off runs between unified workers, not in PD mode")
-        self.handoff = HandoffPath(self, cfg)
+            from .handoff_pd import PDHandoffPath
+
+            self.handoff = PDHandoffPath(self, cfg)
+        else:
+            self.handoff = HandoffPath(self, cfg)
         self._routes[("POST", "/handoff/migrate")] = self.handoff.migrate_endpoint
         return self.handoff
 
@@ -306,7 +311,7 @@ class Router:
     async def handle(self, req: Request, conn: ClientConnection) -> None:
         if req.method == "POST" and req.path in LLM_ROUTES:
             assert self.path is not None
-            if self.handoff is not None and req.path == GENERATE:
+            if self.handoff is not None:
                 if await self.handoff.handle(req, conn):
                     return
             await self.path.handle(req, conn)

@@ -132,6 +132,8 @@ class FakeWorker:
             conn.send(req, 200, _encode({"object": "list", "data": [model]}))
         elif path in ("/get_load", "/v1/loads", "/loads"):
             conn.send(req, 200, _encode([self._load()]))
+        elif path == "/tokenize" and req.method == "POST":
+            conn.send(req, 200, _encode({"tokens": fake_tokenize(_decode(req.body))}))
         elif path == "/flush_cache" and req.method == "POST":
             conn.send(req, 200, b"Cache flushed.\n", "text/plain")
         elif path == "/__fake/requests":
@@ -322,6 +324,17 @@ def _lp(seed: str, k: int) -> list:
     return [-1.5e-7 * (k + 1), 1000 + k, f"tok{k}\u00e9"]
 
 
+def fake_tokenize(obj: dict) -> list[int]:
+    """The fake's ``/tokenize``: one id per character of ``prompt``, or of the chat messages
+    (each as ``<role>content``)."""
+    msgs = obj.get("messages")
+    if isinstance(msgs, list):
+        text = "".join(f"<{m.get('role')}>{m.get('content')}" for m in msgs if isinstance(m, dict))
+    else:
+        text = str(obj.get("prompt") or "")
+    return [3 + ord(c) % 997 for c in text]
+
+
 def fake_next_token(context: list[int]) -> int:
     """The fake's "greedy" next token for ``/generate`` with ``input_ids``: a function of the
     whole context, so a request continued elsewhere from any token yields the same ids."""
@@ -351,7 +364,8 @@ def _event(
             meta["input_token_logprobs"] = (
                 [_lp(seed, i) for i in range(prompt_tokens)] if role == "prefill" else []
             )
-            meta["output_token_logprobs"] = [_lp(seed, k)]
+            # cumulative, as SGLang streams them
+            meta["output_token_logprobs"] = [_lp(seed, i) for i in range(k + 1)]
         ev: dict[str, Any] = {"text": piece, "meta_info": meta, "index": 0}
         if out is not None:  # cumulative, as SGLang streams them
             ev["output_ids"] = list(out)
