@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from banaserve_ext.control import DynaServeSplitter
+from banaserve_ext.control import DynaServeSplitter, measured_costs
 from banaserve_ext.errors import InvalidArgumentError
 from banaserve_ext.policies import WorkerLoad
 from banaserve_ext.policies.dynaserve import DynaServePlanner
@@ -31,11 +31,28 @@ def test_planner_runs_the_splitter_unchanged_on_live_loads() -> None:
     planner = DynaServePlanner()
     ws = _workers(0, 0)
     plan = planner.plan(100, 200, ws)
-    views = [planner.view(i, w) for i, w in enumerate(ws)]
+    views = planner.views(100, 200, ws)
     sp = DynaServeSplitter().split(100 * planner.prefill_s_per_token, 200, views)
     assert sp.second is not None
     assert (plan.first, plan.second, plan.split) == (sp.first, sp.second, 100 + sp.split_after)
     assert 100 + 32 <= plan.split <= 100 + 200 - 32  # both segments >= min_segment
+
+
+def test_planner_uses_the_measured_costs_and_charges_the_handoff_to_b() -> None:
+    ho = measured_costs().handoff
+    assert ho is not None
+    planner = DynaServePlanner()
+    assert planner.prefill_s_per_token == ho.prefill_s_per_token
+    assert planner.decode_s_per_token == ho.decode_s_per_token
+    assert planner.handoff_s(300) == pytest.approx(ho.seconds(300))
+    ws = _workers(0, 0)
+    plain = [planner.view(i, w) for i, w in enumerate(ws)]
+    views = planner.views(100, 400, ws)
+    assert views[0] == plain[0]
+    assert views[1].prefill_backlog_s == pytest.approx(plain[1].prefill_backlog_s + ho.seconds(300))
+    # a hand-off that costs more than any gain keeps the request whole
+    dear = DynaServePlanner(handoff_fixed_s=1e4)
+    assert dear.plan(100, 400, ws).second is None
 
 
 def test_planner_keeps_short_requests_whole_and_avoids_the_loaded_worker() -> None:

@@ -3,7 +3,9 @@
 float32): our router runs segment 1 of a request on A and segment 2 on B, B reusing A's KV from
 the shared pool (HiCache L3); the client sees one answer whose greedy output ids equal a single
 server's, for boundaries inside the prompt, at its end and after output tokens, streaming and
-not, concurrently; with B dead the request continues on A."""
+not, concurrently; with B dead the request continues on A. After the live migration and the
+dead-B cases both instances' allocators must have every KV slot back (SGLang's ``/v1/loads``:
+nothing held beyond the radix/HiCache tree, no request running or queued)."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import pytest
 from sglang_testbed.cluster import Cluster, generate
 
 from banaserve_ext.kvpool import KVPool
-from banaserve_ext.launch.servers import http_json
+from banaserve_ext.launch.servers import http_json, kv_slot_leaks, kv_slots
 from banaserve_ext.router.config import RouterConfig, WorkerSpec
 from banaserve_ext.router.handoff import SPLIT_HEADER, HandoffConfig
 from banaserve_ext.router.server import Router
@@ -248,6 +250,30 @@ def test_planner_without_override_routes_whole_or_split(pair: dict) -> None:
     assert ho["second"] is None and len(ho["segments"]) == 1, ho
 
 
+def test_leak_check_sees_a_request_still_running(pair: dict) -> None:
+    """The slot check can fail: while a long request runs on A it names it (slots held, one
+    running request); once it ends A is clean again."""
+    ids = _prompt(800, 40)
+    done = threading.Event()
+
+    def long_request() -> None:
+        try:
+            generate(pair["a"].url, input_ids=ids, max_new_tokens=400)
+        finally:
+            done.set()
+
+    th = threading.Thread(target=long_request)
+    th.start()
+    deadline = time.monotonic() + 120
+    while kv_slots(pair["a"].url)["running"] == 0:
+        assert time.monotonic() < deadline and not done.is_set(), "the request never ran"
+        time.sleep(0.05)
+    leaks = kv_slot_leaks(pair["a"].url, settle_s=0)
+    th.join(300)
+    assert leaks and "running=1" in leaks[0] and "used=" in leaks[0], leaks
+    assert kv_slot_leaks(pair["a"].url) == []
+
+
 def test_live_migration_of_a_running_stream_keeps_the_output(pair: dict) -> None:
     """A long stream whose segment 2 runs on B is moved off B mid-generation (the admin
     action); it finishes on A with the single-server ids, no token repeated or lost."""
@@ -294,6 +320,8 @@ def test_live_migration_of_a_running_stream_keeps_the_output(pair: dict) -> None
     assert segs[1]["error"].startswith("migrated off") and segs[1]["output_tokens"] >= 5
     print("migrated after", segs[1]["output_tokens"], "tokens on B; A reused",
           segs[2]["reused_tokens"], "of", segs[2]["input_tokens"])  # fmt: skip
+    # the moved request's slots came back on B (aborted there) and on A (finished)
+    assert kv_slot_leaks(pair["b"].url) + kv_slot_leaks(pair["a"].url) == []
 
 
 def test_logprobs_and_openai_stream_of_a_handed_off_request_equal_a_single_servers(
@@ -365,6 +393,7 @@ def test_second_instance_dead_request_continues_on_first(pair: dict) -> None:
     """Runs last: stops B. With equal loads the splitter picks the first worker as A."""
     ids = _prompt(700, 60)
     ref = _reference(pair["a"].url, ids)
+    assert kv_slot_leaks(pair["b"].url) == []  # B's last look: nothing held before it dies
     pair["cluster"].stop(pair["pb"])
     deadline = time.monotonic() + 60
     while pair["pb"].group_alive() and time.monotonic() < deadline:
@@ -382,3 +411,5 @@ def test_second_instance_dead_request_continues_on_first(pair: dict) -> None:
         assert final["meta_info"]["completion_tokens"] == TOTAL
         if stream:
             _check_stream(events, ref)
+    # A got back every slot of the segments it ran and of the continuations
+    assert kv_slot_leaks(pair["a"].url) == []

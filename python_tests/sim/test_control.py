@@ -18,6 +18,7 @@ from banaserve_ext.control import (
     MigrateAttention,
     MigrateLayers,
     SemiPDController,
+    with_handoff_cost,
 )
 from banaserve_ext.errors import InvalidArgumentError
 from banaserve_ext.sim import get_model
@@ -140,6 +141,22 @@ def test_dynaserve_no_split_when_not_worth_it() -> None:
     views = [LoadView(0, 0.0, 0.0, 0.02), LoadView(1, 30.0, 30.0, 0.02)]
     assert sp.split(0.1, 400, views).second is None  # the other instance is far busier
     assert sp.split(0.1, 10, views[:1] + [LoadView(1, 0, 0, 0.02)]).second is None
+
+
+def test_handoff_cost_is_charged_to_b_and_moves_the_split_towards_a() -> None:
+    sp = DynaServeSplitter(min_segment=8)
+    views = [LoadView(0, 0.0, 0.0, 0.02), LoadView(1, 0.0, 2.0, 0.02)]
+    charged = with_handoff_cost(views, 0.5)
+    assert charged[0] == views[0]  # A (least backlog) pays nothing
+    assert charged[1].prefill_backlog_s == 0.5 and charged[1].decode_backlog_s == 2.0
+    free, paid = sp.split(0.2, 400, views), sp.split(0.2, 400, charged)
+    assert (paid.first, paid.second) == (free.first, free.second) == (0, 1)
+    assert paid.split_after > free.split_after  # B starts later, so A keeps more tokens
+    # a hand-off dearer than the gain: no split
+    assert sp.split(0.2, 400, with_handoff_cost(views, 60.0)).second is None
+    assert with_handoff_cost(views, 0.0) == views
+    with pytest.raises(InvalidArgumentError):
+        with_handoff_cost(views, -1.0)
 
 
 def test_llumnix_moves_from_fullest_to_emptiest() -> None:

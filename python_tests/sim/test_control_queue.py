@@ -113,7 +113,10 @@ def test_migrations_carry_a_reason_and_use_the_measured_link() -> None:
 def test_costs_file_is_read_and_checked(tmp_path: Path) -> None:
     costs = measured_costs()
     assert costs.flip_cost_s > 0 and "source" not in costs.sources  # per-entry notes only
-    assert set(costs.sources) == {"flip_cost_s", "layer_link", "attention_link"}
+    assert set(costs.sources) == {"flip_cost_s", "layer_link", "attention_link", "handoff"}
+    ho = costs.handoff
+    assert ho is not None and ho.seconds(1000) == pytest.approx(ho.fixed_s + 1000 * ho.per_token_s)
+    assert "bench/handoff" in costs.sources["handoff"]
     good = {
         "flip_cost_s": {"value": 7.5, "source": "measured: drain 2.1 s + switch 5.4 s"},
         "layer_link": {"bandwidth_Bps": 1e9, "fixed_s": 0.001},
@@ -124,6 +127,27 @@ def test_costs_file_is_read_and_checked(tmp_path: Path) -> None:
     got = measured_costs(str(p))
     assert got.flip_cost_s == 7.5 and got.flip_measured
     assert got.layer_link.seconds(1e9) == pytest.approx(1.001)
+    assert got.handoff is None  # optional entry
+    with_handoff = dict(
+        good,
+        handoff={
+            "fixed_s": 0.05,
+            "per_token_s": 1e-5,
+            "prefill_s_per_token": 1e-4,
+            "decode_s_per_token": 0.01,
+        },
+    )
+    p.write_text(json.dumps(with_handoff))
+    assert measured_costs(str(p)).handoff.seconds(100) == pytest.approx(0.051)  # type: ignore[union-attr]
+    with_handoff["handoff"] = {
+        "fixed_s": -1.0,
+        "per_token_s": 0.0,
+        "prefill_s_per_token": 1e-4,
+        "decode_s_per_token": 0.01,
+    }
+    p.write_text(json.dumps(with_handoff))
+    with pytest.raises(InvalidArgumentError, match="handoff"):
+        measured_costs(str(p))
     p.write_text(json.dumps({"flip_cost_s": {}}))
     with pytest.raises(InvalidArgumentError, match="malformed"):
         measured_costs(str(p))

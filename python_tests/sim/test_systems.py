@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import pytest
 
-from banaserve_ext.control import LlumnixMigrator
+from banaserve_ext.control import HandoffCost, LlumnixMigrator, measured_costs
 from banaserve_ext.sim import TraceRequest, get_model
-from banaserve_ext.sim.metrics import Slo
+from banaserve_ext.sim.metrics import Slo, tbt_gaps
 from banaserve_ext.sim.systems import (
     SYSTEMS,
     LlumnixActuator,
@@ -97,6 +97,21 @@ def test_dynaserve_splits_requests_across_instances() -> None:
     moved = [r for r in sim.finished if r.seg2]
     assert moved and all(r.dinst is not r.pinst for r in moved)
     assert sum(i.tokens_decoded for i in sim.instances) == sum(r.output_len - 1 for r in trace)
+
+
+def test_dynaserve_charges_the_measured_handoff_cost() -> None:
+    """The hand-off of segment 2 costs the measured store overhead on top of the link time:
+    with a 3 s fixed cost every moved request has one gap of >= 3 s between its tokens (the
+    splitter is left uncharged here so that it still splits)."""
+    trace = [TraceRequest(i, i * 0.05, 500, 600) for i in range(200)]
+    assert measured_costs().handoff is not None  # the simulator charges the measured one
+    sim = build("dynaserve", _setup(n=4, slo=Slo(1.0, 0.05)))
+    sim.cfg = replace(sim.cfg, handoff_cost=HandoffCost(fixed_s=3.0, per_token_s=0.0))
+    sim.splitter.handoff = None
+    reqs = sim.run(trace)
+    moved = [r for r in reqs if r.seg2]
+    assert moved and all(tbt_gaps(r).max() >= 3.0 for r in moved)
+    assert all(tbt_gaps(r).max() < 3.0 for r in reqs if not r.seg2 and len(tbt_gaps(r)))
 
 
 def test_llumnix_migration_keeps_every_token() -> None:

@@ -33,8 +33,8 @@ from .banaserve import (
     MigrateLayers,
     Revert,
 )
-from .costs import MeasuredCosts, measured_costs
-from .dynaserve import DynaServeSplitter, LoadView, SplitPlan
+from .costs import HandoffCost, MeasuredCosts, measured_costs
+from .dynaserve import DynaServeSplitter, LoadView, SplitPlan, with_handoff_cost
 from .llumnix import LlumnixMigrator, Migration
 from .profile import WorkloadProfile, choose_prefill_count
 from .semipd import SemiPDController
@@ -44,6 +44,7 @@ __all__ = [
     "BanaServeController",
     "DynaServeSplitter",
     "FlipRole",
+    "HandoffCost",
     "InstanceView",
     "LinkCost",
     "LlumnixMigrator",
@@ -58,4 +59,5 @@ __all__ = [
     "WorkloadProfile",
     "choose_prefill_count",
     "measured_costs",
+    "with_handoff_cost",
 ]

@@ -19,7 +19,7 @@ segment would be shorter than ``min_segment`` tokens (the KV handover would not 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import InvalidArgumentError
 
@@ -86,3 +86,19 @@ class DynaServeSplitter:
         if whole - split_end < self.min_gain_s:
             return SplitPlan(a.idx, None, out_tokens)
         return SplitPlan(a.idx, b.idx, s)
+
+
+def with_handoff_cost(views: Sequence[LoadView], handoff_s: float) -> list[LoadView]:
+    """The views with the hand-off charged to segment 2: every instance but the one
+    :meth:`DynaServeSplitter.split` takes as A (least total backlog) starts its segment
+    ``handoff_s`` later (the KV move), so the split point and the gain check account for it.
+    A and B stay the splitter's choice (the same offset on every candidate for B)."""
+    if handoff_s < 0:
+        raise InvalidArgumentError(f"hand-off cost must be >= 0, got {handoff_s}")
+    if not views or handoff_s == 0:
+        return list(views)
+    a = min(views, key=lambda v: v.prefill_backlog_s + v.decode_backlog_s)
+    return [
+        v if v.idx == a.idx else replace(v, prefill_backlog_s=v.prefill_backlog_s + handoff_s)
+        for v in views
+    ]

@@ -186,6 +186,43 @@ def http_json(
         return status, body.decode(errors="replace")
 
 
+def kv_slots(url: str, timeout_s: float = 30.0) -> dict:
+    """The KV slot counts of one SGLang server (data-parallel rank 0), read-only, from SGLang's
+    own ``GET /v1/loads``: ``used`` = total slots - (free + evictable from the radix/HiCache
+    tree), i.e. the slots held by requests; ``running``/``waiting`` requests, and the queues'
+    paused and retracted requests."""
+    status, body = http_json(f"{url}/v1/loads?include=core,queues", timeout_s=timeout_s)
+    if status != 200 or not isinstance(body, dict) or not body.get("loads"):
+        raise UnavailableError(f"{url}/v1/loads answered {status}: {str(body)[:200]}")
+    load = body["loads"][0]
+    queues = load.get("queues") or {}
+    return {
+        "total": int(load.get("max_total_num_tokens", 0)),
+        "used": int(load.get("num_used_tokens", 0)),
+        "running": int(load.get("num_running_reqs", 0)),
+        "waiting": int(load.get("num_waiting_reqs", 0)),
+        "paused": int(queues.get("paused", 0)),
+        "retracted": int(queues.get("retracted", 0)),
+    }
+
+
+def kv_slot_leaks(url: str, settle_s: float = 30.0, poll_s: float = 0.25) -> list[str]:
+    """What an idle SGLang server still holds: empty when every KV slot is free or evictable
+    and no request is running or queued. Polls up to ``settle_s`` first (HiCache write-backs
+    pin their tree nodes until the copy ends); the answer lists the last counts otherwise."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        c = kv_slots(url)
+        held = [f"{k}={c[k]}" for k in ("used", "running", "waiting", "paused", "retracted")
+                if c[k]]  # fmt: skip
+        if not held or time.monotonic() >= deadline:
+            break
+        time.sleep(poll_s)
+    if not held:
+        return []
+    return [f"{url}: {', '.join(held)} of {c['total']} KV slots after {settle_s:.0f} s idle"]
+
+
 def group_members(pgid: int) -> list[int]:
     """PIDs of the live (not zombie) processes whose process group is ``pgid`` (Linux /proc)."""
     out = []

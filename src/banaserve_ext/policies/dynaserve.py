@@ -14,7 +14,15 @@ Predictions come from a linear cost model, the same shape the simulator uses: pr
 ``decode_s_per_token * (1 + batch_slope * running_requests)``, both divided by the worker's
 relative ``speed``; a worker's prefill backlog is its in-flight prompt tokens through the
 prefill model, its decode backlog its running requests times ``decode_tokens_per_request``
-output tokens. Plain numbers: fit them with ``banaserve bench`` on the target hardware.
+output tokens. The hand-off itself costs ``handoff_fixed_s + tokens * handoff_s_per_token``
+(``tokens`` = the prompt plus half the output, the expected boundary), charged to every
+candidate for B (:func:`~banaserve_ext.control.dynaserve.with_handoff_cost`), so a split that
+the move would eat is not made.
+
+The defaults are the measured ones in ``banaserve_ext/data/costs.json`` (entry ``handoff``,
+fitted by ``bench/handoff/bench_handoff.py`` on the tiny CPU model; see docs/handoff-bench.md);
+``batch_slope`` and ``decode_tokens_per_request`` are not measured. Refit them on the target
+hardware and pass them in.
 """
 
 from __future__ import annotations
@@ -22,9 +30,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..control.dynaserve import DynaServeSplitter, LoadView
+from ..control.costs import HandoffCost, measured_costs
+from ..control.dynaserve import DynaServeSplitter, LoadView, with_handoff_cost
 from ..errors import InvalidArgumentError
 from .base import WorkerLoad
+
+#: used only when the costs file has no ``handoff`` entry
+_UNMEASURED = HandoffCost(fixed_s=0.0, per_token_s=0.0)
+
+
+def _measured() -> HandoffCost:
+    return measured_costs().handoff or _UNMEASURED
 
 
 @dataclass(frozen=True)
@@ -40,16 +56,30 @@ class HandoffPlan:
 @dataclass
 class DynaServePlanner:
     splitter: DynaServeSplitter = field(default_factory=DynaServeSplitter)
-    prefill_s_per_token: float = 1e-4
-    decode_s_per_token: float = 2e-2
+    prefill_s_per_token: float = field(default_factory=lambda: _measured().prefill_s_per_token)
+    decode_s_per_token: float = field(default_factory=lambda: _measured().decode_s_per_token)
     batch_slope: float = 0.05
     decode_tokens_per_request: int = 64
+    handoff_fixed_s: float = field(default_factory=lambda: _measured().fixed_s)
+    handoff_s_per_token: float = field(default_factory=lambda: _measured().per_token_s)
 
     def __post_init__(self) -> None:
         if min(self.prefill_s_per_token, self.decode_s_per_token) <= 0:
             raise InvalidArgumentError("DynaServe cost model: per-token times must be > 0")
         if self.batch_slope < 0 or self.decode_tokens_per_request < 0:
             raise InvalidArgumentError("DynaServe cost model: slope and tokens must be >= 0")
+        if min(self.handoff_fixed_s, self.handoff_s_per_token) < 0:
+            raise InvalidArgumentError("DynaServe cost model: hand-off costs must be >= 0")
+
+    def handoff_s(self, tokens: int) -> float:
+        """Predicted hand-off time of a boundary at ``tokens`` tokens."""
+        return self.handoff_fixed_s + max(0, tokens) * self.handoff_s_per_token
+
+    def views(self, prompt_tokens: int, out_tokens: int,
+              workers: Sequence[WorkerLoad]) -> list[LoadView]:  # fmt: skip
+        """What the splitter sees: the workers' loads, B's side charged the hand-off."""
+        views = [self.view(i, w) for i, w in enumerate(workers)]
+        return with_handoff_cost(views, self.handoff_s(prompt_tokens + out_tokens // 2))
 
     def view(self, idx: int, w: WorkerLoad) -> LoadView:
         speed = w.speed if w.speed > 0 else 1.0
@@ -74,7 +104,7 @@ class DynaServePlanner:
         still the splitter's choice."""
         if prompt_tokens < 1 or out_tokens < 1:
             raise InvalidArgumentError("a request needs >= 1 prompt and >= 1 output token")
-        views = [self.view(i, w) for i, w in enumerate(workers)]
+        views = self.views(prompt_tokens, out_tokens, workers)
         prefill_s = prompt_tokens * self.prefill_s_per_token
         if split_at is None:
             sp = self.splitter.split(prefill_s, out_tokens, views)

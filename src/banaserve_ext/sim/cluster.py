@@ -282,7 +282,14 @@ class Simulator:
         self._transfer(inst, d, r, now, r.input_len, now - r.t_prefill_start)
 
     def _transfer(
-        self, src: Instance, dst: Instance, r: SimRequest, now: float, tokens: int, overlap_s: float
+        self,
+        src: Instance,
+        dst: Instance,
+        r: SimRequest,
+        now: float,
+        tokens: int,
+        overlap_s: float,
+        extra_s: float = 0.0,
     ) -> None:
         nbytes = tokens * self.model.kv_bytes_per_token
         src.transfers_active += 1
@@ -293,7 +300,7 @@ class Simulator:
         else:
             exposed = total
         r.dinst = dst
-        self.push(now + self.cfg.link_base_s + exposed, _EV_TRANSFER, (src, r))
+        self.push(now + self.cfg.link_base_s + exposed + extra_s, _EV_TRANSFER, (src, r))
 
     def _deliver(self, r: SimRequest, now: float) -> None:
         src = r.pinst
@@ -319,7 +326,9 @@ class Simulator:
             r.seg2 = True
             self.policy.on_complete(r.info, inst.load, now)
             dst.load.active_requests += 1
-            self._transfer(inst, dst, r, now, r.input_len + r.generated, 0.0)
+            tokens = r.input_len + r.generated
+            ho = self.cfg.handoff_cost
+            self._transfer(inst, dst, r, now, tokens, 0.0, ho.seconds(tokens) if ho else 0.0)
             return
         self._finish(inst, r, now)
 

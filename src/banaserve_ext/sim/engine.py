@@ -30,6 +30,7 @@ from .models import GpuSpec, ModelSpec
 from .traces import TraceRequest
 
 if TYPE_CHECKING:
+    from ..control.costs import HandoffCost
     from .cluster import Simulator
 
 KINDS = ("colocated", "prefill", "decode")
@@ -163,6 +164,9 @@ class ClusterConfig:
     local_cache_gbps: float = 64.0
     #: DynaServe local scheduler: cap each iteration so its predicted time stays under this
     tbt_budget_s: float | None = None
+    #: DynaServe hand-off: measured store overhead (``fixed_s + tokens * per_token_s``, see
+    #: ``banaserve_ext/data/costs.json``) added to the link time of segment 2's KV
+    handoff_cost: HandoffCost | None = None
 
     def validate(self) -> None:
         if self.tp < 1:

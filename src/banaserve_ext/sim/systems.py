@@ -34,6 +34,7 @@ from ..control import (
     BanaServeController,
     DynaServeSplitter,
     FlipRole,
+    HandoffCost,
     InstanceView,
     LlumnixMigrator,
     LoadView,
@@ -44,6 +45,7 @@ from ..control import (
     WorkloadProfile,
     choose_prefill_count,
     measured_costs,
+    with_handoff_cost,
 )
 from ..errors import InvalidArgumentError
 from ..policies import make_policy
@@ -403,12 +405,18 @@ class DynaServePlacer:
     """Places requests with :class:`DynaServeSplitter` (the global scheduler)."""
 
     def __init__(
-        self, splitter: DynaServeSplitter, predictor_sigma: float = 50.0, seed: int = 0
+        self,
+        splitter: DynaServeSplitter,
+        predictor_sigma: float = 50.0,
+        seed: int = 0,
+        handoff: HandoffCost | None = None,
     ) -> None:
         self.splitter = splitter
         self.sigma = predictor_sigma
         self.rng = random.Random(seed)
         self.splits = 0
+        #: the measured hand-off cost, charged to B's side of the split (None: free)
+        self.handoff = handoff
 
     def place(self, sim: Simulator, cands: list[Instance], r: SimRequest, now: float) -> Instance:
         views = []
@@ -421,6 +429,8 @@ class DynaServePlacer:
             views.append(LoadView(inst.idx, pb, db, step))
         pred = max(1, int(round(r.output_len + self.rng.gauss(0.0, self.sigma))))
         pf = sim.cost.prefill_s(r.input_len)
+        if self.handoff is not None:
+            views = with_handoff_cost(views, self.handoff.seconds(r.input_len + pred // 2))
         plan = self.splitter.split(pf, pred, views)
         first = sim.instances[plan.first]
         if plan.second is not None and plan.split_after < r.output_len:
@@ -537,8 +547,9 @@ def build(system: str, s: Setup) -> Simulator:
         )
         controller.events.append((0.0, f"start P:D {n_p}:{n - n_p} | {why}"))
     elif system == "dynaserve":
-        cfg = replace(base, n_colocated=n, tbt_budget_s=s.slo.step_budget_s)
-        splitter = DynaServePlacer(DynaServeSplitter(), seed=s.seed)
+        handoff = measured_costs().handoff
+        cfg = replace(base, n_colocated=n, tbt_budget_s=s.slo.step_budget_s, handoff_cost=handoff)
+        splitter = DynaServePlacer(DynaServeSplitter(), seed=s.seed, handoff=handoff)
     else:  # semi-pd
         cfg = replace(base, n_split=n, split_prefill_share=0.5)
         controller = SemiPDActuator(
