@@ -49,6 +49,7 @@ COLUMNS = (
     ("tpot_p99_s", "TPOT p99 (s)", "{:.3f}"),
     ("output_tokens_per_s", "out tok/s", "{:.1f}"),
     ("hit_rate_local", "hit local", "{:.1%}"),
+    ("hit_rate_l2", "of which L2", "{:.1%}"),
     ("hit_rate_store", "hit store", "{:.1%}"),
     ("busiest_share", "busiest P / fair", "{:.2f}"),
     ("wall_s", "replay wall (s)", "{:.0f}"),
@@ -62,6 +63,10 @@ def row_of(record: dict) -> dict:
             "output_tokens_per_s", "wall_s", "requests")  # fmt: skip
     row = {k: s[k] for k in keys}
     row |= {k: c[k] for k in ("hit_rate", "hit_rate_local", "hit_rate_store", "prompt_tokens")}
+    # the HiCache host-memory (L2) part of the local hits, from the servers' own counters
+    servers = [x for x in record["counters"]["servers"].values() if x]
+    host = sum(x.get("hit_host", 0.0) for x in servers)
+    row["hit_rate_l2"] = host / c["prompt_tokens"] if servers and c["prompt_tokens"] else None
     row["busiest_share"] = record["prefill_load"]["busiest_share"]
     return row
 
@@ -236,7 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--logs", type=Path, default=ROOT / "out" / "live-bench")
     p.add_argument("--update-costs", action="store_true",
                    help="write a measured flip time into data/costs.json")  # fmt: skip
+    p.add_argument("--rerender", type=Path, default=None, metavar="RESULT_JSON",
+                   help="recompute the table of an earlier run's JSON, run nothing")  # fmt: skip
     args = p.parse_args(argv)
+    if args.rerender is not None:
+        write(aggregate(json.loads(args.rerender.read_text())), args.rerender.with_suffix(""))
+        return 0
     if not args.trace.is_file():
         raise SystemExit(f"trace not found: {args.trace}")
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")  # noqa: UP017
@@ -248,34 +258,51 @@ def main(argv: list[str] | None = None) -> int:
             print(f"repeat {r + 1}/{args.repeats}: {' then '.join(order)}", flush=True)
             for kind in order:
                 runs[kind].append(launch_once(kind, args, args.logs / stamp / f"{r}-{kind}"))
-    rows = {k: [x["row"] for x in v] for k, v in runs.items()}
-    actions = [a for x in runs["banaserve"] for a in x["actions"]]
     result = {
         "stamp": stamp, "argv": sys.argv[1:], "args": {k: str(v) for k, v in vars(args).items()},
         "cpus": os.cpu_count(), "bench_wall_s": time.monotonic() - t0,
         "load_avg_1m": load.summary(), "runs": runs,
-        "median": {k: medians(v) for k, v in rows.items()},
-        "ratio_banaserve_over_sglang": ratios(rows["banaserve"], rows["sglang"]),
-        "transfer_backend": {k: v[0]["replay"]["transfer_backend"] for k, v in runs.items()},
-        "controller_actions": actions, "flip_costs": flip_costs(actions),
     }  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
     base = args.out / f"launch-{stamp}"
-    base.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    table = markdown(result)
-    base.with_suffix(".md").write_text(
-        f"`{' '.join(['bench/live/bench_launch.py', *sys.argv[1:]])}`, {stamp}, load average "
-        f"{result['load_avg_1m']['mean']:.1f} (max {result['load_avg_1m']['max']:.1f}) on "
-        f"{os.cpu_count()} CPUs\n\n{table}"
-    )
-    print(table)
-    print(f"controller actions: {len(actions)}; flips: {result['flip_costs']}")
-    print(f"wrote {base.with_suffix('.json')} and .md")
+    write(aggregate(result), base)
     if args.update_costs and result["flip_costs"]:
         costs = ROOT / "src" / "banaserve_ext" / "data" / "costs.json"
         update_costs(costs, result["flip_costs"], base.with_suffix(".json").name)
         print(f"updated {costs}")
     return 0 if all(x["rc"] == 0 for v in runs.values() for x in v) else 1
+
+
+def aggregate(result: dict) -> dict:
+    """Adds the rows, medians, same-repeat ratios and controller actions to ``result``."""
+    runs = result["runs"]
+    for v in runs.values():
+        for x in v:
+            x["row"] = row_of(x["replay"])
+    rows = {k: [x["row"] for x in v] for k, v in runs.items()}
+    actions = [a for x in runs["banaserve"] for a in x["actions"]]
+    return result | {
+        "median": {k: medians(v) for k, v in rows.items()},
+        "ratio_banaserve_over_sglang": ratios(rows["banaserve"], rows["sglang"]),
+        "transfer_backend": {k: v[0]["replay"]["transfer_backend"] for k, v in runs.items()},
+        "controller_actions": actions, "flip_costs": flip_costs(actions),
+    }  # fmt: skip
+
+
+def write(result: dict, base: Path) -> None:
+    """``base``.json (everything) and ``base``.md (the table), printed too."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    base.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    load = result["load_avg_1m"]
+    table = markdown(result)
+    cmd = " ".join(["bench/live/bench_launch.py", *result["argv"]])
+    base.with_suffix(".md").write_text(
+        f"`{cmd}`, {result['stamp']}, load average {load['mean']:.1f} (max {load['max']:.1f}) "
+        f"on {result['cpus']} CPUs, transfer backends {result['transfer_backend']}\n\n{table}"
+    )
+    print(table)
+    print(f"controller actions: {len(result['controller_actions'])}; "
+          f"flips: {result['flip_costs']}")  # fmt: skip
+    print(f"wrote {base.with_suffix('.json')} and .md")
 
 
 if __name__ == "__main__":

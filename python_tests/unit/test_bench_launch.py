@@ -32,7 +32,9 @@ def _record(ttft: float, hit_local: float, busiest: float | None) -> dict:
                "requests": 8.0}  # fmt: skip
     cache = {"hit_rate": hit_local, "hit_rate_local": hit_local, "hit_rate_store": 0.0,
              "prompt_tokens": 1000.0}  # fmt: skip
-    return {"summary": summary, "cache": cache, "prefill_load": {"busiest_share": busiest}}
+    counters = {"servers": {"p": {"hit_host": 100.0}, "d": None}}
+    return {"summary": summary, "cache": cache, "counters": counters,
+            "prefill_load": {"busiest_share": busiest}}  # fmt: skip
 
 
 def test_rows_medians_and_same_repeat_ratios(bench) -> None:  # type: ignore[no-untyped-def]
@@ -40,6 +42,7 @@ def test_rows_medians_and_same_repeat_ratios(bench) -> None:  # type: ignore[no-
     base = [bench.row_of(_record(t, 0.2, None)) for t in (2.0, 2.0, 3.0)]
     med = bench.medians(ours)
     assert med["ttft_p50_s"] == 2.0 and med["hit_rate_local"] == 0.4
+    assert med["hit_rate_l2"] == pytest.approx(0.1)  # 100 host-hit tokens of 1000
     assert bench.medians(base)["busiest_share"] is None  # no number in any repeat
     rat = bench.ratios(ours, base)
     assert rat["ttft_p50_s"] == pytest.approx(1.0)  # median of 0.5, 1.0, 2.0
@@ -79,3 +82,18 @@ def test_update_costs_keeps_the_schema(bench, tmp_path: Path) -> None:  # type: 
     assert "x.json" in costs.sources["flip_cost_s"]
     assert costs.layer_link == measured_costs().layer_link
     assert json.loads(p.read_text())["flip_live"]["drain_plus_switch_s"] == 2.0
+
+
+def test_aggregate_recomputes_rows_from_the_replay_records(bench) -> None:  # type: ignore[no-untyped-def]
+    flip = {"action": "FlipRole", "outcome": "ok",
+            "costs": {"drain_s": 1.0, "switch_s": 0.5}}  # fmt: skip
+
+    def run(kind: str, ttft: float, actions: list) -> dict:
+        return {"replay": _record(ttft, 0.3, 1.0) | {"transfer_backend": kind},
+                "actions": actions}  # fmt: skip
+
+    result = bench.aggregate({"runs": {"banaserve": [run("banaserve", 1.0, [flip])],
+                                       "sglang": [run("mooncake", 4.0, [])]}})  # fmt: skip
+    assert result["ratio_banaserve_over_sglang"]["ttft_p50_s"] == pytest.approx(0.25)
+    assert result["transfer_backend"] == {"banaserve": "banaserve", "sglang": "mooncake"}
+    assert result["flip_costs"] == {"drain_s": 1.0, "switch_s": 0.5, "total_s": 1.5, "n": 1}
