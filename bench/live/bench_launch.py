@@ -121,7 +121,7 @@ def markdown(result: dict) -> str:
     lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
     for kind in KINDS:
         med = result["median"][kind]
-        lines.append(f"| {kind} (median of {len(result['runs'][kind])}) | "
+        lines.append(f"| {kind} (median of {result['complete_repeats']}) | "
                      + " | ".join(_fmt(med.get(k), f) for k, _, f in COLUMNS) + " |")  # fmt: skip
     rat = result["ratio_banaserve_over_sglang"]
     cells = " | ".join(_fmt(rat.get(k), "{:.2f}") for k, _, _ in COLUMNS)
@@ -171,6 +171,8 @@ def launch_once(kind: str, args: argparse.Namespace, run_dir: Path) -> dict:
            "--replay-max-output", str(args.max_output), "--server-arg=--enable-metrics",
            "--log-dir", str(run_dir), "--replay-out", str(out), "--json",
            "--status-interval", "0"]  # fmt: skip
+    if kind == "banaserve" and args.hicache_size is not None:
+        cmd.append(f"--server-arg=--hicache-size={args.hicache_size}")
     env = dict(os.environ)
     if kind == "sglang" and args.mooncake_path:
         # SGLang imports `mooncake` from here; `launch` then picks the mooncake backend
@@ -189,8 +191,11 @@ def launch_once(kind: str, args: argparse.Namespace, run_dir: Path) -> dict:
     rec: dict = {"kind": kind, "rc": proc.returncode, "total_s": time.monotonic() - t0,
                  "load_avg_1m": load.summary(), "log_dir": str(run_dir)}  # fmt: skip
     if not out.is_file():
-        tail = (run_dir / "launch.err").read_text()[-2000:]
-        raise SystemExit(f"{kind}: no replay record (rc {proc.returncode}); stderr tail:\n{tail}")
+        tail = (run_dir / "launch.err").read_text()[-1500:]
+        print(
+            f"  {kind}: no replay record (rc {proc.returncode}); stderr tail:\n{tail}", flush=True
+        )
+        return rec | {"replay": None, "actions": [], "error": tail}
     rec["replay"] = json.loads(out.read_text())
     dec = run_dir / "decisions.jsonl"
     decisions = [json.loads(x) for x in dec.read_text().splitlines() if x.strip()] if (
@@ -236,6 +241,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mooncake-path", type=Path, default=None,
                    help="a directory holding the `mooncake` package (pip install --target), put "
                    "on the baseline's PYTHONPATH only")  # fmt: skip
+    p.add_argument(
+        "--hicache-size",
+        type=float,
+        default=0,
+        help="BanaServe prefill servers' HiCache host tier (L2) in GB; 0 (default): "
+        "SGLang's hicache_ratio, 2x the device KV pool (launch's own 1 GB does not "
+        "fit beside the other jobs on this box); L3 hits need an L2 that overflows",
+    )
     p.add_argument("--run-timeout", type=float, default=420.0)
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--logs", type=Path, default=ROOT / "out" / "live-bench")
@@ -258,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"repeat {r + 1}/{args.repeats}: {' then '.join(order)}", flush=True)
             for kind in order:
                 runs[kind].append(launch_once(kind, args, args.logs / stamp / f"{r}-{kind}"))
+                partial = args.logs / stamp / "partial.json"
+                partial.write_text(json.dumps({"runs": runs, "argv": sys.argv[1:]}))
     result = {
         "stamp": stamp, "argv": sys.argv[1:], "args": {k: str(v) for k, v in vars(args).items()},
         "cpus": os.cpu_count(), "bench_wall_s": time.monotonic() - t0,
@@ -277,13 +292,18 @@ def aggregate(result: dict) -> dict:
     runs = result["runs"]
     for v in runs.values():
         for x in v:
-            x["row"] = row_of(x["replay"])
-    rows = {k: [x["row"] for x in v] for k, v in runs.items()}
+            x["row"] = row_of(x["replay"]) if x.get("replay") else None
+    # only repeats where both deployments produced a record count
+    pairs = [(a, b) for a, b in zip(runs["banaserve"], runs["sglang"], strict=False)
+             if a["row"] and b["row"]]  # fmt: skip
+    rows = {"banaserve": [a["row"] for a, _ in pairs], "sglang": [b["row"] for _, b in pairs]}
     actions = [a for x in runs["banaserve"] for a in x["actions"]]
     return result | {
+        "complete_repeats": len(pairs),
         "median": {k: medians(v) for k, v in rows.items()},
         "ratio_banaserve_over_sglang": ratios(rows["banaserve"], rows["sglang"]),
-        "transfer_backend": {k: v[0]["replay"]["transfer_backend"] for k, v in runs.items()},
+        "transfer_backend": {k: next((x["replay"]["transfer_backend"] for x in v if x["replay"]),
+                                     None) for k, v in runs.items()},
         "controller_actions": actions, "flip_costs": flip_costs(actions),
     }  # fmt: skip
 

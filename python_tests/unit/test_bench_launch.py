@@ -50,7 +50,7 @@ def test_rows_medians_and_same_repeat_ratios(bench) -> None:  # type: ignore[no-
     assert rat["hit_rate_store"] is None  # baseline 0: no ratio
     table = bench.markdown(
         {"median": {"banaserve": med, "sglang": bench.medians(base)},
-         "runs": {"banaserve": ours, "sglang": base}, "ratio_banaserve_over_sglang": rat}
+         "complete_repeats": 3, "ratio_banaserve_over_sglang": rat}
     )  # fmt: skip
     assert table.count("\n") == 5 and "n/a" in table and "| 2.00 |" in table
 
@@ -97,3 +97,16 @@ def test_aggregate_recomputes_rows_from_the_replay_records(bench) -> None:  # ty
     assert result["ratio_banaserve_over_sglang"]["ttft_p50_s"] == pytest.approx(0.25)
     assert result["transfer_backend"] == {"banaserve": "banaserve", "sglang": "mooncake"}
     assert result["flip_costs"] == {"drain_s": 1.0, "switch_s": 0.5, "total_s": 1.5, "n": 1}
+    assert result["complete_repeats"] == 1
+    # a repeat whose deployment left no record (it failed to start) is not paired
+    failed = {"replay": None, "actions": []}
+    result = bench.aggregate(
+        {
+            "runs": {
+                "banaserve": [run("banaserve", 1.0, []), failed],
+                "sglang": [run("mooncake", 4.0, []), run("m", 1.0, [])],
+            }
+        }
+    )
+    assert result["complete_repeats"] == 1
+    assert result["ratio_banaserve_over_sglang"]["ttft_p50_s"] == pytest.approx(0.25)
