@@ -220,7 +220,9 @@ def update_costs(path: Path, flip: dict, result_file: str) -> None:
            f"controller flips during a Mooncake conversation replay, SGLang 0.5.23 POST "
            f"/pd_role_switch after the drain, banaserve transfer backend, tiny Llama on a shared "
            f"2-core CPU box")  # fmt: skip
-    data["flip_cost_s"] = {"value": round(flip["switch_s"], 3), "source": src}
+    prev = data.get("flip_cost_s", {})
+    previous = {k: prev[k] for k in ("value", "source") if k in prev}
+    data["flip_cost_s"] = {"value": round(flip["switch_s"], 3), "source": src, "previous": previous}
     data["flip_live"] = {
         "drain_s": round(flip["drain_s"], 3), "switch_s": round(flip["switch_s"], 3),
         "drain_plus_switch_s": round(flip["total_s"], 3), "n": flip["n"], "source": src,

@@ -81,7 +81,12 @@ def test_update_costs_keeps_the_schema(bench, tmp_path: Path) -> None:  # type: 
     assert costs.flip_cost_s == 0.7 and costs.flip_measured
     assert "x.json" in costs.sources["flip_cost_s"]
     assert costs.layer_link == measured_costs().layer_link
-    assert json.loads(p.read_text())["flip_live"]["drain_plus_switch_s"] == 2.0
+    data = json.loads(p.read_text())
+    assert data["flip_live"]["drain_plus_switch_s"] == 2.0
+    assert (
+        data["flip_cost_s"]["previous"]["value"]
+        == json.loads(src.read_text())["flip_cost_s"]["value"]
+    )
 
 
 def test_aggregate_recomputes_rows_from_the_replay_records(bench) -> None:  # type: ignore[no-untyped-def]
