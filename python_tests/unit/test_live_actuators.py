@@ -36,6 +36,7 @@ class FakeServer:
         self.back_fails = False
         #: the layer server of this server's split is gone (found at the next step)
         self.lost = False
+        self.waiting = 0
 
     def step(self, util: float) -> None:
         self.t += 1.0
@@ -76,7 +77,7 @@ class FakeServer:
     def signals(self) -> dict:
         return {"t": self.t, "started": 1.0, "busy_s": self.busy_s, "decode_s": 0.0,
                 "decode_attn_s": 0.0, "mode": self.mode, "kv_total": 100, "kv_used": 10,
-                "idle": False, "waiting": 0, "running": 1}  # fmt: skip
+                "idle": False, "waiting": self.waiting, "running": 1}  # fmt: skip
 
 
 class FakeRouter:
@@ -273,3 +274,18 @@ def test_cli_takes_targets_and_link_costs(tmp_path) -> None:
                          "127.0.0.1:7100", "--attn-target", f"{P0}=127.0.0.1:7100"])  # fmt: skip
     with pytest.raises(InvalidArgumentError, match="give each role its own"):
         cli.config_from_args(args).validate()
+
+
+def test_a_prefill_server_with_a_queue_counts_as_saturated() -> None:
+    """A long prefill that spans the window adds no busy time until it ends: a prefill server
+    with requests waiting is busy whatever its finished forward passes say (a launch run flipped
+    such a server to decode on 'util 0.00' and drained its queue for 105 s)."""
+    ctl, servers = _controller(Targets())
+    servers[P0].waiting = 5
+    _run(ctl, servers, {P0: 0.0, P1: 0.0, D0: 0.5}, 2)
+    views = {v.idx: v for v in ctl.views()}
+    assert views[0].util == 1.0 and views[0].queue_len == 5 and views[0].running == 1
+    assert views[1].util == 0.0 and views[1].queue_len == 0
+    servers[P0].waiting = 0
+    _run(ctl, servers, {P0: 0.0, P1: 0.0, D0: 0.5}, 1)
+    assert ctl.views()[0].util == 0.0

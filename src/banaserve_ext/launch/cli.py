@@ -135,6 +135,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--replay-max-input", type=int, default=1024)
     g.add_argument("--replay-max-output", type=int, default=32)
     g.add_argument("--json", action="store_true", help="print the replay summary as JSON")
+    g.add_argument(
+        "--replay-conversations",
+        action="store_true",
+        help="replay whole multi-turn conversations (requests sharing their first two prefix "
+        "hashes) instead of the first N requests: real prefix reuse on a short slice",
+    )
+    g.add_argument(
+        "--replay-out",
+        type=Path,
+        default=None,
+        help="write the replay's full record here (JSON: summary, prefix hits local/store, "
+        "per-server prefill tokens and cache counters, KV store counters; the servers need "
+        "--server-arg=--enable-metrics for the counters)",
+    )
 
 
 def _model_path(args: argparse.Namespace) -> tuple[str, int]:
@@ -343,7 +357,12 @@ def _replay(args: argparse.Namespace, dep: Deployment, vocab: int) -> int:
 
     url = dep.router.url
 
-    trace = replay.load_trace(args.replay, args.replay_requests)
+    conversations = getattr(args, "replay_conversations", False)
+    trace = replay.load_trace(
+        args.replay, args.replay_requests * 100 if conversations else args.replay_requests
+    )
+    if conversations:
+        trace = replay.conversation_slice(trace, args.replay_requests)
     reqs = replay.scale(
         trace, rate_rps=args.replay_rate, length_scale=args.replay_length_scale,
         max_input=min(args.replay_max_input, args.max_total_tokens // 2),
@@ -359,11 +378,27 @@ def _replay(args: argparse.Namespace, dep: Deployment, vocab: int) -> int:
 
     if args.status_interval > 0:
         threading.Thread(target=status_loop, name="launch-status", daemon=True).start()
+    urls = [s.url for s in dep.prefill + dep.decode]
+    pool_url = dep.pool.ready_url if dep.pool else None
+    before = replay.read_counters(urls, pool_url)
     try:
         results = replay.run(url, reqs)
     finally:
         done.set()
     summary = replay.summarize(results, time.perf_counter() - t0)
+    out = getattr(args, "replay_out", None)
+    if out is not None:
+        delta = replay.counter_delta(before, replay.read_counters(urls, pool_url))
+        record = {
+            "deployment": _describe(dep), "kind": dep.kind, "notes": dep.notes,
+            "transfer_backend": dep.prefill[0].transfer_backend, "trace": str(args.replay),
+            "conversations": conversations, "summary": summary,
+            "cache": replay.cache_summary(results), "counters": delta,
+            "prefill_load": replay.prefill_load(delta, [s.url for s in dep.prefill]),
+            "errors": sorted({r.error for r in results if not r.ok})[:5],
+        }  # fmt: skip
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=1))
     if args.json:
         print(json.dumps(summary))
     else:

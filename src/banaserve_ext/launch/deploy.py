@@ -115,6 +115,10 @@ class LayerServerPlan:
         return f"{self.host}:{self.port}"
 
 
+#: seconds the launched controller waits before its first action
+WARMUP_S = 10.0
+
+
 @dataclass(frozen=True)
 class ControllerPlan:
     port: int
@@ -263,7 +267,9 @@ def plan_deployment(args, model: str) -> Deployment:  # noqa: ANN001 - argparse 
             port=free_port(host), router_url=router.url,
             instances=tuple(f"{s.url},{s.bootstrap_port}" for s in prefill + decode),
             decisions=args.log_dir / "decisions.jsonl",
-            extra=peer_args + tuple(args.controller_arg),
+            # no action while the servers warm up and the first windows fill (a --controller-arg
+            # --warmup-s given by the user comes later and wins)
+            extra=peer_args + ("--warmup-s", str(WARMUP_S)) + tuple(args.controller_arg),
             host=host, model_config=str(model_cfg_path) if model_cfg else None,
         )  # fmt: skip
     return Deployment(kind, prefill, decode, router, pool, controller, peers, notes, targets,

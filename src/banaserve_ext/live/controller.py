@@ -278,6 +278,10 @@ class LiveController:
                 inst.attn_share = (sig["decode_attn_s"] - prev["decode_attn_s"]) / dd if dd else 0.0
                 retracted = int(sig.get("retracted", 0)) - int(prev.get("retracted", 0))
                 inst.preempted = max(0, retracted)
+            if sig.get("mode") == "prefill" and int(sig.get("waiting", 0) or 0) > 0:
+                # a prefill server with a queue is saturated, whatever its finished forward
+                # passes say (a long prefill spanning the window adds no busy time until it ends)
+                inst.util = 1.0
 
     def _repair(self) -> list[dict]:
         out = []
@@ -329,7 +333,8 @@ class LiveController:
                 kv_frac=int(s.get("kv_used", 0)) / total, kv_tokens=int(s.get("kv_used", 0)),
                 layers_held=self.config.total_layers, attn_share=inst.attn_share,
                 accepting=inst.router_role == inst.mode, can_send=send, can_receive=receive,
-                preempted=inst.preempted,
+                preempted=inst.preempted, queue_len=int(s.get("waiting", 0) or 0),
+                running=int(s.get("running", 0) or 0),
             ))  # fmt: skip
         return views
 
