@@ -78,6 +78,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a layer server beside each prefill server, which opts into layer_migration "
         "(the controller's layer migrations; needs --no-store)",
     )
+    p.add_argument(
+        "--handoff",
+        action="store_true",
+        help="the router serves requests on its hand-off path (docs/handoff.md): a role flip "
+        "moves the drained decode server's running requests to another pair instead of "
+        "waiting for them (needs the store)",
+    )
     p.add_argument("--store-size", default="256MiB", help="KV store capacity (default 256MiB)")
     p.add_argument(
         "--controller-arg",

@@ -133,6 +133,8 @@ class RouterConfig:
     #: the router instead, on a port of their own, so several routers can run on one host
     prometheus_port: int = 0
     module: str = "sglang_router"
+    #: further router flags (the hand-off path: ``--dynaserve-handoff --handoff-kv-pool NAME``)
+    extra: tuple[str, ...] = ()
 
     def command(self, python: str = sys.executable) -> list[str]:
         if not self.prefill or not self.decode:
@@ -157,7 +159,7 @@ class RouterConfig:
             "--prometheus-port",
             str(self.prometheus_port or free_port(self.host)),
         ]
-        return cmd
+        return cmd + list(self.extra)
 
     @property
     def url(self) -> str:
