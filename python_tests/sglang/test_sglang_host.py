@@ -75,7 +75,9 @@ def test_a_banaserve_server_is_hooked(servers) -> None:
     assert len({pid for pid, *_ in rows}) >= 3, rows
     for _, _, features, refused, hooks in rows:
         assert features == "['cpu_launcher', 'pd', 'layerwise']" and refused == "none", rows
-        assert hooks == "utils.get_kv_class, Scheduler.run_batch", rows
+        assert hooks == (
+            "utils.get_kv_class, Scheduler.process_decode_queue, Scheduler.run_batch"
+        ), rows
     # the scheduler got its server arguments as an object, not from the command line
     assert any(src.startswith("ServerArgs in run_scheduler_process") for _, src, *_ in rows)
     log = Path(proc.log_path).read_text(errors="replace")

@@ -260,8 +260,9 @@ def test_background_launch_stops_everything_on_sigint(tiny_model_dir: Path, tmp_
             time.sleep(1)
         assert out.read_text().startswith("http://127.0.0.1:"), err.read_text()
         children = _children(pid)
-        # store, prefill, decode, router, attention peer, controller: each leads its own group
-        assert len(children) == 6, err.read_text()
+        # store, prefill, decode, router, controller, the KV-pressure attention peer and the
+        # attention target beside each of the 2 servers: each leads its own group
+        assert len(children) == 8, err.read_text()
         assert all(group_members(c) for c in children)
         time.sleep(2.5)  # a status line or two
         os.kill(pid, signal.SIGINT)
