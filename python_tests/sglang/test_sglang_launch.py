@@ -88,17 +88,15 @@ def test_migration_targets_beside_the_servers(tmp_path: Path) -> None:
     assert d.controller is not None and "--calibrate" not in d.controller.command("py")
 
 
-def test_handoff_runs_the_router_on_its_hand_off_path_over_the_store(tmp_path: Path) -> None:
-    d = deploy.plan_deployment(_args("--decode", "2", "--handoff"), _model(tmp_path))
+def test_the_router_runs_its_hand_off_path_over_the_store(tmp_path: Path) -> None:
+    d = deploy.plan_deployment(_args("--decode", "2"), _model(tmp_path))
     assert d.pool is not None
     rcmd = d.router.command("py")
     assert "--dynaserve-handoff" in rcmd
     assert rcmd[rcmd.index("--handoff-kv-pool") + 1] == d.pool.name
-    plain = deploy.plan_deployment(_args("--decode", "2"), _model(tmp_path))
-    assert "--dynaserve-handoff" not in plain.router.command("py")
-    for argv in (("--handoff", "--no-store"), ("--handoff", "--baseline", "sglang")):
-        with pytest.raises(InvalidArgumentError, match="--handoff needs"):
-            deploy.plan_deployment(_args(*argv), _model(tmp_path))
+    for argv in (("--no-handoff",), ("--no-store",), ("--baseline", "sglang")):
+        d = deploy.plan_deployment(_args("--decode", "2", *argv), _model(tmp_path))
+        assert "--dynaserve-handoff" not in d.router.command("py"), argv
 
 
 def test_baseline_is_the_stock_deployment(tmp_path: Path) -> None:

@@ -79,11 +79,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(the controller's layer migrations; needs --no-store)",
     )
     p.add_argument(
-        "--handoff",
+        "--no-handoff",
         action="store_true",
-        help="the router serves requests on its hand-off path (docs/handoff.md): a role flip "
-        "moves the drained decode server's running requests to another pair instead of "
-        "waiting for them (needs the store)",
+        help="the router serves requests on its ordinary path: a role flip waits for the drained "
+        "server's running requests instead of moving them to another pair (docs/handoff.md; "
+        "without the store there is no hand-off either)",
     )
     p.add_argument("--store-size", default="256MiB", help="KV store capacity (default 256MiB)")
     p.add_argument(

@@ -15,9 +15,9 @@
   server (layer migration moves within the prefill tier; it needs ``--no-store``: HiCache copies
   every layer's KV, and a migrated layer's KV is gone from the donor). The controller calibrates
   its link costs against these targets at start;
-* with ``--handoff`` the router serves requests on its hand-off path (``--dynaserve-handoff
-  --handoff-kv-pool`` the store): a flip's drain moves the decode server's running requests to
-  another pair (docs/handoff.md) instead of waiting for them.
+* the router serves requests on its hand-off path (``--dynaserve-handoff --handoff-kv-pool`` the
+  store; not with ``--no-handoff`` or ``--no-store``): a flip's drain moves the decode server's
+  running requests to another pair (docs/handoff.md) instead of waiting for them.
 
 ``sglang`` (``--baseline sglang``): the stock deployment for side-by-side runs: ``sglang_router``
 with ``cache_aware``, no store, no role switch, no controller, Mooncake transfer when the
@@ -208,12 +208,8 @@ def plan_deployment(args, model: str) -> Deployment:  # noqa: ANN001 - argparse 
             "and HiCache copies every layer's KV, which a migrated layer no longer has here "
             "(layer migration moves within the prefill tier, so no server could send)"
         )
-    handoff = bool(getattr(args, "handoff", False))
-    if handoff and (not ours or args.no_store):
-        raise InvalidArgumentError(
-            "--handoff needs the BanaServe deployment with its store: a moved request's prompt "
-            "KV comes from the store through the prefill servers' HiCache L3"
-        )
+    # a moved request's prompt KV comes from the store through the prefill servers' HiCache L3
+    handoff = ours and not args.no_store and not getattr(args, "no_handoff", False)
     host = args.host
     model_cfg_path = Path(model) / "config.json"
     model_cfg = json.loads(model_cfg_path.read_text()) if model_cfg_path.is_file() else None
