@@ -25,7 +25,8 @@ by SGLang in the scheduler process; the feature's state lives on one :class:`KvM
   the row's slots to a host backup to restore it later without recompute; the migrated
   positions' slots are no longer the request's, so after SGLang's copy the peer's slice is read
   into the backup at [start, end) (:mod:`.kv_retraction`). If that fails the backup is dropped
-  and SGLang aborts the request (503); it never resumes on wrong KV. A unified server's
+  and SGLang aborts the request (503, ``AttentionPeerError``, worded by an AFTER hook on
+  ``ScheduleBatch.retract_decode``); it never resumes on wrong KV. A unified server's
   retraction keeps no backup (it prefills the request again from its token ids), and the split
   is simply dissolved on release.
 * ``Scheduler.process_batch_result`` (BEFORE): a request whose peer failed during the step is
@@ -196,6 +197,8 @@ class KvMigration:
         self.peers: dict[str, _PeerLink] = {}
         self._owner: _Owner | None = None
         self.held: list[Any] = []  # slot tensors taken by the test aid ``test_kv_hold``
+        #: rid -> why its retraction backup was dropped (SGLang aborts it; we word the abort)
+        self.dropped: dict[str, str] = {}
 
     def owner(self, scheduler: Any) -> _Owner:
         if self._owner is None:
@@ -385,12 +388,27 @@ class KvMigration:
             self.counters["retraction_backups_patched"] += 1
             return saved
         except Exception as exc:  # noqa: BLE001 - never resume on KV with a hole
-            logger.error("banaserve: request %s is retracted with %d tokens of KV on %s, which "
-                         "could not be read back (%s); SGLang aborts it", req.rid,
-                         split.end - split.start, split.peer.address, exc)  # fmt: skip
+            why = (f"retracted for lack of KV while {split.end - split.start} tokens of its KV "
+                   f"lived on attention peer {split.peer.address}, which could not be read "
+                   f"back ({exc})")  # fmt: skip
+            logger.error("banaserve: request %s %s; it is aborted", req.rid, why)
+            self.dropped[req.rid] = why
             self.sg.discard_kv_cache_backup(req, tree_cache, backend)
             self.counters["retraction_backups_dropped"] += 1
             return False
+
+    def after_retract_decode(self, result: Any, *a: Any, **kw: Any) -> None:
+        """SGLang aborts a retracted request whose backup we dropped; the client is told why."""
+        if not self.dropped:
+            return None
+        for req in result[2]:  # (retracted, new token ratio, aborted)
+            why = self.dropped.pop(req.rid, None)
+            if why is not None:
+                req.to_finish = self.sg.FINISH_ABORT(
+                    f"banaserve: {why}", HTTPStatus.SERVICE_UNAVAILABLE, "AttentionPeerError"
+                )
+        self.dropped.clear()  # requests SGLang retracted anyway (none expected)
+        return None
 
     def _drop_slice(self, split: Split) -> None:
         if split.failed:
@@ -555,7 +573,7 @@ class KvMigration:
 
 
 def activate(host: Any) -> KvMigration:
-    """Activation of the ``kv_migration`` feature: its kinds and its five hooks."""
+    """Activation of the ``kv_migration`` feature: its kinds and its six hooks."""
     mig = KvMigration(host)
     channel = host.state("admin")
     channel.register("kv", mig.migrate_kv)
@@ -566,6 +584,7 @@ def activate(host: Any) -> KvMigration:
     host.hook("kv_migration", "BasePrefixCache.free_kv_row", mig.around_free_kv_row)
     host.hook("kv_migration", "release_kv_cache", mig.around_release_kv_cache)
     host.hook("kv_migration", "backup_kv_cache", mig.around_backup_kv_cache)
+    host.hook("kv_migration", "ScheduleBatch.retract_decode", mig.after_retract_decode, "AFTER")
     host.hook("kv_migration", "Scheduler.process_batch_result", mig.before_process_batch_result,
               "BEFORE")  # fmt: skip
     return mig

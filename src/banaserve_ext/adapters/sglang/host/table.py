@@ -304,6 +304,7 @@ INTERNALS: dict[str, dict[str, Internal]] = {
             "backend",
             hook=True,
         ),  # fmt: skip
+        "ScheduleBatch.retract_decode": O(BATCH + ".retract_decode", hook=True),
         "discard_kv_cache_backup": O(
             _S + "mem_cache.common.discard_kv_cache_backup",
             "req",
