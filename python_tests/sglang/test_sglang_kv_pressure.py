@@ -35,10 +35,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sglang_testbed.cluster import Cluster, generate
@@ -46,7 +47,7 @@ from sglang_testbed.cluster import Cluster, generate
 from banaserve_ext.bench.kv_pressure import generate_ids, run_phase, signals
 from banaserve_ext.control import BanaServeConfig
 from banaserve_ext.launch.deploy import PoolPlan, hicache_page_bytes
-from banaserve_ext.launch.servers import ServerProcess, SGLangServerConfig, free_port
+from banaserve_ext.launch.servers import ServerProcess, SGLangServerConfig, free_port, http_json
 from banaserve_ext.live.clients import InstanceClient, InstanceSpec, RouterClient
 from banaserve_ext.live.controller import LiveConfig, LiveController
 from banaserve_ext.live.kv_pressure import KvPressureConfig
@@ -191,6 +192,65 @@ def test_with_controller_kv_moves_to_a_peer_and_sglang_retracts_less(dep: Deploy
     assert res["retracted"] < without["retracted"] or (
         without["retracted"] == 0 and res["retracted"] == 0
     ), (res, without)
+
+
+def _admin(url: str, body: dict) -> dict:
+    status, ans = http_json(f"{url}/banaserve/migrate", body, timeout_s=120.0)
+    assert status == 200 and isinstance(ans, dict), (body, status, ans)
+    return ans
+
+
+def _wait_for(what: str, check: Callable[[], Any], timeout_s: float = 120.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_retracted_split_request_resumes_on_its_own_kv(dep: Deployment) -> None:
+    """SGLang retracts a request whose KV is partly on an attention peer. A PD decode server
+    keeps a host backup of a retracted request's KV and restores it later without recompute;
+    the backup copies the request's row, whose migrated positions point at slots given back to
+    the allocator. The plug-in reads the peer's part into the backup, so the request resumes on
+    its own KV: the output equals the single server's. The freed slots are scrubbed (NaN) and
+    then taken by the test aid ``test_kv_hold`` (which forces the retraction), so a backup that
+    copied them would show in the output."""
+    from banaserve_ext.migration.attn_peer import AttnPeerProcess
+
+    url = dep.decode.url
+    prompts = dep.prompts[:2]
+    before = signals(url)
+    counters_before = _admin(url, {"kind": "kv_splits"})["counters"]
+    with AttnPeerProcess() as peer, ThreadPoolExecutor(len(prompts)) as ex:
+        futs = [ex.submit(generate_ids, dep.router_url, p, MAX_NEW) for p in prompts]
+
+        def both_running() -> list[dict]:
+            run = _admin(url, {"kind": "status"})["running"]
+            return run if len(run) == 2 and all(r["output_len"] >= 4 for r in run) else []
+
+        for r in _wait_for("both requests decoding", both_running):
+            ans = _admin(url, {"kind": "kv", "rid": r["rid"], "peer": peer.address,
+                               "fraction": 0.5, "scrub": True})  # fmt: skip
+            assert ans["tokens"] > 0, ans
+        _admin(url, {"kind": "test_kv_hold"})  # every free slot: the next step cannot fit
+        try:
+            retracted = int(before["retracted"])
+            _wait_for("a retraction", lambda: int(signals(url)["retracted"]) > retracted)
+        finally:
+            _admin(url, {"kind": "test_kv_hold", "release": True})
+        outs = [f.result(timeout=300) for f in futs]
+    for p, out in zip(prompts, outs, strict=True):
+        assert out == dep.reference[tuple(p)]
+    after = signals(url)
+    assert int(after["retract_aborted"]) == int(before["retract_aborted"])
+    splits = _admin(url, {"kind": "kv_splits"})
+    assert splits["splits"] == []
+    patched = splits["counters"]["retraction_backups_patched"]
+    assert patched - counters_before["retraction_backups_patched"] >= 1, splits
+    assert splits["counters"]["retraction_backups_dropped"] == 0, splits
 
 
 def _switch(router: RouterClient, inst: InstanceClient, old: str, new: str) -> None:

@@ -274,3 +274,56 @@ def test_killed_peer_fails_only_its_split_request_clearly(server: SGLangServerCo
     _, r = migrate(server, {"kind": "kv_splits"})
     assert r["splits"] == []
     assert idle_available(server) == idle
+
+
+def test_retracted_split_request_is_recomputed_on_a_unified_server(
+    server: SGLangServerConfig, peer: AttnPeerProcess
+) -> None:
+    """A unified server retracts a request by freeing its KV and prefilling it again later from
+    its token ids (no KV backup: SGLang 0.5.23 backs up only on a PD decode server). The split is
+    dissolved when the request's KV is released, the peer's slice freed, and the recomputed
+    request's output equals the unsplit run's. The test aid ``test_kv_hold`` takes every free
+    slot so that SGLang must retract; the migrated slots were scrubbed (NaN) first."""
+    reqs = [(prompt(11, 60), 160), (prompt(12, 60), 160)]
+    idle = idle_available(server)
+    with ThreadPoolExecutor(len(reqs)) as pool:
+        futs = [pool.submit(generate, server.url, p, n, f"rbase-{i}")
+                for i, (p, n) in enumerate(reqs)]  # fmt: skip
+        baseline = [f.result(timeout=300)["output_ids"] for f in futs]
+    _, before = migrate(server, {"kind": "kv_splits"})
+    with ThreadPoolExecutor(len(reqs)) as pool:
+        futs = [pool.submit(generate, server.url, p, n, f"retract-{i}")
+                for i, (p, n) in enumerate(reqs)]  # fmt: skip
+        for i in range(len(reqs)):
+            wait_running(server, f"retract-{i}", min_output=10)
+        for i in range(len(reqs)):
+            body = {"kind": "kv", "rid": f"retract-{i}", "peer": peer.address,
+                    "fraction": 0.5, "scrub": True}  # fmt: skip
+            status, r = migrate(server, body)
+            assert status == 200, r
+        status, r = migrate(server, {"kind": "test_kv_hold"})
+        assert status == 200 and r["kv_available_after"] == 0, r
+        try:
+            deadline = time.monotonic() + 120
+            while True:  # a split dissolved while both requests still run: a retraction
+                _, r = migrate(server, {"kind": "kv_splits"})
+                if len(r["splits"]) < len(reqs):
+                    break
+                assert time.monotonic() < deadline, "SGLang never retracted a split request"
+                time.sleep(0.02)
+            gone = {f"retract-{i}" for i in range(len(reqs))} - {s["rid"] for s in r["splits"]}
+            assert not any(f.done() for f in futs), gone
+            _, st = migrate(server, {"kind": "status"})
+            assert gone.isdisjoint(x["rid"] for x in st["running"]), st  # it waits: retracted
+        finally:
+            status, r = migrate(server, {"kind": "test_kv_hold", "release": True})
+            assert status == 200, r
+        outs = [f.result(timeout=300)["output_ids"] for f in futs]
+    for i, (got, want) in enumerate(zip(outs, baseline, strict=True)):
+        assert got == want, f"request {i} diverged at token {first_diff(got, want)}"
+    _, r = migrate(server, {"kind": "kv_splits"})
+    assert r["splits"] == [] and r["peers"][peer.address]["slices"] == 0
+    # no backup to complete on a unified server: its retraction recomputes
+    assert r["counters"]["retraction_backups_patched"] == before["counters"][
+        "retraction_backups_patched"]  # fmt: skip
+    assert idle_available(server) == idle

@@ -21,6 +21,14 @@ by SGLang in the scheduler process; the feature's state lives on one :class:`KvM
   they are cut out of every range it frees (no double free at request end).
 * ``release_kv_cache`` (AROUND): a split request is released without a radix checkpoint (its row
   has holes), then the split is dissolved and the peer's slice freed.
+* ``backup_kv_cache`` (AROUND): SGLang retracting a split request on a PD decode server copies
+  the row's slots to a host backup to restore it later without recompute; the migrated
+  positions' slots are no longer the request's, so after SGLang's copy the peer's slice is read
+  into the backup at [start, end) (:mod:`.kv_retraction`). If that fails the backup is dropped
+  and SGLang aborts the request (503, ``AttentionPeerError``, worded by an AFTER hook on
+  ``ScheduleBatch.retract_decode``); it never resumes on wrong KV. A unified server's
+  retraction keeps no backup (it prefills the request again from its token ids), and the split
+  is simply dissolved on release.
 * ``Scheduler.process_batch_result`` (BEFORE): a request whose peer failed during the step is
   finished with an abort (503, ``AttentionPeerError``) before its token is accepted: the client
   gets a clear error, never a token computed without part of its context.
@@ -49,7 +57,7 @@ from ...errors import (
     ResourceExhaustedError,
     TransferTimeoutError,
 )
-from . import admin
+from . import admin, kv_retraction
 
 logger = logging.getLogger(__name__)
 
@@ -184,9 +192,13 @@ class KvMigration:
         self.splits: dict[int, Split] = {}
         #: where split attention spends its time (reported by ``kv_splits``)
         self.counters: dict[str, float] = {"split_layer_calls": 0, "split_attention_s": 0.0,
-                                           "peer_wait_s": 0.0}  # fmt: skip
+                                           "peer_wait_s": 0.0, "retraction_backups_patched": 0,
+                                           "retraction_backups_dropped": 0}  # fmt: skip
         self.peers: dict[str, _PeerLink] = {}
         self._owner: _Owner | None = None
+        self.held: list[Any] = []  # slot tensors taken by the test aid ``test_kv_hold``
+        #: rid -> why its retraction backup was dropped (SGLang aborts it; we word the abort)
+        self.dropped: dict[str, str] = {}
 
     def owner(self, scheduler: Any) -> _Owner:
         if self._owner is None:
@@ -208,10 +220,13 @@ class KvMigration:
                 "KV migration does not support --enable-mixed-chunk or speculative decoding"
             )
 
-    def _transfer(self, owner: _Owner, op: Any, slots: Any, remote: Any, n: int) -> None:
+    def _transfer(
+        self, owner: _Owner, op: Any, slots: Any, remote: Any, n: int, local: Any = None
+    ) -> None:
         import numpy as np
 
-        h = owner.engine.submit(op, owner.local, slots, remote, np.arange(n, dtype=np.int64))
+        local = owner.local if local is None else local
+        h = owner.engine.submit(op, local, slots, remote, np.arange(n, dtype=np.int64))
         with h:
             if not h.wait(TRANSFER_TIMEOUT_S):
                 raise TransferTimeoutError(
@@ -315,6 +330,85 @@ class KvMigration:
             "bytes": split.nbytes, "transfer_ms": (t1 - t0) * 1e3,
             "kv_available_after": int(allocator.available_size()),
         }  # fmt: skip
+
+    def _read_slice(self, split: Split) -> Any:
+        """The peer's slice as a CPU tensor [2·layers, n, kv_heads, head_dim] (K0, V0, K1, ...:
+        the order of the owner's buffers), read through the transfer engine into a staging
+        buffer registered for the call."""
+        import numpy as np
+        import torch
+
+        from ...transfer import Op
+
+        owner = self._owner
+        assert owner is not None  # a split exists only after a migration built the owner
+        n = split.end - split.start
+        first = owner.buffers[0]
+        stage = torch.empty((len(owner.buffers), n, owner.kv_heads, owner.head_dim),
+                            dtype=first.dtype)  # fmt: skip
+        reg = owner.engine.register(stage.data_ptr(), stage.numel() * stage.element_size())
+        try:
+            local = owner.engine.prepare_layout(
+                [stage[i].data_ptr() for i in range(len(owner.buffers))], owner.item_nbytes, n
+            )
+            meta = {"metadata": split.peer.client.call({"op": "meta"})["metadata"]}
+            meta.update(bases=split.bases, item_nbytes=owner.item_nbytes)
+            remote = self._remote_layout(owner, split.peer, meta, n)
+            self._transfer(owner, Op.READ, np.arange(n, dtype=np.int64), remote, n, local)
+        finally:
+            reg.release()
+        return stage
+
+    def _patch_backup(self, split: Split, backup: Any, tree_cache: Any, backend: str) -> None:
+        """Writes the peer's slice into SGLang's retraction backup at positions [start, end)."""
+        stage = self._read_slice(split)
+        if backend == "cpu_tensor":
+            chunk = int(self._owner.pool.cpu_offloading_chunk_size)  # type: ignore[union-attr]
+            kv_retraction.patch_cpu_backup(backup.cpu_tensors, chunk, split.start, stage)
+        elif backend == "host_pool":
+            host = tree_cache.cache_controller.storage_host_pool  # the KV (anchor) pool
+            kv_retraction.patch_host_pool(host, backup.host_indices, split.start, stage)
+        else:
+            raise NotSupportedError(f"retraction backup {backend!r}")
+
+    def around_backup_kv_cache(
+        self, original: Any, req: Any, tree_cache: Any, req_to_token_pool: Any,
+        allocator: Any, backend: str, *a: Any, **kw: Any,
+    ) -> Any:  # fmt: skip
+        idx = req.kv.req_pool_idx
+        split = self.splits.get(idx) if (self.splits and idx is not None) else None
+        saved = original(req, tree_cache, req_to_token_pool, allocator, backend, *a, **kw)
+        backup = req.kv.retraction_backup
+        if split is None or not saved or backup is None:
+            return saved  # no split, SGLang aborts anyway, or a recompute (no copy of the KV)
+        try:
+            if split.failed:
+                raise RuntimeError(split.failed)
+            self._patch_backup(split, backup, tree_cache, backend)
+            self.counters["retraction_backups_patched"] += 1
+            return saved
+        except Exception as exc:  # noqa: BLE001 - never resume on KV with a hole
+            why = (f"retracted for lack of KV while {split.end - split.start} tokens of its KV "
+                   f"lived on attention peer {split.peer.address}, which could not be read "
+                   f"back ({exc})")  # fmt: skip
+            logger.error("banaserve: request %s %s; it is aborted", req.rid, why)
+            self.dropped[req.rid] = why
+            self.sg.discard_kv_cache_backup(req, tree_cache, backend)
+            self.counters["retraction_backups_dropped"] += 1
+            return False
+
+    def after_retract_decode(self, result: Any, *a: Any, **kw: Any) -> None:
+        """SGLang aborts a retracted request whose backup we dropped; the client is told why."""
+        if not self.dropped:
+            return None
+        for req in result[2]:  # (retracted, new token ratio, aborted)
+            why = self.dropped.pop(req.rid, None)
+            if why is not None:
+                req.to_finish = self.sg.FINISH_ABORT(
+                    f"banaserve: {why}", HTTPStatus.SERVICE_UNAVAILABLE, "AttentionPeerError"
+                )
+        self.dropped.clear()  # requests SGLang retracted anyway (none expected)
+        return None
 
     def _drop_slice(self, split: Split) -> None:
         if split.failed:
@@ -449,6 +543,10 @@ class KvMigration:
                 )
         return None
 
+    def hold_handler(self, scheduler: Any, body: dict) -> dict:
+        """The test aid ``test_kv_hold`` (:func:`.kv_retraction.hold`)."""
+        return kv_retraction.hold(self.held, scheduler.token_to_kv_pool_allocator, body)
+
     def splits_handler(self, scheduler: Any, body: dict) -> dict:
         """Handler of ``kv_splits``: the current splits and what each peer holds."""
         peers = {}
@@ -475,15 +573,18 @@ class KvMigration:
 
 
 def activate(host: Any) -> KvMigration:
-    """Activation of the ``kv_migration`` feature: its kinds and its four hooks."""
+    """Activation of the ``kv_migration`` feature: its kinds and its six hooks."""
     mig = KvMigration(host)
     channel = host.state("admin")
     channel.register("kv", mig.migrate_kv)
     channel.register("kv_back", mig.migrate_kv_back)
     channel.register("kv_splits", mig.splits_handler, quiescent=False)
+    channel.register("test_kv_hold", mig.hold_handler)  # a test aid: KV pressure on demand
     host.hook("kv_migration", "TorchNativeAttnBackend.forward_decode", mig.around_forward_decode)
     host.hook("kv_migration", "BasePrefixCache.free_kv_row", mig.around_free_kv_row)
     host.hook("kv_migration", "release_kv_cache", mig.around_release_kv_cache)
+    host.hook("kv_migration", "backup_kv_cache", mig.around_backup_kv_cache)
+    host.hook("kv_migration", "ScheduleBatch.retract_decode", mig.after_retract_decode, "AFTER")
     host.hook("kv_migration", "Scheduler.process_batch_result", mig.before_process_batch_result,
               "BEFORE")  # fmt: skip
     return mig

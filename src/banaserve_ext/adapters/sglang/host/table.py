@@ -293,6 +293,41 @@ INTERNALS: dict[str, dict[str, Internal]] = {
         "Scheduler.process_batch_result": O(
             SCHED + ".process_batch_result", "batch", hook=True
         ),  # fmt: skip
+        # retraction of a split request on a PD decode server: its backup is completed from the
+        # peer (``KvMigration.around_backup_kv_cache``) or, failing that, dropped (SGLang aborts)
+        "backup_kv_cache": O(
+            _S + "mem_cache.common.backup_kv_cache",
+            "req",
+            "tree_cache",
+            "req_to_token_pool",
+            "token_to_kv_pool_allocator",
+            "backend",
+            hook=True,
+        ),  # fmt: skip
+        "ScheduleBatch.retract_decode": O(BATCH + ".retract_decode", hook=True),
+        "discard_kv_cache_backup": O(
+            _S + "mem_cache.common.discard_kv_cache_backup",
+            "req",
+            "tree_cache",
+            "backend",
+            use="called",
+        ),  # fmt: skip
+        "req.kv.retraction_backup": M(KVINFO, "retraction_backup"),
+        "RetractionBackup.cpu_tensors": O(_S + "mem_cache.common.RetractionBackup.cpu_tensors"),
+        "RetractionBackup.host_indices": O(_S + "mem_cache.common.RetractionBackup.host_indices"),
+        "pool.cpu_offloading_chunk_size": M(POOL, "cpu_offloading_chunk_size"),
+        "tree.cache_controller": M(
+            _S + "mem_cache.unified_radix_cache.UnifiedRadixCache", "cache_controller"
+        ),  # fmt: skip
+        "ctrl.storage_host_pool": M(
+            _S + "mem_cache.hybrid_cache.hybrid_cache_controller.HybridCacheController",
+            "storage_host_pool",
+        ),  # fmt: skip
+        "host_pool.set_from_flat_data_page": O(
+            HOST_POOL + ".set_from_flat_data_page", "index", "data_page", use="called"
+        ),  # fmt: skip
+        "host_pool.layer_num": M(HOST_POOL, "layer_num"),
+        "host_pool.page_size": M(HOST_POOL, "page_size"),
         "sched.server_args": M(SCHED, "server_args"),
         "sched.token_to_kv_pool_allocator": M(SCHED, "token_to_kv_pool_allocator"),
         "sched.req_to_token_pool": M(SCHED, "req_to_token_pool"),
