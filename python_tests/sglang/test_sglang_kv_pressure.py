@@ -113,6 +113,7 @@ def dep(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         d, dp = cluster.server(
             "decode", wait=False, dtype="float32", max_total_tokens=DECODE_KV,
             bootstrap_port=free_port(), features=FEATURES,
+            env={"BANASERVE_SGLANG_TEST_AIDS": "1"},  # test_kv_hold
             extra_args=ROLE_SWITCH + ("--disable-radix-cache", "--num-reserved-decode-tokens",
                                       "16"),
         )  # fmt: skip

@@ -17,7 +17,7 @@ from banaserve_ext.launch.servers import SGLangServerConfig, http_json
 from banaserve_ext.migration.attn_peer import AttnPeerProcess
 
 #: idle OpenMP threads that spin starve the attention peer on a small box (see README)
-SERVER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+SERVER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "BANASERVE_SGLANG_TEST_AIDS": "1"}  # test_kv_hold
 
 pytestmark = pytest.mark.sglang
 

@@ -128,6 +128,13 @@ SGLANG_TRANSFER_LOG = _declare(
     "banaserve SGLang backend: log one INFO line per request on the prefill side with the bytes "
     "sent layer by layer vs per chunk and the layer-wise tail (used by tests and transfer_bench)",
 )
+SGLANG_TEST_AIDS = _declare(
+    "BANASERVE_SGLANG_TEST_AIDS",
+    _bool,
+    False,
+    "tests only: a server with the kv_migration feature also answers the test aid kind "
+    "test_kv_hold (takes KV slots away from SGLang's allocator to force a retraction)",
+)
 SGLANG_FAULT_HOLD_MS = _declare(
     "BANASERVE_SGLANG_FAULT_HOLD_MS",
     int,

@@ -49,6 +49,7 @@ from typing import Any
 
 import msgspec
 
+from ... import _env
 from ...errors import (
     AlreadyExistsError,
     InvalidArgumentError,
@@ -579,7 +580,8 @@ def activate(host: Any) -> KvMigration:
     channel.register("kv", mig.migrate_kv)
     channel.register("kv_back", mig.migrate_kv_back)
     channel.register("kv_splits", mig.splits_handler, quiescent=False)
-    channel.register("test_kv_hold", mig.hold_handler)  # a test aid: KV pressure on demand
+    if _env.get(_env.SGLANG_TEST_AIDS):  # a test aid: KV pressure on demand, never by default
+        channel.register("test_kv_hold", mig.hold_handler)
     host.hook("kv_migration", "TorchNativeAttnBackend.forward_decode", mig.around_forward_decode)
     host.hook("kv_migration", "BasePrefixCache.free_kv_row", mig.around_free_kv_row)
     host.hook("kv_migration", "release_kv_cache", mig.around_release_kv_cache)
