@@ -199,6 +199,8 @@ class HandoffPath:
     def close(self) -> None:
         if self.l3 is not None:
             self.l3.close()
+        if self.slo is not None:
+            self.slo.close()
 
     def migrate_off(self, url: str) -> int:
         """Live migration: every hand-off segment running on ``url`` is stopped there (its

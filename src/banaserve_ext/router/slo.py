@@ -120,6 +120,11 @@ class SLOPriorities:
         self.refused: dict[str, str] = {}
         self.sent = 0
 
+    def close(self) -> None:
+        for fut in self._checks.values():
+            fut.cancel()
+        self._checks.clear()
+
     async def for_segment(self, workers: list[Worker], obj: dict, st: _Stitch) -> int | None:
         """The priority of the next segment of ``st`` on ``workers`` (one; a PD leg's prefill
         and decode worker), or None: the client gave its own, or a worker does not order its
@@ -135,8 +140,8 @@ class SLOPriorities:
                                                   st.last_token_at))  # fmt: skip
 
     async def takes_priorities(self, w: Worker) -> bool:
-        """Whether ``w`` schedules by priority, smaller values first (asked once per URL; asked
-        again next time when the worker could not answer)."""
+        """Whether ``w`` schedules by priority, smaller values first (asked once per URL for the
+        router's life; asked again next time when the worker could not answer)."""
         fut = self._checks.get(w.url)
         if fut is None:
             fut = asyncio.ensure_future(self._check(w))
