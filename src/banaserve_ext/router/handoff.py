@@ -305,6 +305,7 @@ class HandoffPath:
         view: OpenAIView | None = None,
     ) -> int:
         stream = obj.get("stream") is True
+        arrival = time.time()  # before tokenizing: the SLO clock starts at arrival
         if self.l3 is not None and self.l3.suffix is None:
             await self.learn_store_namespace()
         try:
@@ -324,6 +325,7 @@ class HandoffPath:
             conn.respond(req, 502, error_body(str(exc), 502))
             return 502
         st = _Stitch(len(ids))
+        st.arrival = arrival
         head_sent = False
 
         def emit(out: dict, raw: bool = False) -> None:
