@@ -5,13 +5,19 @@ the shared pool (HiCache L3); the client sees one answer whose greedy output ids
 server's, for boundaries inside the prompt, at its end and after output tokens, streaming and
 not, concurrently; with B dead the request continues on A. After the live migration and the
 dead-B cases both instances' allocators must have every KV slot back (SGLang's ``/v1/loads``:
-nothing held beyond the radix/HiCache tree, no request running or queued)."""
+nothing held beyond the radix/HiCache tree, no request running or queued).
+
+Both servers run SGLang's priority scheduling, smaller values first, and the router gives every
+segment its SLO deadline as priority (docs/handoff.md, "SLO-aware batch formation"), so every
+test here also shows that deadline priorities leave the output unchanged; one test checks the
+deadlines of a concurrent burst, and one runs SGLang's own queue sort on them."""
 
 from __future__ import annotations
 
 import asyncio
 import http.client
 import json
+import math
 import os
 import threading
 import time
@@ -19,6 +25,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -29,10 +36,14 @@ from banaserve_ext.launch.servers import http_json, kv_slot_leaks, kv_slots
 from banaserve_ext.router.config import RouterConfig, WorkerSpec
 from banaserve_ext.router.handoff import SPLIT_HEADER, HandoffConfig
 from banaserve_ext.router.server import Router
+from banaserve_ext.router.slo import SLOTargets, deadline_priority, segment_deadline
 
 pytestmark = pytest.mark.sglang
 
 TOTAL = 10  # output tokens per request
+#: the router's SLO targets: a TTFT far above any request's run time, so that the deadline
+#: brackets checked below also order every continuation before every first token
+SLO = SLOTargets(ttft_s=600.0, tbt_s=0.05)
 
 
 def _page_bytes(model_dir: Path) -> int:
@@ -85,6 +96,7 @@ def pair(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         "--hicache-storage-backend", "dynamic",
         "--hicache-storage-backend-extra-config", extra,
         "--hicache-storage-prefetch-policy", "wait_complete",
+        "--enable-priority-scheduling", "--schedule-low-priority-values-first",
     )  # fmt: skip
     cluster = Cluster(tiny_model_dir, tmp_path_factory.mktemp("handoff-logs"))
     pool = KVPool(name, create=True, capacity_bytes=64 << 20, page_size=_page_bytes(tiny_model_dir))
@@ -98,7 +110,7 @@ def pair(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
             pd_disaggregation=False, port=0, prometheus_port=None, policy="round_robin",
             disable_health_check=True, load_monitor_interval=0.0, disable_retries=True,
         )  # fmt: skip
-        rt = _RouterThread(rcfg, HandoffConfig(kv_pool=name, l3_wait_s=60.0))
+        rt = _RouterThread(rcfg, HandoffConfig(kv_pool=name, l3_wait_s=60.0, slo=SLO))
         try:
             yield {"a": a, "b": b, "pa": pa, "pb": pb, "pool": pool, "router": rt,
                    "cluster": cluster}  # fmt: skip
@@ -224,6 +236,76 @@ def test_handoff_output_equals_single_server(pair: dict, stream: bool) -> None:
                 assert any(len(e["output_ids"]) <= k for e in events), where
         print(where, "n", len(ids), "s", s, "reused", segs[1]["reused_tokens"],
               "l3 wait", ho["l3_wait_s"])  # fmt: skip
+
+
+def test_slo_priorities_reach_sglang_and_keep_the_output(pair: dict) -> None:
+    """A concurrent burst of split requests through the router: single-server greedy ids; every
+    segment sent with its deadline as priority (segment 1 and a segment 2 after a split inside
+    the prompt: arrival + TTFT; a segment 2 after output tokens: last token + TBT, the smaller),
+    both servers found to schedule by it through their real /server_info (none refused), every
+    segment accepted (SGLang rejects a priority outside int64 with 400). A client priority is
+    kept on both segments."""
+    slo = pair["router"].path.slo
+    assert slo is not None
+    cases = _cases(300)
+    refs = [_reference(pair["a"].url, ids) for ids, _, _ in cases]
+    url = pair["router"].url
+    t0 = time.time()
+    with ThreadPoolExecutor(len(cases)) as ex:
+        futs = [ex.submit(_post, url, _body(ids), s) for ids, s, _ in cases]
+        results = [f.result() for f in futs]
+    t1 = time.time()
+    assert slo.refused == {}, slo.refused
+    ms = lambda t: math.floor(t * 1000.0)  # noqa: E731
+    for (ids, s, where), ref, (status, final, _) in zip(cases, refs, results, strict=True):
+        assert status == 200, (where, final)
+        assert final["output_ids"] == ref, where
+        segs = final["meta_info"]["handoff"]["segments"]
+        assert len(segs) == 2 and all("error" not in g for g in segs), segs
+        p1, p2 = segs[0]["priority"], segs[1]["priority"]
+        assert ms(t0 + SLO.ttft_s) <= p1 <= ms(t1 + SLO.ttft_s), (where, p1)
+        if s > len(ids):  # segment 2 continues after tokens the client has
+            assert ms(t0 + SLO.tbt_s) <= p2 <= ms(t1 + SLO.tbt_s), (where, p2)
+            assert p2 < p1
+        else:  # segment 1's token was discarded: segment 2 still owes the first token
+            assert p2 == p1, where
+    # a client's priority rides on both segments unchanged
+    ids = _prompt(333, 45)
+    ref = _reference(pair["b"].url, ids)
+    status, final, _ = _post(url, dict(_body(ids), priority=5), len(ids) + 3)
+    assert status == 200 and final["output_ids"] == ref, final
+    segs = final["meta_info"]["handoff"]["segments"]
+    assert [g["priority"] for g in segs] == [5, 5], segs
+
+
+def test_sglang_queue_order_of_deadline_priorities_is_earliest_deadline_first() -> None:
+    """SGLang's own waiting-queue code (no server: its default for a request without priority
+    and its sort, low values first) on priorities as the router makes them: an older request's
+    continuation first, then fresh requests by deadline even against queue arrival, then a
+    request without priority."""
+    from sglang.srt.managers.schedule_policy import SchedulePolicy
+    from sglang.srt.managers.scheduler import Scheduler
+
+    t = SLOTargets(ttft_s=1.0, tbt_s=0.05)
+    now = 1_800_000_000.0
+
+    def req(name: str, prio: int | None, entered: float) -> SimpleNamespace:
+        stats = SimpleNamespace(wait_queue_entry_time=entered)
+        return SimpleNamespace(name=name, priority=prio, time_stats=stats)
+
+    queue = [
+        req("no priority", None, 0.0),
+        req("fresh, later", deadline_priority(segment_deadline(t, now + 0.2, 0, None)), 1.0),
+        req("fresh", deadline_priority(segment_deadline(t, now, 0, None)), 2.0),
+        req("continuation", deadline_priority(segment_deadline(t, now - 5, 12, now + 0.3)), 3.0),
+    ]
+    sched = SimpleNamespace(enable_priority_scheduling=True,
+                            schedule_low_priority_values_first=True,
+                            abort_on_priority_when_disabled=False)  # fmt: skip
+    for r in queue:
+        assert Scheduler._set_or_validate_priority(sched, r)
+    SchedulePolicy._sort_by_priority_and_fcfs(queue, 1)  # 1: low values first
+    assert [r.name for r in queue] == ["continuation", "fresh", "fresh, later", "no priority"]
 
 
 def test_text_prompt_is_tokenized_once_and_stitched(pair: dict) -> None:

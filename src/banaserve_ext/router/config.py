@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from ..errors import InvalidArgumentError
 from ..policies import POLICIES
+from .slo import SLOTargets
 
 DEFAULT_MAX_PAYLOAD = 512 * 1024 * 1024
 
@@ -100,6 +101,10 @@ class RouterConfig:
     dynaserve_handoff: bool = False
     handoff_kv_pool: str | None = None
     handoff_l3_wait_secs: float = 10.0
+    #: SLO targets that give every hand-off segment a deadline priority (docs/handoff.md,
+    #: "SLO-aware batch formation"); None: segments go without one
+    handoff_slo_ttft_ms: float | None = None
+    handoff_slo_tbt_ms: float | None = None
 
     def validate(self) -> None:
         for name in (self.policy, self.prefill_policy, self.decode_policy):
@@ -119,6 +124,12 @@ class RouterConfig:
             split_url(spec.url)
         if self.handoff_l3_wait_secs < 0:
             raise InvalidArgumentError("--handoff-l3-wait-secs must be >= 0")
+        slo = SLOTargets.from_ms(self.handoff_slo_ttft_ms, self.handoff_slo_tbt_ms)
+        if slo is not None and not self.dynaserve_handoff:
+            raise InvalidArgumentError(
+                "--handoff-slo-ttft-ms/--handoff-slo-tbt-ms act on the hand-off path only: "
+                "add --dynaserve-handoff"
+            )
 
 
 def _prefill_spec(values: list[str]) -> WorkerSpec:
@@ -216,6 +227,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--handoff-kv-pool", default=None, help="KV pool name of the workers' HiCache")
     g.add_argument("--handoff-l3-wait-secs", type=float, default=10.0)
+    g.add_argument(
+        "--handoff-slo-ttft-ms",
+        type=float,
+        default=None,
+        help="time-to-first-token target: each hand-off segment gets its deadline as SGLang "
+        "priority (earliest first; workers need --enable-priority-scheduling "
+        "--schedule-low-priority-values-first); needs --handoff-slo-tbt-ms",
+    )
+    g.add_argument(
+        "--handoff-slo-tbt-ms",
+        type=float,
+        default=None,
+        help="time-between-tokens target for the deadline of a continuation segment",
+    )
     g = p.add_argument_group("retries")
     g.add_argument("--retry-max-retries", type=int, default=5)
     g.add_argument("--retry-initial-backoff-ms", type=float, default=50.0)
@@ -305,6 +330,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         dynaserve_handoff=args.dynaserve_handoff,
         handoff_kv_pool=args.handoff_kv_pool,
         handoff_l3_wait_secs=args.handoff_l3_wait_secs,
+        handoff_slo_ttft_ms=args.handoff_slo_ttft_ms,
+        handoff_slo_tbt_ms=args.handoff_slo_tbt_ms,
     )
     cfg.validate()
     return cfg

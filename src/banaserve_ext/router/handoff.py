@@ -57,6 +57,7 @@ from .handoff_openai import OpenAIView
 from .handoff_stitch import _Stitch, segment_body
 from .http11 import LAST_CHUNK, build_request, chunk
 from .payload import GENERATE, error_body, json_decode, json_encode
+from .slo import SLOPriorities, SLOTargets
 
 if TYPE_CHECKING:
     from .connection import ClientConnection
@@ -82,12 +83,14 @@ _REFUSALS = frozenset({408, 429, 500, 502, 503, 504})
 class HandoffConfig:
     """``kv_pool``: name of the shared KV pool both instances' HiCache L3 uses (None: no wait
     for write-back; B then reuses whatever has landed). ``l3_wait_s``: the longest wait for
-    segment 1's pages to reach the store."""
+    segment 1's pages to reach the store. ``slo``: latency targets that give every segment its
+    deadline as SGLang priority (:mod:`.slo`; None: no priorities)."""
 
     planner: DynaServePlanner = field(default_factory=DynaServePlanner)
     kv_pool: str | None = None
     l3_wait_s: float = 10.0
     l3_poll_s: float = 0.02
+    slo: SLOTargets | None = None
 
     def validate(self) -> None:
         if self.l3_wait_s < 0 or self.l3_poll_s <= 0:
@@ -185,6 +188,7 @@ class HandoffPath:
         self.router = router
         self.cfg = cfg
         self.l3 = L3Watcher(cfg.kv_pool) if cfg.kv_pool else None
+        self.slo = SLOPriorities(cfg.slo) if cfg.slo is not None else None
         self.handed_off = 0
         self.fallbacks = 0
         #: streaming segments by worker URL (live migration moves them)
@@ -195,6 +199,8 @@ class HandoffPath:
     def close(self) -> None:
         if self.l3 is not None:
             self.l3.close()
+        if self.slo is not None:
+            self.slo.close()
 
     def migrate_off(self, url: str) -> int:
         """Live migration: every hand-off segment running on ``url`` is stopped there (its
@@ -299,6 +305,7 @@ class HandoffPath:
         view: OpenAIView | None = None,
     ) -> int:
         stream = obj.get("stream") is True
+        arrival = time.time()  # before tokenizing: the SLO clock starts at arrival
         if self.l3 is not None and self.l3.suffix is None:
             await self.learn_store_namespace()
         try:
@@ -318,6 +325,7 @@ class HandoffPath:
             conn.respond(req, 502, error_body(str(exc), 502))
             return 502
         st = _Stitch(len(ids))
+        st.arrival = arrival
         head_sent = False
 
         def emit(out: dict, raw: bool = False) -> None:
@@ -453,13 +461,16 @@ class HandoffPath:
         emit: Any,
         final: bool,
     ) -> None:
-        body = segment_body(obj, input_ids, sp, st)
+        prio = await self.slo.for_segment([w], obj, st) if self.slo is not None else None
+        body = segment_body(obj, input_ids, sp, st, prio)
         router = self.router
         policy = router.prefill_policy
         info = RequestInfo(f"{router.rng.getrandbits(63):x}", len(input_ids),
                            max_new_tokens=int(sp["max_new_tokens"]))  # fmt: skip
         policy.on_dispatch(info, w.load, time.monotonic())
         st.seg = {"worker": w.url, "input_tokens": len(input_ids)}
+        if body.get("priority") is not None:
+            st.seg["priority"] = body["priority"]
         st.info["segments"].append(st.seg)
         try:
             last = await self._stream(w, json_encode(body), st, emit, final)

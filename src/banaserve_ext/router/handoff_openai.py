@@ -35,7 +35,7 @@ _SAMPLING = {
 _READ = {"model", "prompt", "messages", "stream", "stream_options", "user", "n", "max_tokens",
          "max_completion_tokens", "logprobs", "top_logprobs", "echo", "rid",
          "chat_template_kwargs", "continue_final_message", "separate_reasoning",
-         "stream_reasoning", "parallel_tool_calls", "tool_choice"}  # fmt: skip
+         "stream_reasoning", "parallel_tool_calls", "tool_choice", "priority"}  # fmt: skip
 #: SGLang's default completion length of /v1/completions
 COMPLETIONS_DEFAULT_MAX = 16
 
@@ -109,6 +109,8 @@ class OpenAIView:
         gen["sampling_params"] = sp
         if isinstance(obj.get("rid"), str):
             gen["rid"] = obj["rid"]
+        if obj.get("priority") is not None:
+            gen["priority"] = obj["priority"]  # the client's: every segment keeps it
         return cls(route, obj, gen)
 
     def tokenize_request(self) -> dict:

@@ -157,7 +157,8 @@ class PDHandoffPath(HandoffPath):
         """One PD leg: the prefill request on ``p``, the streaming decode request on ``d``."""
         router = self.router
         room = router.rng.getrandbits(63) & _ROOM_MASK
-        body = segment_body(obj, input_ids, sp, st)
+        prio = await self.slo.for_segment([p, d], obj, st) if self.slo is not None else None
+        body = segment_body(obj, input_ids, sp, st, prio)
         for k in ("bootstrap_host", "bootstrap_port", "bootstrap_room"):
             body.pop(k, None)
         body.update(bootstrap_host=p.host, bootstrap_port=p.spec.bootstrap_port,
@@ -171,6 +172,8 @@ class PDHandoffPath(HandoffPath):
         router.prefill_policy.on_dispatch(info, p.load, now)
         router.decode_policy.on_dispatch(info, d.load, now)
         st.seg = {"worker": d.url, "prefill": p.url, "input_tokens": len(input_ids)}
+        if body.get("priority") is not None:
+            st.seg["priority"] = body["priority"]
         st.info["segments"].append(st.seg)
         p_settled = False
 

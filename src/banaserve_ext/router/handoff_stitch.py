@@ -12,6 +12,7 @@ from the one segment whose input is exactly the prompt.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 
@@ -36,6 +37,10 @@ class _Stitch:
         self.seg_lp: dict[str, list] = {}
         self.input_lp: dict[str, Any] = {}
         self.takes_input_lp = False  # the running segment's input log-probs are the client's
+        #: Unix times of the request's arrival and of the last output token received (the SLO
+        #: deadlines of its segments, :mod:`.slo`)
+        self.arrival = time.time()
+        self.last_token_at: float | None = None
 
     def begin(self) -> None:
         self.produced += self.seg_ids
@@ -63,7 +68,10 @@ class _Stitch:
             meta["output_token_logprobs_length"] = len(meta.get("output_token_logprobs") or [])
 
     def event(self, obj: dict, final: bool) -> dict:
-        self.seg_ids = list(obj.get("output_ids") or [])
+        ids = list(obj.get("output_ids") or [])
+        if len(ids) > len(self.seg_ids):
+            self.last_token_at = time.time()
+        self.seg_ids = ids
         self.seg_text = str(obj.get("text") or "")
         meta = dict(obj.get("meta_info") or {})
         self._logprobs(meta)
@@ -92,15 +100,20 @@ _LOGPROB_OPTIONS = ("return_logprob", "logprob_start_len", "top_logprobs_num",
                     "token_ids_logprob", "return_text_in_logprobs")  # fmt: skip
 
 
-def segment_body(obj: dict, input_ids: list[int], sp: dict, st: _Stitch) -> dict:
+def segment_body(
+    obj: dict, input_ids: list[int], sp: dict, st: _Stitch, priority: int | None = None
+) -> dict:
     """The request body of one segment: the client's fields, this segment's input and sampling
-    parameters, always streaming. Log-prob options: a segment whose input is exactly the prompt
-    keeps the client's (its input log-probs are the client's); a later one (input = prompt +
-    output so far) asks for output log-probs only (no ``logprob_start_len``, so SGLang computes
-    no input log-probs and the prefix cache stays usable); a prefix-only segment 1 asks for
-    none (its one token is discarded)."""
+    parameters, always streaming; ``priority`` (an SLO deadline, :mod:`.slo`) unless the client
+    gave its own, which every segment keeps. Log-prob options: a segment whose input is exactly
+    the prompt keeps the client's (its input log-probs are the client's); a later one (input =
+    prompt + output so far) asks for output log-probs only (no ``logprob_start_len``, so SGLang
+    computes no input log-probs and the prefix cache stays usable); a prefix-only segment 1
+    asks for none (its one token is discarded)."""
     body = {k: v for k, v in obj.items() if k not in ("text", "input_ids", "stream", "rid")}
     body.update(input_ids=input_ids, sampling_params=sp, stream=True)
+    if priority is not None and obj.get("priority") is None:
+        body["priority"] = priority
     st.takes_input_lp = False
     if obj.get("return_logprob"):
         if len(input_ids) < st.n:

@@ -36,6 +36,7 @@ from .metrics import Metrics
 from .monitor import Monitor
 from .payload import LLM_ROUTES, error_body, load_tokenizer
 from .registry import Worker, WorkerRegistry
+from .slo import SLOTargets
 
 log = logging.getLogger("banaserve_ext.router")
 
@@ -81,8 +82,11 @@ class Router:
         self._routes: dict[tuple[str, str], Handler] = self.admin.routes()
         self._register_gauges()
         if cfg.dynaserve_handoff:
+            slo = SLOTargets.from_ms(cfg.handoff_slo_ttft_ms, cfg.handoff_slo_tbt_ms)
             self.enable_handoff(
-                HandoffConfig(kv_pool=cfg.handoff_kv_pool, l3_wait_s=cfg.handoff_l3_wait_secs)
+                HandoffConfig(
+                    kv_pool=cfg.handoff_kv_pool, l3_wait_s=cfg.handoff_l3_wait_secs, slo=slo
+                )
             )
 
     def _make_policy(self, name: str, seed: int | None) -> PolicyBase:

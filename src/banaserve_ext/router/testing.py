@@ -101,6 +101,8 @@ class FakeWorker:
     gate: asyncio.Event | None = None
     #: tests: streams are cut (connection reset) after this many tokens
     drop_after_tokens: int | None = None
+    #: tests: more ``/server_info`` fields (e.g. SGLang's scheduling flags)
+    server_info: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = self.cfg.prefill_slots if self.spec.role == "prefill" else self.cfg.decode_slots
@@ -123,6 +125,7 @@ class FakeWorker:
                 "disaggregation_bootstrap_port": self.spec.bootstrap_port,
                 "port": self.spec.port,
                 "max_total_num_tokens": self.cfg.kv_capacity_tokens,
+                **self.server_info,
             }
             conn.send(req, 200, _encode(info))
         elif path in ("/get_model_info", "/model_info"):
