@@ -278,24 +278,29 @@ def _switch(router: RouterClient, inst: InstanceClient, old: str, new: str) -> N
 def test_hicache_prefill_and_decode_swap_roles_and_back(dep: Deployment) -> None:
     """The prefill server (HiCache L3 on the store) becomes the decode server and the decode
     server (no radix cache) the prefill server, then both switch back; every output equals the
-    single server's in both arrangements, and the router's roles match the servers' own."""
+    single server's in both arrangements, and the router's roles match the servers' own.
+    Swapped, every prompt is sent twice: the flipped prefill keeps its radix tree, and a
+    repeated prompt once made SGLang lose its slots and stop at the next idle pool check."""
     router = RouterClient(dep.router_url)
     pre = InstanceClient(InstanceSpec(dep.prefill.url, dep.prefill.bootstrap_port))
     dec = InstanceClient(InstanceSpec(dep.decode.url, dep.decode.bootstrap_port))
     n = SWAP_TOKENS
 
-    def check(arrangement: str) -> None:
+    def check(arrangement: str, rounds: int = 1) -> None:
         roles = {w["url"]: w["worker_type"] for w in router.workers()}
         own = {u: signals(u)["mode"] for u in (pre.url, dec.url)}
         assert roles == own, (arrangement, roles, own)
-        for prompt in dep.prompts:
-            out = generate_ids(dep.router_url, prompt, n)
-            assert out == dep.reference[tuple(prompt)][:n], arrangement
+        for _ in range(rounds):
+            for prompt in dep.prompts:
+                out = generate_ids(dep.router_url, prompt, n)
+                assert out == dep.reference[tuple(prompt)][:n], arrangement
 
     check("as launched")
     _switch(router, dec, "decode", "prefill")  # a decode server flipped to prefill...
     _switch(router, pre, "prefill", "decode")  # ...and the HiCache prefill to decode
-    check("swapped")
+    check("swapped", rounds=2)
+    time.sleep(2.0)  # idle: SGLang's pool check runs
+    assert pre.healthy() and signals(pre.url)["mode"] == "decode"
     _switch(router, pre, "decode", "prefill")
     _switch(router, dec, "prefill", "decode")
     check("swapped back")

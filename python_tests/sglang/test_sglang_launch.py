@@ -58,6 +58,11 @@ def test_default_deployment_is_banaserve(tmp_path: Path) -> None:
     assert extra["pool"] == d.pool.name
     assert "--hicache-storage-backend" not in dcmd
     assert dcmd[dcmd.index("--dtype") + 1] == "float32"
+    # a prefill server flipped to decode decodes on SGLang's decode-side radix path (without it
+    # SGLang loses the slots of repeated prompts); decode servers run without a radix cache
+    assert "--disaggregation-decode-enable-radix-cache" in pcmd
+    assert "--disable-radix-cache" in dcmd
+    assert "--disaggregation-decode-enable-radix-cache" not in dcmd
     assert d.controller is not None
     ccmd = d.controller.command("py")
     insts = [ccmd[i + 1] for i, a in enumerate(ccmd) if a == "--instance"]

@@ -35,6 +35,26 @@ def free_port(host: str = LOOPBACK) -> int:
         return int(s.getsockname()[1])
 
 
+DECODE_RADIX_FLAG = "--disaggregation-decode-enable-radix-cache"
+
+
+def flipped_decode_radix_args(role: str, extra_args: tuple[str, ...]) -> list[str]:
+    """The flag a prefill server with the role switch and a radix cache needs so that, once
+    flipped to decode, it decodes on SGLang's decode-side radix path.
+
+    SGLang gives a PD decode server no radix cache unless that flag is set; a prefill server
+    flipped to decode keeps its radix tree, and without the flag SGLang 0.5.23 loses the prompt
+    slots of every request whose sequence is already in the tree (a repeated prompt): the idle
+    pool check then stops the scheduler with "pool memory leak detected". The flag is inert
+    while the server prefills. Nothing is added for other roles, without the switch, or when
+    the arguments already say how (``--disable-radix-cache`` or the flag itself)."""
+    if role != "prefill" or "--enable-pd-role-switch" not in extra_args:
+        return []
+    if "--disable-radix-cache" in extra_args or DECODE_RADIX_FLAG in extra_args:
+        return []
+    return [DECODE_RADIX_FLAG]
+
+
 @dataclass(frozen=True)
 class SGLangServerConfig:
     """One SGLang server. ``transfer_backend`` matters only for prefill/decode roles."""
@@ -101,7 +121,7 @@ class SGLangServerConfig:
                 cmd += ["--disaggregation-decode-retraction-backup", "cpu_tensor"]
         if self.features and self.device == "cpu":  # our launcher takes the opt-in as a flag
             cmd += ["--banaserve-features", ",".join(self.features)]
-        return cmd + list(self.extra_args)
+        return cmd + list(self.extra_args) + flipped_decode_radix_args(self.role, self.extra_args)
 
     @property
     def url(self) -> str:
