@@ -292,7 +292,7 @@ def test_hicache_prefill_and_decode_swap_roles_and_back(dep: Deployment) -> None
         assert roles == own, (arrangement, roles, own)
         for _ in range(rounds):
             for prompt in dep.prompts:
-                out = generate_ids(dep.router_url, prompt, n)
+                out = generate_ids(dep.router_url, prompt, n, timeout_s=120.0)
                 assert out == dep.reference[tuple(prompt)][:n], arrangement
 
     check("as launched")
