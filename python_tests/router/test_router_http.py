@@ -471,3 +471,22 @@ def test_streaming_request_whose_prefill_fails_is_not_left_waiting() -> None:
             assert await eventually(lambda: all(w.inflight == 0 for w in workers), 1.0)
 
     run(main())
+
+
+def test_request_whose_decode_dies_does_not_wait_for_its_prefill() -> None:
+    """A decode server dying under a non-streaming PD request: its prefill leg would wait for the
+    gone decode (SGLang: until its bootstrap timeout; here a prefill that never ends), so the
+    router must answer 502 naming the decode at once and close the prefill leg."""
+
+    async def main() -> None:
+        from banaserve_ext.router.testing import _Failure
+
+        fake = FakeConfig(kv_wait_s=5.0, prefill_ms=600_000.0)
+        async with pd_setup(n_prefill=1, n_decode=1, fake=fake, disable_retries=True) as s:
+            s.fleet.worker(s.decode[0].port).failure = _Failure(0, 1)  # drops the connection
+            st, body = await s.client.post("/generate", {"text": "x"}, timeout=60)
+            assert st == 502 and s.decode[0].url.encode() in body, (st, body)
+            prefill = s.fleet.worker(s.prefill[0].port)
+            assert await eventually(lambda: prefill.inflight == 0, 5.0)
+
+    run(main())

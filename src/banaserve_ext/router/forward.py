@@ -339,6 +339,9 @@ class RequestPath:
         assert fex is not None
         if not job.stream and not (fex.finished and aex.finished):
             await both_finished(asyncio.get_running_loop(), fex, aex)
+            if aex.finished and not aex.completed and not fex.finished:
+                fex.abort()  # the decode leg failed: its prefill would wait for it; the
+                return  # attempt fails on the decode leg's answer (502, blaming the decode)
         if job.stream and not job.want_lp:
             return
         url = feeder.worker.url

@@ -123,11 +123,16 @@ class Exchange:
 def both_finished(
     loop: asyncio.AbstractEventLoop, a: Exchange, b: Exchange
 ) -> asyncio.Future[None]:
-    """A future that resolves once both exchanges have finished (one task wake-up for two)."""
+    """A future that resolves once both exchanges have finished (one task wake-up for two), or
+    as soon as one of them has failed: its partner may wait for it forever (a PD prefill whose
+    decode died waits for the decode's bootstrap until SGLang's timeout)."""
     fut: asyncio.Future[None] = loop.create_future()
 
     def check() -> None:
-        if a.finished and b.finished and not fut.done():
+        if fut.done():
+            return
+        failed = (a.finished and not a.completed) or (b.finished and not b.completed)
+        if failed or (a.finished and b.finished):
             fut.set_result(None)
 
     a.on_finish = check
