@@ -57,12 +57,15 @@ def pd(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     pool = KVPool(name, create=True, capacity_bytes=64 << 20, page_size=_page_bytes(tiny_model_dir))
     pool.start()
     try:
-        # one after the other: on a loaded 2-core box three concurrent starts can each take
-        # longer than the test bed's readiness bound
-        p, _ = cluster.server("prefill", dtype="float32", extra_args=hicache,
-                              env={"SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": "30"})  # fmt: skip
-        d1, _ = cluster.server("decode", dtype="float32")
-        d2, _ = cluster.server("decode", dtype="float32")
+        # started together (a third of the setup time of one after the other); on a loaded
+        # 2-core box three concurrent starts may take longer than the test bed's readiness
+        # bound, hence the explicit 300 s
+        p, pp = cluster.server("prefill", wait=False, dtype="float32", extra_args=hicache,
+                               env={"SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": "30"})  # fmt: skip
+        d1, dp1 = cluster.server("decode", wait=False, dtype="float32")
+        d2, dp2 = cluster.server("decode", wait=False, dtype="float32")
+        for proc in (pp, dp1, dp2):
+            proc.wait_ready(300)
         rcfg = RouterConfig(
             prefill=[WorkerSpec(p.url, "prefill", p.bootstrap_port)],
             decode=[WorkerSpec(d1.url, "decode"), WorkerSpec(d2.url, "decode")],

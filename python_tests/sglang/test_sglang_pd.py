@@ -217,7 +217,7 @@ def test_decode_killed_mid_transfer_prefill_reports_and_keeps_serving(deployment
     pool = ThreadPoolExecutor(2)
     futures = [
         pool.submit(generate, router.url, input_ids=long_prompt[i:], max_new_tokens=64,
-                    retry_503_s=0.0, timeout_s=60.0)
+                    retry_503_s=0.0, timeout_s=30.0)
         for i in range(2)
     ]  # fmt: skip
     try:
