@@ -11,10 +11,10 @@ import json
 from typing import Any
 
 import pytest
+from handoff_kit import check_stitched, generate
 from router_testkit import eventually, run, single_setup
 
-from banaserve_ext.router.handoff import SPLIT_HEADER, HandoffConfig
-from banaserve_ext.router.http11 import build_request
+from banaserve_ext.router.handoff import HandoffConfig
 from banaserve_ext.router.testing import FakeConfig, _Failure, fake_next_token
 
 PROMPT = list(range(10, 30))
@@ -31,32 +31,11 @@ def _reference() -> list[int]:
 async def _generate(s: Any, stream: bool, split: int) -> tuple[int, dict, list[dict]]:
     body = {"input_ids": PROMPT, "stream": stream,
             "sampling_params": {"max_new_tokens": TOTAL, "temperature": 0}}  # fmt: skip
-    c = s.client
-    req = build_request("POST", f"127.0.0.1:{c.port}", "/generate", json.dumps(body).encode(),
-                        "application/json")  # fmt: skip
-    req = req.replace(b"\r\n\r\n", f"\r\n{SPLIT_HEADER}: {split}\r\n\r\n".encode(), 1)
-    head, raw = await c.pool.fetch(req, 20.0)
-    if not stream or head.status != 200:
-        return head.status, json.loads(raw), []
-    events = [json.loads(b[5:]) for b in raw.split(b"\n\n")
-              if b.strip().startswith(b"data:") and b.strip()[5:].strip() != b"[DONE]"]  # fmt: skip
-    assert raw.rstrip().endswith(b"data: [DONE]")
-    return head.status, events[-1], events
+    return await generate(s, body, split, timeout_s=20.0)
 
 
 def _check(final: dict, events: list[dict], stream: bool) -> None:
-    assert final["output_ids"] == _reference()
-    meta = final["meta_info"]
-    assert meta["prompt_tokens"] == len(PROMPT) and meta["completion_tokens"] == TOTAL
-    assert meta["finish_reason"]["type"] == "length"
-    if stream:
-        prev: list[int] = []
-        for i, ev in enumerate(events):
-            ids = ev["output_ids"]
-            assert ids[: len(prev)] == prev and len(ids) == len(prev) + 1, (prev, ids)
-            prev = ids
-            assert (ev["meta_info"]["finish_reason"] is not None) == (i == len(events) - 1)
-        assert len({ev["meta_info"]["id"] for ev in events}) == 1
+    check_stitched(final, events if stream else [], _reference(), len(PROMPT))
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])

@@ -11,12 +11,12 @@ import json
 from typing import Any
 
 import pytest
+from handoff_kit import post, sse_events
 from router_testkit import eventually, pd_setup, run, single_setup
 from test_handoff_pd import received
 
-from banaserve_ext.router.handoff import SPLIT_HEADER, HandoffConfig
+from banaserve_ext.router.handoff import HandoffConfig
 from banaserve_ext.router.handoff_openai import OpenAIView
-from banaserve_ext.router.http11 import build_request
 from banaserve_ext.router.testing import FakeConfig, fake_next_token, fake_tokenize
 
 PROMPT = list(range(70, 90))
@@ -25,18 +25,10 @@ TOTAL = 10
 
 async def _post(s: Any, route: str, body: dict, split: int | None = None) -> tuple[int, Any]:
     """(status, body or list of SSE chunks)."""
-    c = s.client
-    req = build_request("POST", f"127.0.0.1:{c.port}", route, json.dumps(body).encode(),
-                        "application/json")  # fmt: skip
-    if split is not None:
-        req = req.replace(b"\r\n\r\n", f"\r\n{SPLIT_HEADER}: {split}\r\n\r\n".encode(), 1)
-    head, raw = await c.pool.fetch(req, 30.0)
-    if not body.get("stream") or head.status != 200:
-        return head.status, json.loads(raw)
-    assert raw.rstrip().endswith(b"data: [DONE]")
-    blocks = [b.strip() for b in raw.split(b"\n\n")]
-    return head.status, [json.loads(b[5:]) for b in blocks
-                         if b.startswith(b"data:") and b[5:].strip() != b"[DONE]"]  # fmt: skip
+    status, raw = await post(s, route, body, split)
+    if not body.get("stream") or status != 200:
+        return status, json.loads(raw)
+    return status, sse_events(raw)
 
 
 def _text(chunks: list[dict], chat: bool) -> str:

@@ -18,12 +18,12 @@ import time
 from typing import Any
 
 import pytest
+from handoff_kit import post
 from router_testkit import eventually, pd_setup, run, single_setup
 
 from banaserve_ext.errors import InvalidArgumentError
 from banaserve_ext.router.config import RouterConfig, add_arguments, config_from_args
-from banaserve_ext.router.handoff import SPLIT_HEADER, HandoffConfig
-from banaserve_ext.router.http11 import build_request
+from banaserve_ext.router.handoff import HandoffConfig
 from banaserve_ext.router.server import Router
 from banaserve_ext.router.slo import (
     INT64_MAX,
@@ -126,13 +126,8 @@ def _ms(t: float) -> int:
 
 
 async def _generate(s: Any, body: dict, split: int | None, route: str = "/generate") -> dict:
-    c = s.client
-    req = build_request("POST", f"127.0.0.1:{c.port}", route, json.dumps(body).encode(),
-                        "application/json")  # fmt: skip
-    if split is not None:
-        req = req.replace(b"\r\n\r\n", f"\r\n{SPLIT_HEADER}: {split}\r\n\r\n".encode(), 1)
-    head, raw = await c.pool.fetch(req, 30.0)
-    assert head.status == 200, raw[:300]
+    status, raw = await post(s, route, body, split)
+    assert status == 200, raw[:300]
     return json.loads(raw)
 
 
