@@ -7,10 +7,6 @@ killed mid-generation fails the affected requests with a clear error, never a ha
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from sglang_testbed.cluster import Cluster
+from sglang_testbed.layer_server import LayerServerProc
 
 from banaserve_ext.launch.servers import SGLangServerConfig, http_json
 from banaserve_ext.launch.tiny_model import TinyModelSpec
@@ -42,26 +39,6 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
         yield cfg
     finally:
         cluster.close()
-
-
-class LayerServerProc:
-    def __init__(self, tmp: Path) -> None:
-        ready = tmp / "port"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "banaserve_ext.migration.layer_server",
-             "--ready-file", str(ready)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while not (ready.exists() and ready.read_text()):
-            assert self.proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
-        self.port = int(ready.read_text())
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
 
 
 @pytest.fixture(scope="module")

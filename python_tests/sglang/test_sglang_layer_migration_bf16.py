@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 from sglang_testbed.cluster import Cluster
+from sglang_testbed.layer_server import LayerServerProc
 from sglang_testbed.logprobs import (
     chosen_logprobs,
     drift,
     generate_logprobs,
     wait_until_decoding,
 )
-from test_sglang_layer_migration import LayerServerProc
 
 from banaserve_ext.launch.servers import SGLangServerConfig, http_json
 

@@ -15,10 +15,6 @@ deadline); the checks are on outputs, failures, and what each server reports.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from sglang_testbed.cluster import Cluster, generate
+from sglang_testbed.layer_server import LayerServerProc
 
 from banaserve_ext.control import BanaServeConfig
 from banaserve_ext.launch.servers import SGLangServerConfig, free_port, http_json
@@ -54,29 +51,6 @@ def _prompts(seed: int, n: int, length: int) -> list[list[int]]:
 #: prefill-heavy: the imbalance is prefill compute on one prefill server
 PROMPTS = _prompts(7, 8, 1200)
 NEW_TOKENS = 4
-
-
-class LayerServerProc:
-    """``python -m banaserve_ext.migration.layer_server`` as a child process."""
-
-    def __init__(self, tmp: Path) -> None:
-        tmp.mkdir(parents=True, exist_ok=True)
-        ready = tmp / "port"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "banaserve_ext.migration.layer_server",
-             "--ready-file", str(ready)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while not (ready.exists() and ready.read_text()):
-            assert self.proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
-        self.port = int(ready.read_text())
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
 
 
 @dataclass
