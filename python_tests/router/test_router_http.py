@@ -7,6 +7,7 @@ import asyncio
 import collections
 
 import msgspec
+import pytest
 from router_testkit import Client, eventually, pd_setup, run
 
 from banaserve_ext.router.http11 import build_request
@@ -473,10 +474,14 @@ def test_streaming_request_whose_prefill_fails_is_not_left_waiting() -> None:
     run(main())
 
 
-def test_request_whose_decode_dies_does_not_wait_for_its_prefill() -> None:
-    """A decode server dying under a non-streaming PD request: its prefill leg would wait for the
-    gone decode (SGLang: until its bootstrap timeout; here a prefill that never ends), so the
-    router must answer 502 naming the decode at once and close the prefill leg."""
+@pytest.mark.parametrize(
+    "extra", [{}, {"stream": True, "return_logprob": True}], ids=["whole", "stream-logprobs"]
+)
+def test_request_whose_decode_dies_does_not_wait_for_its_prefill(extra: dict) -> None:
+    """A decode server dying under a PD request the router answers after the prefill leg (whole,
+    or streamed with input log-probs to merge): the prefill leg would wait for the gone decode
+    (SGLang: until its bootstrap timeout; here a prefill that never ends), so the router must
+    answer 502 naming the decode at once and close the prefill leg."""
 
     async def main() -> None:
         from banaserve_ext.router.testing import _Failure
@@ -484,7 +489,7 @@ def test_request_whose_decode_dies_does_not_wait_for_its_prefill() -> None:
         fake = FakeConfig(kv_wait_s=5.0, prefill_ms=600_000.0)
         async with pd_setup(n_prefill=1, n_decode=1, fake=fake, disable_retries=True) as s:
             s.fleet.worker(s.decode[0].port).failure = _Failure(0, 1)  # drops the connection
-            st, body = await s.client.post("/generate", {"text": "x"}, timeout=60)
+            st, body = await s.client.post("/generate", {"text": "x", **extra}, timeout=60)
             assert st == 502 and s.decode[0].url.encode() in body, (st, body)
             prefill = s.fleet.worker(s.prefill[0].port)
             assert await eventually(lambda: prefill.inflight == 0, 5.0)

@@ -44,7 +44,7 @@ from .stream import (
     merge_logprobs,
     prefill_input_logprobs,
 )
-from .upstream import Exchange, UpstreamConnection, both_finished
+from .upstream import Exchange, UpstreamConnection, finished_or_failed
 
 if TYPE_CHECKING:
     from .connection import ClientConnection
@@ -337,13 +337,15 @@ class RequestPath:
         merge); a failed prefill aborts the decode leg and fails the attempt."""
         fex = feeder.ex
         assert fex is not None
-        if not job.stream and not (fex.finished and aex.finished):
-            await both_finished(asyncio.get_running_loop(), fex, aex)
-            if aex.finished and not aex.completed and not fex.finished:
-                fex.abort()  # the decode leg failed: its prefill would wait for it; the
-                return  # attempt fails on the decode leg's answer (502, blaming the decode)
         if job.stream and not job.want_lp:
             return
+        # non-streaming: both legs; streaming with log-probs: the prefill's (input log-probs),
+        # while the decode streams on; either way not past a failed decode leg
+        wait = (fex,) if job.stream else (fex, aex)
+        await finished_or_failed(asyncio.get_running_loop(), wait, (aex,) if job.stream else ())
+        if aex.finished and not aex.completed and not fex.finished:
+            fex.abort()  # the decode leg failed: its prefill would wait for it; the attempt
+            return  # fails on the decode leg's answer (502, blaming the decode)
         url = feeder.worker.url
         try:
             await fex.done

@@ -120,23 +120,25 @@ class Exchange:
             self.on_finish()
 
 
-def both_finished(
-    loop: asyncio.AbstractEventLoop, a: Exchange, b: Exchange
+def finished_or_failed(
+    loop: asyncio.AbstractEventLoop, wait: tuple[Exchange, ...], watch: tuple[Exchange, ...] = ()
 ) -> asyncio.Future[None]:
-    """A future that resolves once both exchanges have finished (one task wake-up for two), or
-    as soon as one of them has failed: its partner may wait for it forever (a PD prefill whose
-    decode died waits for the decode's bootstrap until SGLang's timeout)."""
+    """A future that resolves once every exchange of ``wait`` has finished (one task wake-up for
+    all), or as soon as any exchange of ``wait`` or ``watch`` has failed: its partner may wait for
+    it forever (a PD prefill whose decode died waits for the decode's bootstrap until SGLang's
+    timeout)."""
     fut: asyncio.Future[None] = loop.create_future()
+    every = wait + watch
 
     def check() -> None:
         if fut.done():
             return
-        failed = (a.finished and not a.completed) or (b.finished and not b.completed)
-        if failed or (a.finished and b.finished):
+        failed = any(e.finished and not e.completed for e in every)
+        if failed or all(e.finished for e in wait):
             fut.set_result(None)
 
-    a.on_finish = check
-    b.on_finish = check
+    for e in every:
+        e.on_finish = check
     check()
     return fut
 
