@@ -37,6 +37,8 @@ class FakeServer:
         #: the layer server of this server's split is gone (found at the next step)
         self.lost = False
         self.waiting = 0
+        #: requests that finish between the status read and the ``kv`` call (404)
+        self.finishing: set[str] = set()
 
     def step(self, util: float) -> None:
         self.t += 1.0
@@ -67,6 +69,8 @@ class FakeServer:
             return 200, {"running": [{"rid": "a", "kv_committed_len": 10},
                                      {"rid": "b", "kv_committed_len": 30}]}  # fmt: skip
         if kind == "kv":
+            if body["rid"] in self.finishing:
+                return 404, {"error": f"no running request with rid {body['rid']!r}"}
             self.splits.append({"rid": body["rid"], "peer": body["peer"]})
             return 200, {"duration_ms": 5.0, "bytes": 100}
         if kind == "kv_back":
@@ -231,6 +235,25 @@ def test_attention_migration_moves_running_requests_to_the_receivers_peer() -> N
     ctl.policy.active.clear()
     rec = ctl._execute(Revert(2, 1), [])
     assert rec["outcome"] == "ok" and servers[D0].splits == []
+
+
+def test_a_request_finishing_before_it_moves_is_not_a_failure() -> None:
+    """A running request that ends between the status read and its ``kv`` call (404) is
+    reported as finished: the others still move, and a target that moved nothing only because
+    the requests ended is not suspended."""
+    from banaserve_ext.control import MigrateAttention
+
+    ctl, servers = _controller(Targets(attn_peers=((P1, "127.0.0.1:7101"),)))
+    servers[D0].finishing = {"b"}
+    rec = ctl._execute(MigrateAttention(src=2, dst=1, fraction=0.5, latency_s=0.01), [])
+    assert rec["outcome"] == "ok" and rec["costs"]["requests"] == 1
+    assert rec["inputs"]["requests"]["b"]["outcome"] == "request_finished"
+    servers[D0].splits.clear()
+    ctl.actuators.placed.clear()
+    servers[D0].finishing = {"a", "b"}
+    rec = ctl._execute(MigrateAttention(src=2, dst=1, fraction=0.5, latency_s=0.01), [])
+    assert rec["outcome"] == "failed" and rec["detail"] == "no running request to move"
+    assert "127.0.0.1:7101" not in ctl.actuators._suspended
 
 
 def test_targets_and_link_costs_are_checked(tmp_path) -> None:

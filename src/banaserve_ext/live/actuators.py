@@ -199,14 +199,15 @@ class Actuators:
             return self.record("MigrateAttention", inputs, "failed", predicted_s=pred,
                                detail=str(exc))  # fmt: skip
         ok = [m for m in moves if m["outcome"] == "ok"]
-        bad = [m for m in moves if m["outcome"] != "ok"]
+        # a request that finished meanwhile is neither moved nor the target's fault
+        bad = [m for m in moves if m["outcome"] not in ("ok", "request_finished")]
         per = {m["rid"]: {"outcome": m["outcome"], "s": m["measured_s"], "bytes": m["bytes"],
                           "detail": m["detail"]} for m in moves}  # fmt: skip
         inputs = inputs | {"target": target, "requests": per}
         if not ok:
-            if moves:
+            if bad:
                 self._suspended[target] = self.clock() + self.suspend_s
-            why = "no running request to move" if not moves else "; ".join(
+            why = "no running request to move" if not bad else "; ".join(
                 str(m["detail"]) for m in bad[:3])  # fmt: skip
             return self.record("MigrateAttention", inputs, "failed", predicted_s=pred,
                                detail=why)  # fmt: skip

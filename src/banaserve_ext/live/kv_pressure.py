@@ -136,7 +136,8 @@ def move_running(url: str, pick_peer: Callable[[], str | None], fraction: float,
                  call: Callable[..., tuple[int, dict]] | None = None) -> list[dict]:  # fmt: skip
     """Moves the oldest ``fraction`` of the KV of ``url``'s running requests that are not split
     yet (largest first, at most ``limit``), each to ``pick_peer()``; one result per request
-    (``rid``, ``peer``, ``outcome``, ``measured_s``, ``detail``, ``bytes``, ``inputs``)."""
+    (``rid``, ``peer``, ``outcome`` — ``request_finished`` when it ended meanwhile —,
+    ``measured_s``, ``detail``, ``bytes``, ``inputs``)."""
     call = call or _call
     split = {s["rid"] for s in kv_splits(url, call).get("splits", [])}
     status, st = call(url, {"kind": "status"}, timeout_s=10.0)
@@ -163,7 +164,9 @@ def move_running(url: str, pick_peer: Callable[[], str | None], fraction: float,
         status, ans = call(url, {"kind": "kv", "rid": req["rid"], "peer": peer,
                                   "fraction": fraction})  # fmt: skip
         inputs = {"rid": req["rid"], "peer": peer, "kv_committed_len": req["kv_committed_len"]}
-        out.append({"rid": req["rid"], "peer": peer, "inputs": inputs} | _result(status, ans))
+        # 404: the request finished between the status read and this call (nothing to move)
+        out.append({"rid": req["rid"], "peer": peer, "inputs": inputs}
+                   | _result(status, ans, gone="request_finished"))  # fmt: skip
     return out
 
 
