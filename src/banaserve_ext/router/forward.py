@@ -342,7 +342,9 @@ class RequestPath:
         # non-streaming: both legs; streaming with log-probs: the prefill's (input log-probs),
         # while the decode streams on; either way not past a failed decode leg
         wait = (fex,) if job.stream else (fex, aex)
-        await finished_or_failed(asyncio.get_running_loop(), wait, (aex,) if job.stream else ())
+        if not all(e.finished for e in wait):
+            watch = (aex,) if job.stream else ()
+            await finished_or_failed(asyncio.get_running_loop(), wait, watch)
         if aex.finished and not aex.completed and not fex.finished:
             fex.abort()  # the decode leg failed: its prefill would wait for it; the attempt
             return  # fails on the decode leg's answer (502, blaming the decode)
