@@ -71,7 +71,7 @@ class FakeServer:
         if kind == "kv":
             if body["rid"] in self.finishing:
                 return 404, {"error": f"no running request with rid {body['rid']!r}"}
-            self.splits.append({"rid": body["rid"], "peer": body["peer"]})
+            self.splits.append({"rid": body["rid"], "peer": body["peer"], "start": 0, "end": 5})
             return 200, {"duration_ms": 5.0, "bytes": 100}
         if kind == "kv_back":
             self.splits = [s for s in self.splits if s["rid"] != body["rid"]]

@@ -6,9 +6,14 @@ running requests (largest first, at most ``max_per_window`` per window) moves to
 peer (``python -m banaserve_ext.migration.attn_peer``) through ``POST /banaserve/migrate
 {"kind": "kv", "rid", "peer", "fraction"}``; the instance gets those KV slots back at once and
 computes each step's attention for those rows split between itself and the peer (exact merge, see
-:mod:`banaserve_ext.adapters.sglang.kv_migration`). When its use falls below ``low``, every split
-comes back (``kv_back``). A peer counts as having room when it answers its ``stats`` (the peer
-allocates slices on demand; it has no fixed budget unless started with ``--arena-mb``).
+:mod:`banaserve_ext.adapters.sglang.kv_migration`). When its use *counting the KV on peers* falls to
+``low``, every split comes back (``kv_back``); until then none does — right after a move the
+local use is low, but bringing the KV back would only restart the pressure (and moving and
+bringing back in turns costs transfers and helps nobody). The pressure goes when requests
+finish: their splits end with them. A request is split once; one that starts running after the
+others were moved is moved when the use crosses ``high`` again. A peer counts as having room
+when it answers its ``stats`` (the peer allocates slices on demand; it has no fixed budget unless
+started with ``--arena-mb``).
 
 The instance must run with ``torch_native`` attention, page size 1 and no radix cache (a PD decode
 server's default); an instance that cannot migrate answers 501 and the decision is logged as
@@ -53,9 +58,11 @@ def _call(url: str, body: dict, timeout_s: float = 120.0) -> tuple[int, dict]:
 class KvPressure:
     """One rule, run per decode instance per window; ``record`` logs each decision."""
 
-    def __init__(self, config: KvPressureConfig, record: Callable[..., dict]) -> None:
+    def __init__(self, config: KvPressureConfig, record: Callable[..., dict],
+                 call: Callable[..., tuple[int, dict]] | None = None) -> None:  # fmt: skip
         self.config = config
         self.record = record
+        self.call = call or _call
         self._next_peer = 0
 
     def step(self, url: str, signals: dict[str, Any]) -> list[dict]:
@@ -67,7 +74,8 @@ class KvPressure:
         if frac >= c.high:
             return self._migrate(url, frac)
         if frac <= c.low:
-            return self._back(url, frac)
+            room = int(c.low * total) - int(signals.get("kv_used", 0) or 0)
+            return self._back(url, frac, room)
         return []
 
     def _peer(self, url: str) -> str | None:
@@ -94,18 +102,18 @@ class KvPressure:
         inputs = {"url": url, "kv_frac": frac, "high": self.config.high}
         try:
             moves = move_running(url, lambda: self._peer(url), self.config.fraction,
-                                 self.config.max_per_window)  # fmt: skip
+                                 self.config.max_per_window, self.call)  # fmt: skip
         except BanaserveError as exc:
             return [self.record("MigrateKV", inputs, "failed", detail=str(exc))]
         return [self.record("MigrateKV", inputs | m["inputs"], m["outcome"],
                             measured_s=m["measured_s"], detail=m["detail"])
                 for m in moves]  # fmt: skip
 
-    def _back(self, url: str, frac: float) -> list[dict]:
+    def _back(self, url: str, frac: float, room: int) -> list[dict]:
         # only the splits this rule made (to its peers): the controller's attention-level
         # migrations come back when it decides so (:mod:`.actuators`)
         try:
-            moves = bring_back(url, set(self.config.peers))
+            moves = bring_back(url, set(self.config.peers), self.call, room)
         except BanaserveError:
             return []
         return [self.record("MigrateKVBack", {"url": url, "kv_frac": frac, "low": self.config.low,
@@ -170,13 +178,22 @@ def move_running(url: str, pick_peer: Callable[[], str | None], fraction: float,
     return out
 
 
+def split_tokens(splits: list[dict]) -> int:
+    """KV tokens the ``splits`` (``kv_splits`` entries) hold on peers."""
+    return sum(int(s["end"]) - int(s["start"]) for s in splits)
+
+
 def bring_back(url: str, peers: set[str] | None = None,
-               call: Callable[..., tuple[int, dict]] | None = None) -> list[dict]:  # fmt: skip
-    """Brings every split of ``url`` (to one of ``peers``; all when ``None``) back; one result
-    per request (``rid``, ``outcome`` — ``request_finished`` when it ended meanwhile —,
+               call: Callable[..., tuple[int, dict]] | None = None,
+               room: int | None = None) -> list[dict]:  # fmt: skip
+    """Brings every split of ``url`` (to one of ``peers``; all when ``None``) back — none when
+    together they hold more than ``room`` KV tokens (no limit when ``None``); one result per
+    request (``rid``, ``outcome`` — ``request_finished`` when it ended meanwhile —,
     ``measured_s``, ``detail``, ``bytes``)."""
     call = call or _call
     splits = kv_splits(url, call).get("splits", [])
+    if room is not None and split_tokens(splits) > room:
+        return []
     out = []
     for rid in sorted({s["rid"] for s in splits if peers is None or s["peer"] in peers}):
         status, ans = call(url, {"kind": "kv_back", "rid": rid})
