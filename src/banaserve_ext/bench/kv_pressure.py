@@ -15,6 +15,7 @@ ticks it) every ``window_s``. It reports, from the decode server's own cumulativ
   phase's wall time, as the clients saw them);
 * ``kv_moved`` / ``kv_back``: the controller's successful ``MigrateKV`` / ``MigrateKVBack``;
 * ``failures``: requests that failed or whose output differs from ``reference``;
+* ``timeline``: each sample as ``[seconds since the start, running, waiting, KV use]``;
 * ``outputs`` (each prompt's output ids, None where it failed) and ``records`` (the
   controller's decision records).
 
@@ -62,6 +63,12 @@ def _frac(s: dict) -> float:
     return int(s["kv_used"]) / max(1, int(s["kv_total"]))
 
 
+def _point(s: dict) -> list:
+    """One sample as ``[seconds since the phase started, running, waiting, KV use]``."""
+    return [round(s["phase_s"], 3), int(s.get("running", 0)), int(s.get("waiting", 0)),
+            round(_frac(s), 3)]  # fmt: skip
+
+
 def run_phase(
     router_url: str,
     decode_url: str,
@@ -84,7 +91,7 @@ def run_phase(
     def observe() -> None:
         while not stop.wait(window_s):
             try:
-                samples.append(signals(decode_url))
+                samples.append(signals(decode_url) | {"phase_s": time.perf_counter() - t0})
             except RuntimeError:
                 continue
             if tick is not None:
@@ -103,9 +110,9 @@ def run_phase(
             if reference is not None and out != reference[tuple(p)]:
                 failures.append(f"output differs for a prompt of {len(p)} tokens: {out[:8]}")
 
+    t0 = time.perf_counter()
     watcher = threading.Thread(target=observe, daemon=True)
     watcher.start()
-    t0 = time.perf_counter()
     try:
         with ThreadPoolExecutor(len(prompts)) as ex:
             list(ex.map(one, range(len(prompts))))
@@ -136,6 +143,7 @@ def run_phase(
         "kv_moved": sum(r["action"] == "MigrateKV" for r in ok),
         "kv_back": sum(r["action"] == "MigrateKVBack" for r in ok),
         "failures": failures,
+        "timeline": [_point(s) for s in samples],
         "outputs": [outputs.get(i) for i in range(len(prompts))],
         "records": records,
     }
