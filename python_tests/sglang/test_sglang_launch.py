@@ -63,6 +63,8 @@ def test_default_deployment_is_banaserve(tmp_path: Path) -> None:
     assert "--disaggregation-decode-enable-radix-cache" in pcmd
     assert "--disable-radix-cache" in dcmd
     assert "--disaggregation-decode-enable-radix-cache" not in dcmd
+    # CPU servers share the cores: an idle one sleeps instead of spinning (admin jobs wake it)
+    assert "--sleep-on-idle" in pcmd and "--sleep-on-idle" in dcmd
     assert d.controller is not None
     ccmd = d.controller.command("py")
     insts = [ccmd[i + 1] for i, a in enumerate(ccmd) if a == "--instance"]

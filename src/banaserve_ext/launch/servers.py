@@ -103,6 +103,9 @@ class SGLangServerConfig:
                 "--dtype", self.dtype,
                 # a radix-cache hit with overlap scheduling calls torch.cuda.Event()
                 "--disable-overlap-schedule",
+                # an idle scheduler otherwise spins on a core the busy ones need (CPU servers
+                # share the machine's cores); the admin channel wakes it (adapters/sglang/admin)
+                "--sleep-on-idle",
             ]  # fmt: skip
         if self.chunked_prefill_size is not None:
             cmd += ["--chunked-prefill-size", str(self.chunked_prefill_size)]

@@ -17,11 +17,17 @@ next batch is chosen) drains the queue on the scheduler thread and answers. With
 scheduling a forward may be in flight during ``ingest_requests``, so kinds registered with
 ``quiescent=True`` (the default) are refused there; tensor parallelism (several schedulers) is
 refused too: the handler would run on rank 0 only.
+
+A scheduler started with ``--sleep-on-idle`` blocks, when idle, in a poll on its ZMQ sockets (up
+to 1 s): the listener writes a byte to a pipe for every queued job, and the pipe's read end is
+registered in that poll (``Scheduler.idle_sleeper.poller``), so a job wakes an idle scheduler at
+once instead of waiting out the poll.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import socket
 import threading
@@ -128,6 +134,8 @@ class AdminListener:
         self._run = run
         self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._sock: socket.socket | None = None
+        #: the wake-up pipe: a byte per queued job (read end, write end)
+        self._wake: tuple[int, int] | None = None
         self.disabled = False
 
     def start(self) -> AdminListener:
@@ -135,6 +143,10 @@ class AdminListener:
         sock.bind(socket_name(self.port))
         sock.listen(16)
         self._sock = sock
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        self._wake = (r, w)
         threading.Thread(target=self._accept_loop, name="banaserve-admin", daemon=True).start()
         logger.info("banaserve admin channel listening for HTTP port %d", self.port)
         return self
@@ -158,6 +170,7 @@ class AdminListener:
             job = _Job(body=msg.get("body") if isinstance(msg, dict) else None)
             timeout = float(msg.get("timeout_s", REPLY_TIMEOUT_S)) if isinstance(msg, dict) else 1
             self._jobs.put(job)
+            self._poke()
             if not job.done.wait(timeout):
                 with job.lock:
                     job.abandoned = not job.done.is_set()
@@ -169,8 +182,32 @@ class AdminListener:
             except BanaserveError:
                 pass  # the HTTP side went away; the job ran (or never will)
 
+    @property
+    def wake_fd(self) -> int | None:
+        """A file descriptor readable while jobs may be queued (None before :meth:`start`)."""
+        return self._wake[0] if self._wake else None
+
+    def _poke(self) -> None:
+        if self._wake is None:
+            return
+        try:
+            os.write(self._wake[1], b"j")
+        except OSError:  # the pipe is full: wake-ups are pending already
+            pass
+
+    def _clear_wakeups(self) -> None:
+        # before the queue is read: a job queued after this leaves its byte for the next poll
+        if self._wake is None:
+            return
+        try:
+            while os.read(self._wake[0], 4096):
+                pass
+        except BlockingIOError:
+            pass
+
     def drain(self, scheduler: Any) -> None:
         """Runs every queued job; called on the scheduler thread."""
+        self._clear_wakeups()
         while True:
             try:
                 job = self._jobs.get_nowait()
@@ -249,6 +286,8 @@ class AdminChannel:
                 logger.warning("banaserve admin channel not available in this scheduler: %s",
                                exc)  # fmt: skip
                 self.listener.disabled = True
+            else:
+                wake_on_jobs(scheduler, self.listener)
         if not self.listener.disabled:
             self.listener.drain(scheduler)
         return result
@@ -271,6 +310,23 @@ class AdminChannel:
             "kv_total": int(scheduler.max_total_num_tokens),
             "kinds": self.kinds(),
         }
+
+
+def wake_on_jobs(scheduler: Any, listener: AdminListener) -> bool:
+    """Registers the listener's wake-up pipe in the poll an idle scheduler sleeps in (started
+    with ``--sleep-on-idle``); True when registered. Without it (no sleeper, or a sleeper that
+    does not poll ZMQ) jobs wait for the next loop iteration, at most the sleep (1 s)."""
+    sleeper = getattr(scheduler, "idle_sleeper", None)
+    poller = getattr(sleeper, "poller", None)
+    if poller is None or listener.wake_fd is None:
+        if sleeper is not None:
+            logger.warning("banaserve admin channel: the idle sleeper %s has no poller; admin "
+                           "jobs wait up to its sleep", type(sleeper).__name__)  # fmt: skip
+        return False
+    import zmq
+
+    poller.register(listener.wake_fd, zmq.POLLIN)
+    return True
 
 
 # ---- the HTTP side -----------------------------------------------------------------------------

@@ -29,6 +29,7 @@ KVARGS = _S + "disaggregation.base.conn.KVArgs"
 LLAMA = _S + "models.llama."
 KVINFO = _S + "managers.schedule_batch.ReqKvInfo"
 HOST_POOL = _S + "mem_cache.pool_host.mha.MHATokenToKVPoolHost"
+SLEEPER = _S + "managers.scheduler_components.idle_sleeper.IdleSleeper"
 
 
 def O(path: str, *params: str, hook: bool = False, optional: bool = False,  # noqa: E743
@@ -36,8 +37,8 @@ def O(path: str, *params: str, hook: bool = False, optional: bool = False,  # no
     return Internal(path, OBJECT, params=params, hook=hook, optional=optional, use=use)
 
 
-def M(cls: str, attr: str, use: str = "read") -> Internal:
-    return Internal(cls, MEMBER, attr=attr, use=use)
+def M(cls: str, attr: str, use: str = "read", optional: bool = False) -> Internal:
+    return Internal(cls, MEMBER, attr=attr, use=use, optional=optional)
 
 
 #: feature -> {short name: internal}. Short names are what feature code asks :func:`ns` for.
@@ -228,6 +229,9 @@ INTERNALS: dict[str, dict[str, Internal]] = {
         "ServerArgs.port": M(_S + "server_args.ServerArgs", "port"),
         "sched.enable_overlap": M(SCHED, "enable_overlap"),
         "sched.tp_size": M(SCHED, "tp_size"),
+        # --sleep-on-idle: an admin job wakes the idle scheduler (without them: within 1 s)
+        "sched.idle_sleeper": M(SCHED, "idle_sleeper", optional=True),
+        "IdleSleeper.poller": M(SLEEPER, "poller", "register a wake-up pipe", optional=True),
         "sched.running_batch": M(SCHED, "running_batch"),
         "sched.last_batch": M(SCHED, "last_batch"),
         "sched.chunked_req": M(SCHED, "chunked_req"),
