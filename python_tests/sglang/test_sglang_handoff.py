@@ -29,7 +29,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from sglang_testbed.cluster import Cluster, generate
+from sglang_testbed.cluster import Cluster, generate, slowed
 
 from banaserve_ext.kvpool import KVPool
 from banaserve_ext.launch.servers import http_json, kv_slot_leaks, kv_slots
@@ -384,14 +384,17 @@ def test_live_migration_of_a_running_stream_keeps_the_output(pair: dict) -> None
         conn.close()
 
     th = threading.Thread(target=client)
-    th.start()
-    deadline = time.monotonic() + 120
-    # segment 1's 2 tokens, then some of B's (counted in tokens: SGLang may put several tokens
-    # in one stream event under load)
-    while not events or len(events[-1]["output_ids"]) < 2 + 5:
-        assert time.monotonic() < deadline and th.is_alive(), events[-1:]
-        time.sleep(0.02)
-    status, ans = http_json(f"{url}/handoff/migrate?url={pair['b'].url}", {}, timeout_s=30)
+    # B sleeps 50 ms before each forward until the stream is moved: its 120 tokens would take
+    # 6 s, so the move finds it mid-generation however fast the box decodes
+    with slowed(pair["b"].url, 0.05):
+        th.start()
+        deadline = time.monotonic() + 120
+        # segment 1's 2 tokens, then some of B's (counted in tokens: SGLang may put several
+        # tokens in one stream event under load)
+        while not events or len(events[-1]["output_ids"]) < 2 + 5:
+            assert time.monotonic() < deadline and th.is_alive(), events[-1:]
+            time.sleep(0.02)
+        status, ans = http_json(f"{url}/handoff/migrate?url={pair['b'].url}", {}, timeout_s=30)
     th.join(300)
     assert status == 200 and ans["migrated"] == 1, ans
     _check_stream(events, ref)

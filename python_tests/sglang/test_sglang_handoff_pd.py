@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sglang_testbed.cluster import Cluster
+from sglang_testbed.cluster import Cluster, slowed
 from test_sglang_handoff import _page_bytes, _prompt, _RouterThread
 
 from banaserve_ext.kvpool import KVPool
@@ -34,7 +34,9 @@ from banaserve_ext.router.handoff import HandoffConfig
 
 pytestmark = [pytest.mark.sglang, pytest.mark.slow, pytest.mark.timeout(900)]
 
-TOTAL = 80  # output tokens per request: long enough to be mid-generation when moved
+TOTAL = 80  # output tokens per request
+#: D1's sleep before each forward while its requests are moved off: 80 tokens take over 4 s
+SLOW_S = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -153,31 +155,47 @@ def _check_stream(events: list[dict], want: list[int]) -> None:
     assert len({ev["meta_info"]["id"] for ev in events}) == 1
 
 
+def _in_router(rc: RouterClient, url: str, role: str) -> None:
+    if not any(w["url"] == url for w in rc.workers()):
+        rc.add(url, role)
+
+
 def _drain_d1_mid_generation(
     pd: dict, bodies: list[dict], route: str = "/generate"
 ) -> list[_Client]:
     """Every request on D1 (D2 out of rotation while they start), then D1 drained by
-    hand-off: removed from the router, its running requests moved."""
+    hand-off: removed from the router, its running requests moved. D1 sleeps ``SLOW_S``
+    before each forward meanwhile (:func:`slowed`), so its ``TOTAL`` tokens take over
+    ``TOTAL * SLOW_S`` seconds and the requests are mid-generation when they move however fast
+    the box decodes (with idle servers sleeping, a free decode step here takes ~4 ms: 80
+    tokens ended before the hand-off began). Whatever fails, both decode servers are back in
+    the router afterwards, for the next test."""
     rc, rt = pd["rc"], pd["router"]
     d1, d2 = pd["d1"].url, pd["d2"].url
     path = rt.router.handoff
     rc.remove(d2, "decode")
-    clients = [_Client(rt.url, b, route) for b in bodies]
-    for c in clients:
-        c.start()
-    deadline = time.monotonic() + 180
-    streaming = [c for c in clients if c.body["stream"]]
-    while len(path.running.get(d1, {})) < len(bodies) or any(c.tokens() < 3 for c in streaming):
-        assert time.monotonic() < deadline, (len(path.running.get(d1, {})), streaming[0].events)
-        assert all(c.is_alive() for c in clients), [c.final for c in clients]
-        time.sleep(0.02)
-    rc.add(d2, "decode")
-    rc.remove(d1, "decode")
-    moved = rc.hand_off(d1)
-    for c in clients:
-        c.join(300)
-    assert moved == len(bodies)
-    rc.add(d1, "decode")  # back, for the next test
+    try:
+        with slowed(d1, SLOW_S):
+            clients = [_Client(rt.url, b, route) for b in bodies]
+            for c in clients:
+                c.start()
+            deadline = time.monotonic() + 180
+            streaming = [c for c in clients if c.body["stream"]]
+            while len(path.running.get(d1, {})) < len(bodies) or any(
+                c.tokens() < 3 for c in streaming
+            ):
+                assert time.monotonic() < deadline, (len(path.running.get(d1, {})), streaming)
+                assert all(c.is_alive() for c in clients), [c.final for c in clients]
+                time.sleep(0.02)
+            rc.add(d2, "decode")
+            rc.remove(d1, "decode")
+            moved = rc.hand_off(d1)
+        for c in clients:
+            c.join(300)
+        assert moved == len(bodies)
+    finally:
+        _in_router(rc, d2, "decode")
+        _in_router(rc, d1, "decode")
     return clients
 
 

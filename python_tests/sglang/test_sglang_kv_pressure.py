@@ -17,9 +17,11 @@ they need 912 KV tokens by the end.
   attention split with the peer and never runs out. The numbers leave the controller a wide
   window, not a race: any move at a use of at least 218 tokens is enough (912 − 0.9 × 218 ≤ 716,
   SGLang retracts when fewer KV slots are free than requests run), and SGLang runs out only at
-  about 716 (131 steps in), so the controller has over 100 decode steps — on a fast box several
-  of its windows, on a slow one many — to act; a request that starts late is moved when the use
-  crosses ``high`` again. Without the controller, the requests would have to start over 90 steps
+  about 716 (131 steps in), so the controller has over 100 decode steps to act; a request that
+  starts late is moved when the use crosses ``high`` again. On a quiet box a decode step of this
+  model takes ~3 ms, which would leave a few of the controller's windows, so in both phases the
+  decode server sleeps 10 ms before each forward (SGLang's own ``/slow_down``): the window lasts
+  over 1.1 s on any box. Without the controller, the requests would have to start over 90 steps
   apart for SGLang to fit them. After the move the use counting the moved KV stays above
   ``low``, so the rule does not bring it back while the requests run.
 
@@ -27,10 +29,10 @@ Both phases run the same prompts on the same servers, one after the other; the r
 counts come from the decode server's own ``signals`` (the ``retracted`` counter). Asserted:
 the mechanism (retractions without; KV moved and no retraction with) and that every output
 equals the single server's with no failed request. Reported, never asserted: output tokens/s of
-both phases (printed, and written to ``kv_pressure.json`` in the module's log directory). The
-box has 2 shared cores: split attention adds one peer round trip per layer and step, so the
-throughput with the controller is not expected to be higher on this box (see
-bench/live/bench_kv_pressure.py).
+both phases (printed, and written to ``kv_pressure.json`` in the module's log directory) — with
+the 10 ms sleep in every step they compare the phases, not the mechanism's speed: that is
+bench/live/bench_kv_pressure.py's (split attention adds one peer round trip per layer and step,
+so on this 2-core box the throughput with the controller is not expected to be higher).
 
 The servers are started as ``banaserve launch`` starts them: the prefill server with HiCache L3
 on a KV store service (``banaserve pool serve``), both with ``--enable-pd-role-switch``. The last
@@ -49,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sglang_testbed.cluster import Cluster, generate
+from sglang_testbed.cluster import Cluster, generate, slowed
 
 from banaserve_ext.bench.kv_pressure import generate_ids, run_phase, signals
 from banaserve_ext.control import BanaServeConfig
@@ -67,6 +69,9 @@ DECODE_KV = 720
 PROMPTS, PROMPT_LEN, MAX_NEW = 4, 48, 180
 #: output tokens checked per request in the role-swap test (a prefix of the reference output)
 SWAP_TOKENS = 16
+#: the decode server's sleep before each forward in both phases (SGLang's /slow_down): the
+#: controller's window for acting, ~116 decode steps, then lasts over 1.1 s on any box
+STEP_SLEEP_S = 0.01
 #: KV-pressure rule: act at 35% KV use, move 90% of a request's KV, bring it back at 10% (the
 #: use counting the KV on the peer)
 PRESSURE = dict(high=0.35, low=0.1, fraction=0.9)
@@ -152,7 +157,8 @@ def _report(name: str, res: dict) -> None:
 
 def _without(dep: Deployment) -> dict:
     if "without" not in dep.results:
-        res = run_phase(dep.router_url, dep.decode.url, dep.prompts, MAX_NEW, dep.reference)
+        with slowed(dep.decode.url, STEP_SLEEP_S):
+            res = run_phase(dep.router_url, dep.decode.url, dep.prompts, MAX_NEW, dep.reference)
         res.pop("records")
         res.pop("outputs")
         dep.results["without"] = res
@@ -183,8 +189,9 @@ def test_with_controller_kv_moves_to_a_peer_and_sglang_never_retracts(dep: Deplo
         )  # fmt: skip
         ctl = LiveController(cfg).start()
         try:
-            res = run_phase(dep.router_url, dep.decode.url, dep.prompts, MAX_NEW, dep.reference,
-                            tick=ctl.tick, window_s=cfg.window_s)  # fmt: skip
+            with slowed(dep.decode.url, STEP_SLEEP_S):
+                res = run_phase(dep.router_url, dep.decode.url, dep.prompts, MAX_NEW,
+                                dep.reference, tick=ctl.tick, window_s=cfg.window_s)  # fmt: skip
         finally:
             ctl.close()
     records = res.pop("records")
@@ -234,22 +241,26 @@ def test_retracted_split_request_resumes_on_its_own_kv(dep: Deployment) -> None:
     before = signals(url)
     counters_before = _admin(url, {"kind": "kv_splits"})["counters"]
     with AttnPeerProcess() as peer, ThreadPoolExecutor(len(prompts)) as ex:
-        futs = [ex.submit(generate_ids, dep.router_url, p, MAX_NEW) for p in prompts]
+        # the decode server sleeps 20 ms before each forward until the retraction: the
+        # requests' 180 tokens take over 3.6 s, so they are still running when the KV moves
+        # and the hold comes, however fast the box decodes
+        with slowed(url, 0.02):
+            futs = [ex.submit(generate_ids, dep.router_url, p, MAX_NEW) for p in prompts]
 
-        def both_running() -> list[dict]:
-            run = _admin(url, {"kind": "status"})["running"]
-            return run if len(run) == 2 and all(r["output_len"] >= 4 for r in run) else []
+            def both_running() -> list[dict]:
+                run = _admin(url, {"kind": "status"})["running"]
+                return run if len(run) == 2 and all(r["output_len"] >= 4 for r in run) else []
 
-        for r in _wait_for("both requests decoding", both_running):
-            ans = _admin(url, {"kind": "kv", "rid": r["rid"], "peer": peer.address,
-                               "fraction": 0.5, "scrub": True})  # fmt: skip
-            assert ans["tokens"] > 0, ans
-        _admin(url, {"kind": "test_kv_hold"})  # every free slot: the next step cannot fit
-        try:
-            retracted = int(before["retracted"])
-            _wait_for("a retraction", lambda: int(signals(url)["retracted"]) > retracted)
-        finally:
-            _admin(url, {"kind": "test_kv_hold", "release": True})
+            for r in _wait_for("both requests decoding", both_running):
+                ans = _admin(url, {"kind": "kv", "rid": r["rid"], "peer": peer.address,
+                                   "fraction": 0.5, "scrub": True})  # fmt: skip
+                assert ans["tokens"] > 0, ans
+            _admin(url, {"kind": "test_kv_hold"})  # every free slot: the next step cannot fit
+            try:
+                retracted = int(before["retracted"])
+                _wait_for("a retraction", lambda: int(signals(url)["retracted"]) > retracted)
+            finally:
+                _admin(url, {"kind": "test_kv_hold", "release": True})
         outs = [f.result(timeout=300) for f in futs]
     for p, out in zip(prompts, outs, strict=True):
         assert out == dep.reference[tuple(p)]

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from banaserve_ext.launch.servers import (
@@ -132,3 +134,22 @@ def generate(
         if status != 200 or not isinstance(body, dict):
             raise AssertionError(f"/generate at {url} answered {status}: {body}")
         return body
+
+
+@contextmanager
+def slowed(url: str, forward_sleep_s: float) -> Iterator[None]:
+    """The server at ``url`` sleeps ``forward_sleep_s`` before each forward while the block
+    runs (SGLang's own test endpoint ``POST /slow_down``), and runs at full speed again after,
+    whatever happens. For tests that must act on a request mid-generation: N tokens then take
+    over N x ``forward_sleep_s`` seconds however fast the box decodes."""
+
+    def set_sleep(s: float) -> None:  # SGLang: 0 turns it off
+        status, body = http_json(f"{url}/slow_down", {"forward_sleep_time": s}, timeout_s=60.0)
+        if status != 200:
+            raise AssertionError(f"/slow_down at {url} answered {status}: {body}")
+
+    set_sleep(forward_sleep_s)
+    try:
+        yield
+    finally:
+        set_sleep(0)
