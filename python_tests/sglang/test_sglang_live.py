@@ -20,11 +20,12 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from sglang_testbed.cluster import Cluster, generate
+from sglang_testbed.cluster import Cluster, generate, slowed
 
 from banaserve_ext.control import BanaServeConfig
 from banaserve_ext.launch.servers import ServerProcess, SGLangServerConfig, free_port, http_json
@@ -288,9 +289,14 @@ def test_controller_killed_mid_run_leaves_requests_alone(live: Live, tmp_path: P
             failures.append(str(exc))
 
     try:
-        with ThreadPoolExecutor(4) as ex:
+        # every server sleeps 20 ms before each forward: the requests' 160 tokens take over 3 s,
+        # so they are in flight when the controller dies however fast the box decodes
+        with ExitStack() as slow, ThreadPoolExecutor(4) as ex:
+            for s in live.servers:
+                slow.enter_context(slowed(s.url, 0.02))
             futs = [ex.submit(one, p) for p in prompts[:4]]
             time.sleep(1.5)  # requests in flight, the controller ticking
+            assert not any(f.done() for f in futs), failures
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
             for f in futs:
@@ -349,7 +355,12 @@ def test_kv_pressure_moves_kv_to_an_attention_peer_and_back(live: Live) -> None:
         t.start()
         deadline = time.monotonic() + PHASE_DEADLINE_S
         try:
-            with ThreadPoolExecutor(4) as ex:
+            # every server sleeps 20 ms before each forward: a request's 160 tokens take over
+            # 3 s, several control windows, so the KV moved out is still there to come back
+            # however fast the box decodes (a request ending first takes its split with it)
+            with ExitStack() as slow, ThreadPoolExecutor(4) as ex:
+                for s in live.servers:
+                    slow.enter_context(slowed(s.url, 0.02))
                 while not (done("MigrateKV") and done("MigrateKVBack")):
                     assert time.monotonic() < deadline, records[-6:]
                     ctl.kv.config = pressure
